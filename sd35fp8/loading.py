@@ -1,0 +1,150 @@
+"""The one loader: every caller (app, converter's verification, tests, benchmarks) goes through here."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+from .fp8 import FP8_PATHS, apply_fp8_path, fp8_path_of, quanto_quantize, select_fp8_path
+from .tiny import TINY_MODEL_NAME, build_tiny_pipeline
+
+TINY = "tiny"
+PRECISIONS = {"fp8": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+VARIANT = "fp8"
+
+
+class LoadError(RuntimeError):
+    """A model could not be loaded, or loaded incompletely; the message says what to do."""
+
+
+@dataclass
+class LoadedPipeline:
+    """A pipeline plus what the app and benchmarks report about it."""
+
+    pipe: StableDiffusion3Pipeline
+    source: str
+    precision: str
+    device: torch.device
+    fp8_path: str | None
+    load_seconds: float
+    component_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return TINY_MODEL_NAME if self.source == TINY else self.source
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers as stored (FP8 data counts one byte an element)."""
+    seen, total = set(), 0
+    for tensor in module.state_dict().values():
+        key = (tensor.device, tensor.untyped_storage().data_ptr()) if tensor.device.type != "meta" else id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def component_bytes(pipe: StableDiffusion3Pipeline) -> dict[str, int]:
+    return {name: module_bytes(c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+
+
+def check_loaded(pipe: StableDiffusion3Pipeline) -> None:
+    """Raise LoadError if any weight was left on the `meta` device (the sign of a mismatched checkpoint)."""
+    missing = [
+        f"{name}.{tensor_name}"
+        for name, component in pipe.components.items() if isinstance(component, torch.nn.Module)
+        for tensor_name, tensor in component.state_dict().items() if tensor.device.type == "meta"
+    ]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise LoadError(f"weights were not loaded (left on 'meta'): {shown}. The checkpoint does not match its config.")
+
+
+def _from_pretrained(source: str, precision: str, dtype: torch.dtype, revision: str | None) -> StableDiffusion3Pipeline:
+    variant = VARIANT if precision == "fp8" else None
+    try:
+        return StableDiffusion3Pipeline.from_pretrained(source, variant=variant, dtype=dtype, revision=revision)
+    except (OSError, ValueError) as error:
+        raise LoadError(f"could not load an SD3 pipeline from {source!r}: {error}") from error
+
+
+def load_pipeline(
+    source: str = TINY,
+    precision: str = "fp8",
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    fp8_path: str = "auto",
+    revision: str | None = None,
+    offload: bool = False,
+) -> LoadedPipeline:
+    """Load an SD3 pipeline in `precision` ("fp8", "bf16", "fp16") from a Hub id, a folder, or "tiny".
+
+    "fp8" loads the `fp8` variant written by `python -m convert` (for "tiny", quantizes in memory) and
+    runs its transformer on `fp8_path`: "auto" picks FP8 tensor cores where the GPU has them and
+    per-layer dequantization elsewhere. Every load is checked: no weight may be left on `meta`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if fp8_path != "auto" and fp8_path not in FP8_PATHS:
+        raise ValueError(f"unknown FP8 path {fp8_path!r}; choose auto or one of {', '.join(FP8_PATHS)}")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or PRECISIONS[precision] or torch.bfloat16
+    started = time.perf_counter()
+    if source == TINY:
+        pipe = build_tiny_pipeline(dtype=dtype)
+        if precision == "fp8":
+            quanto_quantize(pipe.transformer)
+    else:
+        pipe = _from_pretrained(source, precision, dtype, revision)
+    check_loaded(pipe)
+    path = None
+    if precision == "fp8":
+        if fp8_path_of(pipe.transformer) is None:
+            raise LoadError(f"{source!r} has no FP8 transformer: make one with `python -m convert {source} --out DIR`.")
+        path = select_fp8_path(device) if fp8_path == "auto" else fp8_path
+    pipe = _place(pipe, device, offload)
+    if path is not None:
+        apply_fp8_path(pipe.transformer, path)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedPipeline(pipe, source, precision, device, path, time.perf_counter() - started, component_bytes(pipe))
+
+
+def _place(pipe: StableDiffusion3Pipeline, device: torch.device, offload: bool) -> StableDiffusion3Pipeline:
+    if offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
+    return pipe.to(device)
+
+
+def load_transformer(source: str, precision: str, *, dtype: torch.dtype | None = None,
+                     revision: str | None = None) -> SD3Transformer2DModel:
+    """Load only the transformer of `source` in a 16-bit precision (the reference for a comparison)."""
+    dtype = dtype or PRECISIONS[precision]
+    if source == TINY:
+        return build_tiny_pipeline(dtype=dtype).transformer
+    try:
+        return SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", dtype=dtype, revision=revision)
+    except (OSError, ValueError) as error:
+        raise LoadError(f"could not load the transformer of {source!r}: {error}") from error
+
+
+def with_transformer(loaded: LoadedPipeline, transformer: SD3Transformer2DModel, precision: str,
+                     source: str | None = None) -> LoadedPipeline:
+    """A second pipeline that shares `loaded`'s text encoders, tokenizers, VAE and scheduler config."""
+    started = time.perf_counter()
+    scheduler = loaded.pipe.scheduler.__class__.from_config(loaded.pipe.scheduler.config)
+    components = dict(loaded.pipe.components, transformer=transformer.to(loaded.device), scheduler=scheduler)
+    pipe = StableDiffusion3Pipeline(**components)
+    check_loaded(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedPipeline(pipe, source or loaded.source, precision, loaded.device, fp8_path_of(transformer),
+                          time.perf_counter() - started, component_bytes(pipe))
