@@ -1,0 +1,108 @@
+"""The model card (README.md) of an FP8 variant: Hub metadata, what was done, measured figures, load snippet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .checkpoint import format_bytes
+from .quantize import ComponentResult
+from .verify import Verification
+
+HARDWARE_NOTE = (
+    "FP8 tensor cores need compute capability 8.9 or newer (Ada: RTX 40xx, L4, L40S; Hopper: H100, H200; "
+    "Blackwell). On older GPUs and on CPUs the FP8 weights are expanded to 16-bit layer by layer before each "
+    "matmul (transformer) or once at load time (T5, by transformers): memory on disk and in transit halves, "
+    "speed does not improve."
+)
+
+
+def base_card_metadata(source_path: Path) -> dict:
+    """License fields of the base model's card, to carry over (empty if it has no card)."""
+    readme = source_path / "README.md"
+    if not readme.is_file():
+        return {}
+    data = ModelCard.load(readme).data.to_dict()
+    return {key: data[key] for key in ("license", "license_name", "license_link") if key in data}
+
+
+def render_card(base_id: str, repo_id: str | None, results: list[ComponentResult], verification: Verification,
+                license_fields: dict, exclude: list[str]) -> str:
+    """The README.md text of the converted repo."""
+    load_id = repo_id or "PATH/TO/THIS/FOLDER"
+    data = ModelCardData(
+        base_model=base_id, base_model_relation="quantized", library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=["stable-diffusion-3.5", "fp8", "quanto", "text-to-image", "diffusers"],
+        **license_fields,
+    )
+    rows = []
+    for result in results:
+        plan = result.plan
+        if not plan.component.is_model:
+            continue
+        how = (f"FP8 E4M3, {len(plan.quantized_layers)} linear layers" if plan.quantize else "kept 16-bit (copied as is)")
+        rows.append(f"| {plan.component.name} | {plan.component.class_name} | {how} | {format_bytes(plan.bytes_before)} | {format_bytes(result.bytes_after)} |")
+    total_before = sum(r.plan.bytes_before for r in results)
+    total_after = sum(r.bytes_after for r in results)
+    checks = [f"- `{name}`: {c['tensors_identical']} tensors reload bit-identical"
+              + (f", {c['tensors_dequantized_on_load']} FP8 weights dequantized on load (max rel. error "
+                 f"{c['worst_dequant_error']:.1e})" if c.get("tensors_dequantized_on_load") else "")
+              + (", forward pass finite" if c.get("probe_output_finite") else "")
+              for name, c in verification.components.items()]
+    if verification.pipeline.get("loaded"):
+        checks.append("- the whole pipeline loads with stock diffusers (`variant=\"fp8\"`) and generates a finite image")
+    image_lines = ""
+    if verification.images:
+        image_lines = (
+            f"\nFP8 vs 16-bit on the same prompts and seeds ({len(verification.images)} images): "
+            f"mean SSIM **{verification.mean_ssim:.3f}**, mean PSNR **{verification.mean_psnr:.1f} dB**.\n\n"
+            "| prompt | seed | SSIM | PSNR (dB) |\n|---|---|---|---|\n"
+            + "\n".join(f"| {i['prompt']} | {i['seed']} | {i['ssim']:.3f} | {i['psnr']:.1f} |" for i in verification.images)
+            + "\n"
+        )
+    exclude_line = f" Layers kept 16-bit by request: `{', '.join(exclude)}`." if exclude else ""
+    body = f"""
+# {load_id.split('/')[-1]}: FP8 weights of [{base_id}](https://huggingface.co/{base_id})
+
+The transformer and the T5 text encoder of {base_id} quantized to **FP8 (E4M3)**; CLIP-L, CLIP-G and the
+VAE stay 16-bit, as published guidance recommends (CLIP-G and the VAE degrade under FP8).
+Total weights: **{format_bytes(total_before)} → {format_bytes(total_after)}**.
+
+## Load it (stock diffusers)
+
+```python
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+pipe = StableDiffusion3Pipeline.from_pretrained("{load_id}", variant="fp8", dtype=torch.bfloat16)
+pipe.to("cuda")
+image = pipe("a photo of an astronaut riding a horse on the moon", num_inference_steps=28).images[0]
+```
+
+Needs `pip install diffusers transformers accelerate optimum-quanto`.
+
+## What was done
+
+| component | class | treatment | before | after |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+- **transformer**: optimum-quanto `qfloat8`, one scale per output channel, stored through diffusers'
+  `QuantoConfig` (`diffusion_pytorch_model.fp8*.safetensors`).{exclude_line}
+- **T5 encoder**: E4M3 with one scale per 128×128 block, in transformers' own FP8 checkpoint format
+  (`model.fp8*.safetensors`), because transformers cannot load quanto checkpoints.
+- Only safetensors files; no pickle.
+
+## Verification (run before upload)
+
+{chr(10).join(checks)}
+{image_lines}
+## Hardware
+
+{HARDWARE_NOTE}
+
+Made with the `convert` tool of the SD3.5 FP8 project (`python -m convert {base_id} --out DIR`).
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content

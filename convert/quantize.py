@@ -1,0 +1,140 @@
+"""Quantize one component folder to the FP8 variant, streaming tensor by tensor."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sd35fp8.fp8 import diffusers_quant_config, quantize_blockwise, quanto_linear_state, transformers_quant_config
+
+from .checkpoint import SafetensorsReader, ShardedWriter, weight_files
+from .source import Component
+
+VARIANT = "fp8"
+
+
+@dataclass
+class ComponentPlan:
+    """What converting one component will do: which linear layers become FP8, bytes before and after."""
+
+    component: Component
+    quantized_layers: list[str]
+    bytes_before: int
+    bytes_after: int
+
+    @property
+    def quantize(self) -> bool:
+        return bool(self.quantized_layers)
+
+
+@dataclass
+class ComponentResult:
+    plan: ComponentPlan
+    files: list[Path]
+    bytes_after: int
+    digests: dict[str, str] = field(default_factory=dict)
+
+
+def _meta_model(component: Component) -> nn.Module:
+    config = json.loads((component.folder / "config.json").read_text())
+    if component.library == "diffusers":
+        import diffusers
+
+        with torch.device("meta"):
+            return getattr(diffusers, component.class_name).from_config(config)
+    import transformers
+
+    model_class = getattr(transformers, component.class_name)
+    with torch.device("meta"):
+        return model_class(model_class.config_class.from_dict(config))
+
+
+def fp8_layer_names(component: Component, exclude: list[str]) -> list[str]:
+    """The linear layers that the loading library will treat as FP8, decided by that library's own rules."""
+    model = _meta_model(component)
+    if component.library == "diffusers":
+        from diffusers.quantizers.quanto.utils import _replace_with_quanto_layers
+        from optimum.quanto import QLinear
+
+        keep = list(exclude) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        _replace_with_quanto_layers(model, diffusers_quant_config(exclude), keep)
+        return [name for name, module in model.named_modules() if isinstance(module, QLinear)]
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import FP8Linear, replace_with_fp8_linear
+    from transformers.quantizers.base import HfQuantizer
+
+    skip = HfQuantizer.get_modules_to_not_convert(model, list(exclude) or None, model._keep_in_fp32_modules)
+    config = FineGrainedFP8Config(**{k: v for k, v in transformers_quant_config(exclude).items() if k != "quant_method"})
+    replace_with_fp8_linear(model, modules_to_not_convert=skip, quantization_config=config, pre_quantized=True)
+    return [name for name, module in model.named_modules() if isinstance(module, FP8Linear)]
+
+
+def plan_component(component: Component, quantize: bool, exclude: list[str]) -> ComponentPlan:
+    """Plan one component's conversion, reading only headers and configs."""
+    if not component.is_model:
+        return ComponentPlan(component, [], 0, 0)
+    reader = SafetensorsReader(weight_files(component.folder, component.library))
+    layers = fp8_layer_names(component, exclude) if quantize else []
+    before, after = reader.nbytes(), 0
+    fp8_weights = {f"{layer}.weight" for layer in layers}
+    for name in reader.keys():
+        size = reader.nbytes(name)
+        if name in fp8_weights:
+            element = reader.dtype(name).itemsize
+            rows = reader.shape(name)[0]
+            size = size // element + rows * element  # FP8 data + one scale per row (blocks are close)
+        after += size
+    return ComponentPlan(component, layers, before, after)
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.blake2b(raw.numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def _quantized_tensors(library: str, name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    layer = name.removesuffix(".weight")
+    if library == "diffusers":
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        linear.weight.data = weight
+        return {f"{layer}.{key}": tensor for key, tensor in quanto_linear_state(linear).items()}
+    data, scale_inv = quantize_blockwise(weight)
+    return {name: data, f"{layer}.weight_scale_inv": scale_inv}
+
+
+def write_component(plan: ComponentPlan, out_folder: Path, exclude: list[str], max_shard_bytes: int,
+                    progress: tqdm | None = None) -> ComponentResult:
+    """Write one component into `out_folder`: FP8 variant files if planned, else a byte-identical copy."""
+    component = plan.component
+    if not plan.quantize:
+        shutil.copytree(component.folder, out_folder, dirs_exist_ok=True)
+        if progress is not None:
+            progress.update(plan.bytes_before)
+        return ComponentResult(plan, sorted(out_folder.iterdir()), plan.bytes_before)
+    out_folder.mkdir(parents=True, exist_ok=True)
+    config = json.loads((component.folder / "config.json").read_text())
+    config["quantization_config"] = (
+        diffusers_quant_config(exclude).to_dict() if component.library == "diffusers" else transformers_quant_config(exclude)
+    )
+    (out_folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    reader = SafetensorsReader(weight_files(component.folder, component.library))
+    writer = ShardedWriter(out_folder, component.library, VARIANT, max_shard_bytes)
+    fp8_weights = {f"{layer}.weight" for layer in plan.quantized_layers}
+    digests = {}
+    for name in reader.keys():
+        tensor = reader.read(name)
+        tensors = _quantized_tensors(component.library, name, tensor) if name in fp8_weights else {name: tensor}
+        for key, value in tensors.items():
+            writer.add(key, value)
+            digests[key] = _digest(value)
+        if progress is not None:
+            progress.update(reader.nbytes(name))
+    files = writer.close()
+    return ComponentResult(plan, files, writer.total_bytes, digests)
