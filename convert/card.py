@@ -27,10 +27,9 @@ def base_card_metadata(source_path: Path) -> dict:
     return {key: data[key] for key in ("license", "license_name", "license_link") if key in data}
 
 
-def render_card(base_id: str, repo_id: str | None, results: list[ComponentResult], verification: Verification,
+def render_card(base_id: str, load_id: str, results: list[ComponentResult], verification: Verification,
                 license_fields: dict, exclude: list[str]) -> str:
-    """The README.md text of the converted repo."""
-    load_id = repo_id or "PATH/TO/THIS/FOLDER"
+    """The README.md text of the converted repo; `load_id` is the Hub id (or local folder) in the load snippet."""
     data = ModelCardData(
         base_model=base_id, base_model_relation="quantized", library_name="diffusers",
         pipeline_tag="text-to-image",
@@ -77,8 +76,9 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 pipe = StableDiffusion3Pipeline.from_pretrained("{load_id}", variant="fp8", dtype=torch.bfloat16)
-pipe.to("cuda")
+pipe.to("cuda" if torch.cuda.is_available() else "cpu")
 image = pipe("a photo of an astronaut riding a horse on the moon", num_inference_steps=28).images[0]
+image.save("astronaut.png")
 ```
 
 Needs `pip install diffusers transformers accelerate optimum-quanto`.

@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("source", help="Hub repo id (owner/name) or local folder of an SD3-family diffusers pipeline")
     parser.add_argument("--out", type=Path, help="output folder (required unless --dry-run)")
     parser.add_argument("--revision", help="Hub branch, tag or commit of the source")
-    parser.add_argument("--components", default=",".join(DEFAULT_COMPONENTS),
-                        help="comma-separated components to quantize (default: %(default)s); the rest are copied")
+    parser.add_argument("--components",
+                        help=f"comma-separated components to quantize (default: {','.join(DEFAULT_COMPONENTS)}, "
+                        "those the pipeline has); the rest are copied")
     parser.add_argument("--exclude", action="append", default=[], metavar="LAYER",
                         help="keep linear layers with this name 16-bit, e.g. proj_out (repeatable)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest weight file written (default: %(default)s)")
@@ -102,9 +103,14 @@ def convert(args: argparse.Namespace) -> int:
         check_repo_id(args.push_to)
         require_token()  # before any work, so a missing token costs nothing
     _check_out(args.out, args.overwrite, args.dry_run)
-    components = [c.strip() for c in args.components.split(",") if c.strip()]
     exclude = [name for item in args.exclude for name in item.split(",") if name]
     source = resolve(args.source, args.revision)
+    if args.push_to and not source.is_hub and not args.base_id:
+        raise ConversionError("the source is a local folder: pass --base-id OWNER/NAME so the model card names its base model.")
+    if args.components is None:
+        components = [name for name in DEFAULT_COMPONENTS if name in source.components]
+    else:
+        components = [name.strip() for name in args.components.split(",") if name.strip()]
     plans = _plans(source, components, exclude)
     _print_plan(source, plans)
     if args.dry_run:
@@ -114,7 +120,7 @@ def convert(args: argparse.Namespace) -> int:
     device = torch.device(DEVICES[args.device] or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _source_dtype(source)
     try:
-        _write_and_verify(args, source, plans, exclude, partial, device, dtype)
+        _write_and_verify(args, source, plans, exclude, partial, out, device, dtype)
         _move_into_place(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -125,7 +131,7 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_and_verify(args, source: Source, plans, exclude, partial: Path, device, dtype) -> None:
+def _write_and_verify(args, source: Source, plans, exclude, partial: Path, out: Path, device, dtype) -> None:
     partial.mkdir(parents=True)
     for item in source.path.iterdir():
         if item.is_file() and item.name != "README.md":
@@ -144,7 +150,7 @@ def _write_and_verify(args, source: Source, plans, exclude, partial: Path, devic
                                      args.verify_images, args.verify_size, args.verify_steps)
     verification.pipeline, verification.images = pipeline_check.pipeline, pipeline_check.images
     base_id = args.base_id or (source.spec if source.is_hub else None)
-    card = render_card(base_id or source.spec, args.push_to, results, verification, base_card_metadata(source.path), exclude)
+    card = render_card(base_id or source.spec, args.push_to or str(out), results, verification, base_card_metadata(source.path), exclude)
     (partial / "README.md").write_text(card)
     report = {
         "verified": True, "base": base_id or source.spec, "revision": source.revision,

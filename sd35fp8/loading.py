@@ -71,7 +71,9 @@ def check_loaded(pipe: StableDiffusion3Pipeline) -> None:
 def _from_pretrained(source: str, precision: str, dtype: torch.dtype, revision: str | None) -> StableDiffusion3Pipeline:
     variant = VARIANT if precision == "fp8" else None
     try:
-        return StableDiffusion3Pipeline.from_pretrained(source, variant=variant, dtype=dtype, revision=revision)
+        index = StableDiffusion3Pipeline.load_config(source, revision=revision)
+        absent = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
+        return StableDiffusion3Pipeline.from_pretrained(source, variant=variant, dtype=dtype, revision=revision, **absent)
     except (OSError, ValueError) as error:
         raise LoadError(f"could not load an SD3 pipeline from {source!r}: {error}") from error
 
