@@ -75,7 +75,8 @@ def _from_pretrained(source: str, precision: str, dtype: torch.dtype, revision: 
         absent = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
         return StableDiffusion3Pipeline.from_pretrained(source, variant=variant, dtype=dtype, revision=revision, **absent)
     except (OSError, ValueError) as error:
-        raise LoadError(f"could not load an SD3 pipeline from {source!r}: {error}") from error
+        hint = f" Make an FP8 variant with `python -m convert {source} --out DIR`." if variant and "variant" in str(error) else ""
+        raise LoadError(f"could not load an SD3 pipeline from {source!r}: {error}{hint}") from error
 
 
 def load_pipeline(
