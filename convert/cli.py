@@ -144,7 +144,7 @@ def _write_and_verify(args, source: Source, plans, exclude, partial: Path, out: 
     for result in results:
         if result.plan.quantize:
             print(f"verifying {result.plan.component.name} ...")
-            verification.components[result.plan.component.name] = verify_component(partial, result, dtype)
+            verification.components[result.plan.component.name] = verify_component(partial, result, dtype, device)
     print("verifying the whole pipeline ...")
     pipeline_check = verify_pipeline(partial, str(source.path), device, dtype,
                                      args.verify_images, args.verify_size, args.verify_steps)

@@ -44,17 +44,17 @@ class Verification:
         return sum(i["psnr"] for i in self.images) / len(self.images) if self.images else None
 
 
-def _reload(out_dir: Path, result: ComponentResult, dtype: torch.dtype) -> torch.nn.Module:
+def _reload(out_dir: Path, result: ComponentResult, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     component = result.plan.component
     if component.library == "diffusers":
         import diffusers
 
         model_class = getattr(diffusers, component.class_name)
-        return model_class.from_pretrained(out_dir, subfolder=component.name, variant=VARIANT, dtype=dtype)
+        return model_class.from_pretrained(out_dir, subfolder=component.name, variant=VARIANT, dtype=dtype).to(device)
     import transformers
 
     model_class = getattr(transformers, component.class_name)
-    return model_class.from_pretrained(out_dir / component.name, variant=VARIANT, dtype=dtype)
+    return model_class.from_pretrained(out_dir / component.name, variant=VARIANT, dtype=dtype, device_map=str(device))
 
 
 def _dequantized(data: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
@@ -75,13 +75,13 @@ def _compare_tensors(model: torch.nn.Module, result: ComponentResult) -> dict:
         loaded = state[name]
         if loaded.device.type == "meta":
             raise VerificationError(f"{result.plan.component.name}: '{name}' was left on 'meta' after reloading.")
-        if _digest(loaded) == expected_digest:
+        if _digest(loaded.cpu()) == expected_digest:
             exact += 1
             continue
         scale_name = name.removesuffix(".weight") + ".weight_scale_inv"
         if scale_name in result.digests:  # transformers dequantizes FP8 weights where it has no FP8 kernel
             reference = _dequantized(written.read(name), written.read(scale_name))
-            error = float((loaded.float() - reference).norm() / reference.norm().clamp(min=1e-30))
+            error = float((loaded.cpu().float() - reference).norm() / reference.norm().clamp(min=1e-30))
             worst = max(worst, error)
             if error < 1e-2:
                 dequantized += 1
@@ -95,22 +95,26 @@ def _probe(model: torch.nn.Module) -> torch.Tensor | None:
     """One forward pass on fixed inputs, for the models we know how to feed."""
     generator = torch.Generator().manual_seed(0)
     config = model.config
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    weight = next(p for p in model.parameters() if p.is_floating_point())
+    device, dtype = weight.device, weight.dtype
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
     if model.__class__.__name__ == "SD3Transformer2DModel":
         size = 4 * config.patch_size
-        latents = torch.randn(1, config.in_channels, size, size, generator=generator).to(dtype)
-        text = torch.randn(1, 8, config.joint_attention_dim, generator=generator).to(dtype)
-        pooled = torch.randn(1, config.pooled_projection_dim, generator=generator).to(dtype)
-        return model(latents, text, pooled, torch.tensor([500.0])).sample
+        latents, text = randn(1, config.in_channels, size, size), randn(1, 8, config.joint_attention_dim)
+        pooled = randn(1, config.pooled_projection_dim)
+        return model(latents, text, pooled, torch.tensor([500.0], device=device)).sample
     if hasattr(model, "encoder") and hasattr(config, "vocab_size"):
-        ids = torch.randint(2, config.vocab_size, (1, 8), generator=generator)
+        ids = torch.randint(2, config.vocab_size, (1, 8), generator=generator).to(device)
         return model(ids).last_hidden_state
     return None
 
 
-def verify_component(out_dir: Path, result: ComponentResult, dtype: torch.dtype) -> dict:
-    """Reload one converted component from disk and check tensors and a forward pass."""
-    model = _reload(out_dir, result, dtype).eval()
+def verify_component(out_dir: Path, result: ComponentResult, dtype: torch.dtype, device: torch.device) -> dict:
+    """Reload one converted component from disk onto `device` and check its tensors and a forward pass."""
+    model = _reload(out_dir, result, dtype, device).eval()
     report = _compare_tensors(model, result)
     output = _probe(model)
     if output is not None:
@@ -120,6 +124,8 @@ def verify_component(out_dir: Path, result: ComponentResult, dtype: torch.dtype)
     report["reloaded_bytes"] = module_bytes(model)
     del model
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return report
 
 
