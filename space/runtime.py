@@ -1,0 +1,229 @@
+"""What the UI runs on: the FP8 pipeline and its 16-bit reference, sharing text encoders and VAE.
+
+No gradio here: `Models` loads both precisions through the core loader, decides where the idle transformer
+waits (GPU, or CPU when the GPU cannot hold both), and runs one generation at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sd35fp8.fp8 import FP8_PATH_LABELS
+from sd35fp8.generate import SIZE_RANGE, GenerationRequest, GenerationResult, OutOfMemory, generate
+from sd35fp8.loading import TINY, LoadedPipeline, LoadError, load_pipeline, load_transformer, module_bytes, with_transformer
+
+GIB = 2**30
+# Room left for activations and the VAE decode when deciding whether both transformers fit on the GPU.
+ACTIVATION_HEADROOM_BYTES = 4 * GIB
+PRECISION_LABELS = {"fp8": "FP8", "bf16": "16-bit (BF16)"}
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Initial settings of the UI for a model."""
+
+    width: int
+    height: int
+    steps: int
+    guidance: float
+
+
+TINY_DEFAULTS = Defaults(width=128, height=128, steps=4, guidance=4.5)
+SD35_DEFAULTS = Defaults(width=1024, height=1024, steps=28, guidance=4.5)
+TURBO_DEFAULTS = Defaults(width=1024, height=1024, steps=4, guidance=0.0)
+
+
+def defaults_for(model: str, base: str | None = None) -> Defaults:
+    """Small settings for the tiny model (fast on a CPU), SD3.5's own for real models (Turbo: 4 steps, no CFG)."""
+    if model == TINY:
+        return TINY_DEFAULTS
+    if "turbo" in f"{model} {base or ''}".lower():
+        return TURBO_DEFAULTS
+    return SD35_DEFAULTS
+
+
+def base_model_from_card(model: str) -> str | None:
+    """The `base_model` named in an FP8 variant's model card (README.md front matter), or None."""
+    from huggingface_hub import ModelCard
+
+    path = Path(model)
+    try:
+        if path.is_dir():
+            readme = path / "README.md"
+            if not readme.is_file():
+                return None
+            card = ModelCard.load(readme)
+        else:
+            card = ModelCard.load(model)
+    except Exception:  # offline, no card, unreadable card: no reference rather than no app
+        return None
+    base = card.data.to_dict().get("base_model")
+    if isinstance(base, list):
+        base = base[0] if base else None
+    return str(base) if base else None
+
+
+def resolve_base(model: str, base: str | None) -> tuple[str | None, str]:
+    """Where the 16-bit reference comes from, and a sentence saying how it was found."""
+    if model == TINY and not base:
+        return TINY, "the tiny model's own 16-bit weights"
+    if base:
+        return base, "given with --base / BASE_MODEL_ID"
+    found = base_model_from_card(model)
+    if found:
+        return found, f"`base_model` in {model}'s model card"
+    return None, "no --base given and the model card names no base_model"
+
+
+def max_image_size(loaded: LoadedPipeline) -> int:
+    """The largest side the transformer's position embedding allows, capped at the request limit."""
+    config = loaded.pipe.transformer.config
+    pos = getattr(config, "pos_embed_max_size", None)
+    if not pos:
+        return SIZE_RANGE[1]
+    return min(SIZE_RANGE[1], int(pos) * int(config.patch_size) * int(loaded.pipe.vae_scale_factor))
+
+
+def format_bytes(count: int | None) -> str:
+    if count is None:
+        return "n/a"
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
+
+
+def _needs_swap(device: torch.device, transformer: torch.nn.Module) -> bool:
+    """True when the GPU has no room for a second transformer beside the loaded pipeline."""
+    if device.type != "cuda":
+        return False
+    free, _total = torch.cuda.mem_get_info(device)
+    return free < module_bytes(transformer) + ACTIVATION_HEADROOM_BYTES
+
+
+class Models:
+    """The FP8 pipeline plus (when a base is known) a 16-bit one sharing its text encoders, tokenizers and VAE."""
+
+    def __init__(self, fp8: LoadedPipeline, reference: LoadedPipeline | None = None, *,
+                 base: str | None = None, base_note: str = "", swap: bool = False, offload: bool = False):
+        self.fp8 = fp8
+        self.reference = reference
+        self.base = base
+        self.base_note = base_note
+        self.swap = swap
+        self.offload = offload
+        self.defaults = defaults_for(fp8.source, base)
+        self.max_size = max_image_size(fp8)
+        self._lock = threading.Lock()
+        self._last: str | None = None
+
+    @classmethod
+    def load(cls, model: str = TINY, base: str | None = None, *, offload: bool = False,
+             device: torch.device | str | None = None) -> Models:
+        """Load `model` (an FP8 variant, or "tiny") and its 16-bit reference transformer.
+
+        A `base` passed explicitly must load; one found in the model card that fails to load only
+        disables the comparison (the reason is kept in `base_note`).
+        """
+        fp8 = load_pipeline(model, "fp8", device=device, offload=offload)
+        base_source, note = resolve_base(model, base)
+        if base_source is None:
+            return cls(fp8, None, base=None, base_note=note, offload=offload)
+        started = time.perf_counter()
+        try:
+            transformer = load_transformer(base_source, "bf16")
+        except LoadError as error:
+            if base:
+                raise
+            return cls(fp8, None, base=None, base_note=f"the 16-bit reference {base_source} did not load: {error}",
+                       offload=offload)
+        swap = not offload and _needs_swap(fp8.device, transformer)
+        # Build the reference with the transformer left on the CPU when it must wait there (swap, offload).
+        parked = offload or swap
+        host = dataclasses.replace(fp8, device=torch.device("cpu")) if parked else fp8
+        reference = with_transformer(host, transformer, "bf16", source=base_source)
+        reference = dataclasses.replace(reference, device=fp8.device, load_seconds=time.perf_counter() - started)
+        return cls(fp8, reference, base=base_source, base_note=note, swap=swap, offload=offload)
+
+    # ------------------------------------------------------------------------------------------ facts
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.fp8.source == TINY
+
+    @property
+    def precisions(self) -> list[str]:
+        return ["fp8", "bf16"] if self.reference is not None else ["fp8"]
+
+    @property
+    def fp8_path_label(self) -> str:
+        return FP8_PATH_LABELS.get(self.fp8.fp8_path or "", str(self.fp8.fp8_path))
+
+    def placement(self) -> str:
+        device = self.fp8.device
+        if device.type != "cuda":
+            return f"everything on the {device.type.upper()}"
+        if self.offload:
+            return "model CPU offload (components move to the GPU only while they run)"
+        if self.swap:
+            return "the idle transformer waits on the CPU (the GPU cannot hold both)"
+        return "both transformers on the GPU"
+
+    def summary_lines(self) -> list[str]:
+        """Load time and memory per component, for the console and the page."""
+        lines = [f"FP8 model: {self.fp8.label} on {self.fp8.device} ({self.placement()})",
+                 f"FP8 compute path: {self.fp8.fp8_path} — {self.fp8_path_label}",
+                 f"FP8 pipeline loaded in {self.fp8.load_seconds:.1f} s"]
+        for name, count in self.fp8.component_bytes.items():
+            lines.append(f"  {name:<16} {format_bytes(count):>12}")
+        lines.append(f"  {'total':<16} {format_bytes(sum(self.fp8.component_bytes.values())):>12}")
+        if self.reference is not None:
+            lines.append(f"16-bit reference: {self.base} ({self.base_note}), loaded in {self.reference.load_seconds:.1f} s")
+            lines.append(f"  {'transformer':<16} {format_bytes(self.reference.component_bytes.get('transformer')):>12}"
+                         "  (text encoders and VAE shared with the FP8 pipeline)")
+        else:
+            lines.append(f"16-bit reference: none ({self.base_note}); the comparison is off")
+        return lines
+
+    # -------------------------------------------------------------------------------------------- runs
+
+    def pipeline(self, precision: str) -> LoadedPipeline:
+        if precision == "fp8":
+            return self.fp8
+        if precision == "bf16" and self.reference is not None:
+            return self.reference
+        raise KeyError(precision)
+
+    def _activate(self, precision: str) -> LoadedPipeline:
+        target = self.pipeline(precision)
+        if self._last == precision:
+            return target
+        try:
+            if self.offload and target.device.type == "cuda":
+                target.pipe.enable_model_cpu_offload(device=target.device)
+            elif self.swap:
+                other = self.reference if target is self.fp8 else self.fp8
+                other.pipe.transformer.to("cpu")
+                gc.collect()
+                torch.cuda.empty_cache()
+                target.pipe.transformer.to(target.device)
+        except torch.OutOfMemoryError:
+            self._last = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            raise OutOfMemory("The GPU ran out of memory while moving a transformer onto it; try again.") from None
+        self._last = precision
+        return target
+
+    def run(self, precision: str, request: GenerationRequest, on_step=None, sampler=None) -> GenerationResult:
+        """One generation in `precision` ("fp8" or "bf16"); one at a time across threads."""
+        with self._lock:
+            loaded = self._activate(precision)
+            return generate(loaded, request, on_step=on_step, sampler=sampler)
