@@ -45,7 +45,8 @@ REQUIRED = ("app.py", "requirements.txt", "sd35fp8/__init__.py", "space/__init__
 # Space) and the card template (uploaded rendered, as the root README.md).
 DEPLOY_ONLY = frozenset({"space/deploy.py", "space/README.md"})
 SKIP_DIRS = frozenset({"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".ipynb_checkpoints"})
-SKIP_SUFFIXES = (".pyc", ".pyo", ".orig", ".rej", ".swp", ".bak", "~")
+# .pyi: gradio writes stubs next to modules that subclass its components (space/ui.pyi); the Space never needs them.
+SKIP_SUFFIXES = (".pyc", ".pyo", ".pyi", ".orig", ".rej", ".swp", ".bak", "~")
 SKIP_NAMES = frozenset({".DS_Store", "Thumbs.db"})
 
 HARDWARE = {hardware.value: hardware for hardware in SpaceHardware}
@@ -287,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except DeployError as error:
         message = str(error)
+    except BrokenPipeError:  # output piped into e.g. `head`
+        return 1
     except OfflineModeIsEnabled:
         message = "HF_HUB_OFFLINE is set; unset it to deploy (or use --dry-run)."
     except HfHubHTTPError as error:

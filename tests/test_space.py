@@ -28,7 +28,7 @@ import httpx2
 import pytest
 import yaml
 from huggingface_hub import SpaceCard, SpaceHardware, constants, set_client_factory
-from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
+from huggingface_hub.utils import _http as hf_http
 
 from space import deploy
 
@@ -222,15 +222,16 @@ class FakeHub:
 def hub(monkeypatch, tmp_path):
     """Route every request huggingface_hub makes to a FakeHub; give it a token; keep it away from ~/.cache."""
     fake = FakeHub()
+    previous = hf_http._GLOBAL_CLIENT_FACTORY
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake.handle),
-                                             event_hooks={"request": [hf_request_event_hook]},
+                                             event_hooks={"request": [hf_http.hf_request_event_hook]},
                                              follow_redirects=True))
     yield fake
-    set_client_factory(default_client_factory)
+    set_client_factory(previous)
 
 
 def write(path: Path, text: str = "") -> None:
@@ -253,7 +254,7 @@ def project(tmp_path):
     write(root / "space" / "ui.py", "Y = 2\n")
     write(root / "space" / "deploy.py", "# deploy-only\n")
     for junk in ["sd35fp8/__pycache__/loading.cpython-311.pyc", "space/__pycache__/ui.cpython-311.pyc",
-                 "space/ui.py~", "space/.ipynb_checkpoints/ui-checkpoint.py", "space/.DS_Store",
+                 "space/ui.py~", "space/ui.pyi", "space/.ipynb_checkpoints/ui-checkpoint.py", "space/.DS_Store",
                  "tests/test_core.py", "bench/bench.py", "bench/results/a.json", "convert/__main__.py",
                  "docs/notes.md", ".ci/run", ".git/HEAD", ".venv/bin/python", ".gitignore", "out/x.png"]:
         write(root / junk, "junk\n")
@@ -292,12 +293,13 @@ def test_dry_run_on_this_repo_ships_the_app_and_nothing_else(capsys, monkeypatch
     listed = set(re.findall(r"^  (\S+)  \(\d+ bytes\)", capsys.readouterr().out, flags=re.MULTILINE))
     assert {"README.md", "app.py", "requirements.txt", "sd35fp8/__init__.py", "space/__init__.py"} <= listed
     assert {name.split("/")[0] for name in listed} <= {"README.md", "app.py", "requirements.txt", "sd35fp8", "space"}
-    assert not any("__pycache__" in name or name.endswith(".pyc") for name in listed)
+    assert not any("__pycache__" in name or name.endswith((".pyc", ".pyi")) for name in listed)
     assert not listed & deploy.DEPLOY_ONLY
     git = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--cached", "--others", "--exclude-standard",
                           "sd35fp8", "space"], capture_output=True, text=True)
     if git.returncode == 0:  # every file git knows of (or would) in the two packages, minus deploy-only ones
-        expected = {name for name in git.stdout.split() if (ROOT / name).is_file()} - deploy.DEPLOY_ONLY
+        expected = {name for name in git.stdout.split()
+                    if (ROOT / name).is_file() and not name.endswith(".pyi")} - deploy.DEPLOY_ONLY
         assert {name for name in listed if "/" in name} == expected
 
 
