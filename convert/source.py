@@ -99,7 +99,7 @@ def resolve(spec: str, revision: str | None = None) -> Source:
 def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
-        EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+        GatedRepoError, HFValidationError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
         RepositoryNotFoundError, RevisionNotFoundError,
     )
 
@@ -124,7 +124,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
         ) from None
     except RevisionNotFoundError:
         raise SourceError(f"{repo_id} has no revision {revision!r}.") from None
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:
         raise SourceError(f"{where} has no model_index.json, so it is not a diffusers pipeline repo.") from None
     except HFValidationError:
         raise SourceError(f"{repo_id!r} is neither an existing folder nor a valid Hub repo id (owner/name).") from None

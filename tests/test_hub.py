@@ -232,11 +232,6 @@ def test_hub_answers_become_clear_errors(hub, monkeypatch, code, status, message
     assert str(raised.value).startswith(message)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "convert/source.py _download: `except EntryNotFoundError` comes before `except LocalEntryNotFoundError`, "
-    "and in huggingface_hub>=1 LocalEntryNotFoundError subclasses EntryNotFoundError, so an unreachable Hub is "
-    "reported as 'has no model_index.json'. Fix: catch RemoteEntryNotFoundError there (or move the "
-    "LocalEntryNotFoundError clause first), then drop this marker."))
 def test_unreachable_hub_is_a_clear_error(hub, tmp_path, monkeypatch):
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused at once
     point_hub_at(monkeypatch, closed, tmp_path / "hf-home-closed")
