@@ -63,6 +63,8 @@ CSS = """
 #title { margin-bottom: 0; }
 .notice { border-left: 4px solid #f59e0b; padding: 0.25rem 0.75rem !important; }
 #result-info, #compare-info { font-size: 0.95em; }
+/* Scale results to their frame, so that small images (the tiny model's) are not lost in it. */
+#result-image img, #fp8-image img, #ref-image img, #heatmap img { width: 100%; height: 100%; object-fit: contain; }
 """
 
 
@@ -400,7 +402,8 @@ def build_demo(models: Models, sampler: GpuSampler | None = None, *, store: Imag
         """Fill the settings from the page's query string (?prompt=&seed=&steps=...); bad values are skipped."""
         params = dict(getattr(request, "query_params", None) or {}) if request else {}
         updates = {name: gr.skip() for name in ("prompt", "negative", "seed", "randomize", "steps", "guidance",
-                                               "width", "height", "precision", "tabs", "link_note")}
+                                               "width", "height", "precision", "tabs", "link_note",
+                                               "settings_box")}
         if not params:
             return list(updates.values())
 
@@ -441,6 +444,7 @@ def build_demo(models: Models, sampler: GpuSampler | None = None, *, store: Imag
             updates["tabs"] = gr.Tabs(selected=params["tab"])
         updates["link_note"] = gr.Markdown(
             "Settings loaded from the link. Press **Generate** (or **Compare**) to make the image.", visible=True)
+        updates["settings_box"] = gr.Accordion(open=True)
         return list(updates.values())
 
     with gr.Blocks(title="SD3.5 FP8", delete_cache=(3600, 6 * 3600)) as demo:
@@ -449,21 +453,21 @@ def build_demo(models: Models, sampler: GpuSampler | None = None, *, store: Imag
             gr.Markdown(TINY_NOTICE, elem_classes=["notice"], elem_id="tiny-notice")
         with gr.Accordion("Model details: load time and memory per component", open=False):
             gr.Markdown("```\n" + "\n".join(models.summary_lines()) + "\n```")
-        with gr.Row(equal_height=True):
+        with gr.Row():
             prompt = gr.Textbox(label="Prompt", placeholder="Describe the image, then press Enter", lines=1,
-                                max_lines=4, scale=5, elem_id="prompt", autofocus=True)
-            with gr.Column(scale=1, min_width=180):
+                                max_lines=4, scale=4, elem_id="prompt", autofocus=True)
+            with gr.Column(scale=1, min_width=220):
+                precision = gr.Radio([(PRECISION_LABELS[p], p) for p in models.precisions], value="fp8",
+                                     label="Precision (Generate)", elem_id="precision")
                 generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 compare_btn = gr.Button("Compare FP8 vs 16-bit", elem_id="compare-btn", interactive=has_reference)
         link_note = gr.Markdown(visible=False, elem_id="link-note")
-        with gr.Accordion("Settings", open=True):
-            negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+        with gr.Accordion("Advanced settings", open=False, elem_id="settings") as settings_box:
             with gr.Row():
+                negative = gr.Textbox(label="Negative prompt", lines=1, scale=3, elem_id="negative")
                 seed = gr.Number(label="Seed", value=0, precision=0, minimum=None, maximum=None, elem_id="seed",
-                                 info=f"0 to {MAX_SEED}")
-                randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize")
-                precision = gr.Radio([(PRECISION_LABELS[p], p) for p in models.precisions], value="fp8",
-                                     label="Precision (Generate)", elem_id="precision")
+                                 info=f"0 to {MAX_SEED}", scale=1)
+                randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize", scale=1)
             with gr.Row():
                 steps = SettingSlider(STEPS_RANGE[0], STEPS_RANGE[1], value=defaults.steps, step=1, label="Steps",
                                       elem_id="steps")
@@ -475,53 +479,63 @@ def build_demo(models: Models, sampler: GpuSampler | None = None, *, store: Imag
                                        label="Height", elem_id="height")
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
-                image = gr.Image(label="Result (PNG, settings embedded)", type="filepath", format="png",
-                                 interactive=False, buttons=["download", "fullscreen"], elem_id="result-image")
-                result_info = gr.Markdown(elem_id="result-info")
-                link = gr.Textbox(label="Link to this image (settings + seed)", buttons=["copy"], interactive=False,
-                                  elem_id="permalink")
-                gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts")
+                with gr.Row():
+                    image = gr.Image(label="Result (PNG, settings embedded)", type="filepath", format="png",
+                                     interactive=False, buttons=["download", "fullscreen"], height=480, scale=3,
+                                     elem_id="result-image")
+                    with gr.Column(scale=2):
+                        result_info = gr.Markdown("Results appear here: latency, s/step, peak VRAM, FP8 path.",
+                                                  elem_id="result-info")
+                        link = gr.Textbox(label="Link to this image (settings + seed)", buttons=["copy"],
+                                          interactive=False, elem_id="permalink")
+                        gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts")
             with gr.Tab("FP16 vs FP8", id="compare"):
                 if not has_reference:
                     gr.Markdown(f"**Comparison off:** {models.base_note}. Start with `--base REPO_OR_DIR`.")
-                compare_info = gr.Markdown(elem_id="compare-info")
+                compare_info = gr.Markdown("Runs the same prompt, seed and settings through FP8 and 16-bit.",
+                                           elem_id="compare-info")
                 with gr.Row():
-                    fp8_image = gr.Image(label="FP8", type="filepath", format="png", interactive=False,
+                    fp8_image = gr.Image(label="FP8", type="filepath", format="png", interactive=False, height=300,
                                          elem_id="fp8-image")
                     ref_image = gr.Image(label="16-bit (BF16)", type="filepath", format="png", interactive=False,
-                                         elem_id="ref-image")
-                    heatmap = gr.Image(label="Difference (black = identical)", type="pil", format="png",
-                                       interactive=False, elem_id="heatmap")
-                slider = gr.ImageSlider(label="FP8 ⟷ 16-bit", type="filepath", format="png", elem_id="slider")
+                                         height=300, elem_id="ref-image")
+                    heatmap = gr.Image(label="Difference ×4 (black = identical)", type="pil", format="png",
+                                       interactive=False, height=300, elem_id="heatmap")
                 table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, label="Figures", elem_id="table")
-                compare_link = gr.Textbox(label="Link to this comparison", buttons=["copy"], interactive=False,
-                                          elem_id="compare-link")
+                with gr.Row():
+                    slider = gr.ImageSlider(label="FP8 ⟷ 16-bit (drag)", type="filepath", format="png",
+                                            max_height=360, scale=2, elem_id="slider")
+                    compare_link = gr.Textbox(label="Link to this comparison", buttons=["copy"], interactive=False,
+                                              scale=1, elem_id="compare-link")
             with gr.Tab("GPU", id="gpu"):
                 snap = sampler.snapshot()
                 gpu_md = gr.Markdown(gpu_status_markdown(snap), elem_id="gpu-status")
                 frames = gpu_plot_frames(sampler.history())
+                total_gib = (snap.get("memory_total_bytes") or 0) / GIB
+                y_limits = {"utilization_pct": [0, 100], "memory_used_bytes": [0, total_gib] if total_gib else None}
                 plots = []
                 for rows in (PLOTS[:2], PLOTS[2:]):
-                    with gr.Row():
-                        for (_key, label, _scale), frame in zip(rows, frames[len(plots):]):
+                    with gr.Row(visible=sampler.available):
+                        for (key, label, _scale), frame in zip(rows, frames[len(plots):]):
                             plots.append(gr.LinePlot(frame, x="seconds", y=label, title=label, height=220,
-                                                     x_lim=[-HISTORY_SECONDS, 0], x_title="seconds ago"))
+                                                     y_lim=y_limits.get(key),
+                                                     x_lim=[-HISTORY_SECONDS, 0], x_title="seconds ago",
+                                                     elem_classes=["gpu-plot"]))
                 timer = gr.Timer(1.0, active=sampler.available)
 
         settings = [prompt, negative, seed, randomize, steps, guidance, width, height]
-        show = {"generate": gr.Tabs(selected="generate"), "compare": gr.Tabs(selected="compare")}
-        gr.on([generate_btn.click, prompt.submit], lambda: show["generate"], outputs=tabs, queue=False,
+        gr.on([generate_btn.click, prompt.submit], lambda: gr.Tabs(selected="generate"), outputs=tabs, queue=False,
               api_visibility="private").then(
             generate_image, inputs=[*settings, precision], outputs=[image, seed, result_info, link],
             api_name="generate", concurrency_limit=1, concurrency_id=GPU_QUEUE)
-        compare_btn.click(lambda: show["compare"], outputs=tabs, queue=False, api_visibility="private").then(
+        compare_btn.click(lambda: gr.Tabs(selected="compare"), outputs=tabs, queue=False, api_visibility="private").then(
             compare, inputs=settings,
             outputs=[fp8_image, ref_image, slider, heatmap, table, compare_info, seed, compare_link],
             api_name="compare", concurrency_limit=1, concurrency_id=GPU_QUEUE)
         timer.tick(gpu_panel, outputs=[gpu_md, *plots], concurrency_limit=None, api_visibility="private",
                    show_progress="hidden")
         gr.api(gpu_stats, api_name="gpu_stats", concurrency_limit=None)
-        demo.load(prefill, outputs=[*settings[:8], precision, tabs, link_note], api_visibility="private",
+        demo.load(prefill, outputs=[*settings, precision, tabs, link_note, settings_box], api_visibility="private",
                   queue=False)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return demo

@@ -1,0 +1,166 @@
+"""The app launched in-process on the tiny model, driven through gradio_client like any API user."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest  # noqa: E402
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sd35fp8.generate import GenerationRequest, OutOfMemory  # noqa: E402
+from space.runtime import TINY_DEFAULTS, Models, base_model_from_card, defaults_for, resolve_base  # noqa: E402
+from space.ui import build_demo, launch_kwargs  # noqa: E402
+
+# gradio's own queue code trips pandas 3 deprecation warnings; they are not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
+
+PROMPT = "a photo of a cat"
+GOOD = dict(prompt=PROMPT, negative="", seed=42, randomize=False, steps=3, guidance=4.5, width=128, height=96)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_models():
+    return Models.load("tiny")
+
+
+@pytest.fixture(scope="module")
+def app_url(app_models):
+    demo = build_demo(app_models)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def app_client(app_url):
+    return Client(app_url, verbose=False)
+
+
+def generate(client, **overrides):
+    args = {**GOOD, "precision": "fp8", **overrides}
+    return client.predict(*args.values(), api_name="/generate")
+
+
+def test_named_endpoints(app_client):
+    assert {"/generate", "/compare", "/gpu_stats"} <= set(app_client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+
+
+def test_generate_png_with_parameters(app_client):
+    path, seed, info, link = generate(app_client)
+    assert seed == 42
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size == (128, 96)
+    expected = GenerationRequest(PROMPT, seed=42, steps=3, guidance=4.5, width=128, height=96).parameters_text
+    assert image.text["parameters"] == expected
+    assert image.text["precision"] == "fp8" and image.text["fp8_path"] == "dequant"
+    assert "FP8 path: `dequant`" in info and "s/step" in info and "peak VRAM no GPU" in info
+    assert link.startswith("http://127.0.0.1:") and "seed=42" in link and "prompt=a+photo+of+a+cat" in link
+
+
+def test_generate_16bit_and_random_seed(app_client):
+    path, seed, info, _ = generate(app_client, precision="bf16", randomize=True, seed=0, negative="blurry")
+    assert info.startswith("**16-bit (BF16)**")
+    assert 0 <= seed < 2**32
+    text = Image.open(path).text
+    assert f"Seed: {seed}," in text["parameters"] and "Negative prompt: blurry" in text["parameters"]
+    assert text["precision"] == "bf16"
+
+
+def test_compare_table(app_client):
+    fp8, ref, slider, heatmap, table, info, seed, link = app_client.predict(*GOOD.values(), api_name="/compare")
+    assert Image.open(fp8).size == Image.open(ref).size == Image.open(heatmap).size == (128, 96)
+    assert list(slider) == [fp8, ref] or len(slider) == 2
+    headers, rows = table["headers"], table["data"]
+    for column in ("Latency (s)", "s/step", "Peak VRAM (GiB)", "Energy (J)", "Avg power (W)", "Peak temp (°C)",
+                   "Mean temp (°C)", "SSIM", "PSNR (dB)"):
+        assert column in headers
+    fp8_row = dict(zip(headers, rows[0]))
+    assert fp8_row["Precision"].startswith("FP8")
+    assert 0.0 < float(fp8_row["SSIM"]) <= 1.0
+    assert float(fp8_row["PSNR (dB)"]) > 10
+    assert float(fp8_row["Latency (s)"]) > 0
+    for row in rows:
+        cells = dict(zip(headers, row))
+        for column in ("Peak VRAM (GiB)", "Energy (J)", "Avg power (W)", "Peak temp (°C)", "Mean temp (°C)"):
+            assert cells[column] == "no GPU"
+    assert "SSIM" in info and "dequant" in info and seed == 42 and "tab=compare" in link
+
+
+def test_gpu_stats_without_gpu(app_client):
+    stats = app_client.predict(api_name="/gpu_stats")
+    assert stats["available"] is False and stats["status"] == "no GPU"
+    assert stats["reason"].startswith("no GPU")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"prompt": ""}, "prompt is empty"),
+    ({"prompt": "x" * 10_000}, "10000 characters"),
+    ({"width": 100}, "Width 100"),
+    ({"height": 4096}, "Height 4096"),
+    ({"steps": 0}, "Steps 0"),
+    ({"steps": 2.5}, "Steps must be a whole number"),
+    ({"seed": -1}, "Seed -1"),
+    ({"seed": 2**32}, "Seed 4294967296"),
+    ({"guidance": 99}, "Guidance 99"),
+    ({"precision": "int4"}, "int4"),
+])
+def test_bad_input_is_refused_then_app_still_works(app_client, bad, message):
+    with pytest.raises(AppError, match=message):
+        generate(app_client, **bad)
+    path, *_ = generate(app_client)
+    assert Image.open(path).size == (128, 96)
+
+
+def test_bad_input_compare(app_client):
+    with pytest.raises(AppError, match="Width 100"):
+        app_client.predict(*{**GOOD, "width": 100}.values(), api_name="/compare")
+
+
+def test_out_of_memory_is_reported_then_next_request_works(app_client, app_models, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise OutOfMemory("The GPU ran out of memory at 128x96, batch 1. Lower the size.")
+
+    monkeypatch.setattr(app_models, "run", out_of_memory)
+    with pytest.raises(AppError, match="ran out of memory"):
+        generate(app_client)
+    monkeypatch.undo()
+    assert generate(app_client)[1] == 42
+
+
+def test_failed_fp8_image_falls_back_to_16bit(app_client, app_models, monkeypatch):
+    original = app_models.run
+
+    def nan_fp8(precision, request, **kwargs):
+        result = original(precision, request, **kwargs)
+        return dataclasses.replace(result, finite=False) if precision == "fp8" else result
+
+    monkeypatch.setattr(app_models, "run", nan_fp8)
+    path, _, info, _ = generate(app_client)
+    assert "non-finite" in info and "showing the 16-bit result" in info and "dequant" in info
+    assert Image.open(path).text["precision"] == "bf16"
+
+
+def test_defaults_and_base_resolution(tmp_path):
+    assert defaults_for("tiny") == TINY_DEFAULTS
+    assert defaults_for("me/sd3.5-large-turbo-fp8").steps == 4
+    assert defaults_for("me/sd3.5-large-turbo-fp8").guidance == 0.0
+    assert defaults_for("me/sd3.5-medium-fp8").steps == 28
+    (tmp_path / "README.md").write_text("---\nbase_model: stabilityai/stable-diffusion-3.5-medium\n---\n# card\n")
+    assert base_model_from_card(str(tmp_path)) == "stabilityai/stable-diffusion-3.5-medium"
+    assert resolve_base(str(tmp_path), None)[0] == "stabilityai/stable-diffusion-3.5-medium"
+    assert resolve_base(str(tmp_path), "other/base")[0] == "other/base"
+    assert base_model_from_card(str(tmp_path / "missing")) is None
+    assert resolve_base("tiny", None)[0] == "tiny"
