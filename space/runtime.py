@@ -104,7 +104,10 @@ def _needs_swap(device: torch.device, transformer: torch.nn.Module) -> bool:
     """True when the GPU has no room for a second transformer beside the loaded pipeline."""
     if device.type != "cuda":
         return False
-    free, _total = torch.cuda.mem_get_info(device)
+    try:
+        free, _total = torch.cuda.mem_get_info(device)
+    except RuntimeError:  # e.g. ZeroGPU before a GPU is attached: assume the (large) GPU it will lend
+        return False
     return free < module_bytes(transformer) + ACTIVATION_HEADROOM_BYTES
 
 

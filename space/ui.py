@@ -73,14 +73,15 @@ def launch_kwargs() -> dict:
     return {"theme": gr.themes.Soft(primary_hue="indigo"), "css": CSS, "show_error": True}
 
 
-class SettingSlider(gr.Slider):
+def setting_slider(minimum: float, maximum: float, **kwargs) -> gr.Slider:
     """A slider whose range the handler checks, so that a bad value sent through the API is refused with a
-    message naming the setting (from `GenerationRequest`) rather than gradio's unnamed bound message."""
+    message naming the setting (from `GenerationRequest`) rather than gradio's unnamed bound message.
 
-    is_template = True  # rendered by the stock slider front end
-
-    def preprocess(self, payload):
-        return payload
+    (An instance override, not a subclass: gradio writes a .pyi stub next to any module defining one.)
+    """
+    slider = gr.Slider(minimum, maximum, **kwargs)
+    slider.preprocess = lambda payload: payload
+    return slider
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -343,7 +344,7 @@ def build_demo(models: Models, sampler: GpuSampler | None = None, *, store: Imag
         result = run(precision, req, stepper(progress, PRECISION_LABELS[precision]))
         for warning in result.warnings:
             gr.Warning(warning)
-        notes = []
+        notes = [f"⚠️ {warning}" for warning in result.warnings]
         if not result.ok:
             what = _failure(result)
             if precision == "fp8" and has_reference:
@@ -369,14 +370,15 @@ def build_demo(models: Models, sampler: GpuSampler | None = None, *, store: Imag
         req = make_request(prompt, negative, seed, randomize, steps, guidance, width, height, models.max_size)
         fp8 = run("fp8", req, stepper(progress, "FP8", 0, 2))
         ref = run("bf16", req, stepper(progress, "16-bit", 1, 2))
-        for warning in fp8.warnings:
-            gr.Warning(warning)
         fp8_path = store.save(fp8.image, req, "fp8", png_extra(fp8))
         ref_path = store.save(ref.image, req, "bf16", png_extra(ref))
         ssim, psnr = metrics.ssim(fp8.image, ref.image), metrics.psnr(fp8.image, ref.image)
         notes = [f"Same prompt, seed and settings; only the transformer differs (text encoders and VAE are shared). "
                  f"FP8 path: `{fp8.fp8_path}` ({models.fp8_path_label}). SSIM **{ssim:.4f}**, PSNR **"
                  + (f"{psnr:.2f} dB" if math.isfinite(psnr) else "inf (identical)") + "**."]
+        for warning in fp8.warnings:
+            gr.Warning(warning)
+            notes.append(f"⚠️ {warning}")
         for result in (fp8, ref):
             if not result.ok:
                 message = f"The {PRECISION_LABELS[result.precision]} image came out {_failure(result)}"
@@ -469,13 +471,13 @@ def build_demo(models: Models, sampler: GpuSampler | None = None, *, store: Imag
                                  info=f"0 to {MAX_SEED}", scale=1)
                 randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize", scale=1)
             with gr.Row():
-                steps = SettingSlider(STEPS_RANGE[0], STEPS_RANGE[1], value=defaults.steps, step=1, label="Steps",
+                steps = setting_slider(STEPS_RANGE[0], STEPS_RANGE[1], value=defaults.steps, step=1, label="Steps",
                                       elem_id="steps")
-                guidance = SettingSlider(GUIDANCE_RANGE[0], GUIDANCE_RANGE[1], value=defaults.guidance, step=0.1,
+                guidance = setting_slider(GUIDANCE_RANGE[0], GUIDANCE_RANGE[1], value=defaults.guidance, step=0.1,
                                          label="Guidance", elem_id="guidance")
-                width = SettingSlider(SIZE_RANGE[0], models.max_size, value=defaults.width, step=16, label="Width",
+                width = setting_slider(SIZE_RANGE[0], models.max_size, value=defaults.width, step=16, label="Width",
                                       elem_id="width")
-                height = SettingSlider(SIZE_RANGE[0], models.max_size, value=defaults.height, step=16,
+                height = setting_slider(SIZE_RANGE[0], models.max_size, value=defaults.height, step=16,
                                        label="Height", elem_id="height")
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -77,6 +81,13 @@ def test_generate_16bit_and_random_seed(app_client):
     text = Image.open(path).text
     assert f"Seed: {seed}," in text["parameters"] and "Negative prompt: blurry" in text["parameters"]
     assert text["precision"] == "bf16"
+
+
+def test_truncated_prompt_is_warned_about(app_client):
+    long_prompt = " ".join(["a photo of a cat"] * 25)  # 100 words: over CLIP's 77 tokens, under 2000 characters
+    path, _, info, _ = generate(app_client, prompt=long_prompt)
+    assert "CLIP reads only the first 77" in info
+    assert Image.open(path).text["parameters"].startswith(long_prompt)
 
 
 def test_compare_table(app_client):
@@ -153,6 +164,18 @@ def test_failed_fp8_image_falls_back_to_16bit(app_client, app_models, monkeypatc
     assert Image.open(path).text["precision"] == "bf16"
 
 
+def test_swap_mode_gives_the_same_images(app_models, monkeypatch):
+    """With the idle transformer parked on the CPU (small GPUs), each run moves its own transformer in first."""
+    request = GenerationRequest(PROMPT, seed=7, steps=2, width=64, height=64)
+    expected = {p: app_models.run(p, request).image.tobytes() for p in ("fp8", "bf16")}
+    monkeypatch.setattr(app_models, "swap", True)
+    for precision in ("bf16", "fp8", "fp8", "bf16"):
+        assert app_models.run(precision, request).image.tobytes() == expected[precision]
+        assert app_models._last == precision
+    assert app_models.precisions == ["fp8", "bf16"]
+    assert "idle transformer waits on the CPU" not in app_models.placement()  # CPU: nothing to park
+
+
 def test_defaults_and_base_resolution(tmp_path):
     assert defaults_for("tiny") == TINY_DEFAULTS
     assert defaults_for("me/sd3.5-large-turbo-fp8").steps == 4
@@ -164,3 +187,36 @@ def test_defaults_and_base_resolution(tmp_path):
     assert resolve_base(str(tmp_path), "other/base")[0] == "other/base"
     assert base_model_from_card(str(tmp_path / "missing")) is None
     assert resolve_base("tiny", None)[0] == "tiny"
+
+
+def test_cli_serves_a_converted_fp8_folder(tmp_path):
+    """`python app.py --model DIR` on a folder written by `python -m convert`: the 16-bit reference comes from the
+    model card's base_model, the load summary is printed, the page is served and /compare works."""
+    from convert.cli import main as convert_main
+    from sd35fp8.tiny import save_tiny_pipeline
+
+    base, variant = tmp_path / "base", tmp_path / "fp8"
+    save_tiny_pipeline(base)
+    assert convert_main([str(base), "--out", str(variant)]) in (0, None)
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "MODEL_ID": str(variant), "PORT": str(port)}
+    root = Path(__file__).resolve().parent.parent
+    log = tmp_path / "app.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1"], cwd=root, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "Running on local URL" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        text = log.read_text()
+        assert f"16-bit reference: {base} (`base_model` in {variant}'s model card)" in text
+        assert "FP8 compute path: dequant" in text and "transformer" in text and "loaded in" in text
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        table = client.predict(*{**GOOD, "steps": 2}.values(), api_name="/compare")[4]
+        assert float(dict(zip(table["headers"], table["data"][0]))["SSIM"]) > 0
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
