@@ -1,6 +1,7 @@
 """A real browser (Debian's chromium, driven by Playwright) uses the app as a person would.
 
-Writes docs/app-generate.png, docs/app-compare.png and docs/app-gpu.png.
+Screenshots go to a temporary folder; with UPDATE_SCREENSHOTS=1 they refresh docs/app-generate.png,
+docs/app-compare.png and docs/app-gpu.png (the pictures README shows).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import io
 import os
 import re
 import socket
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlencode
@@ -30,6 +32,7 @@ from space.ui import build_demo, launch_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+SHOTS = DOCS if os.environ.get("UPDATE_SCREENSHOTS") == "1" else Path(tempfile.mkdtemp(prefix="shots-"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 60_000
@@ -119,9 +122,9 @@ def app_page():
 
 
 def _screenshot(page, name: str) -> None:
-    """Full-page screenshot into docs/, reduced to a 256-colour palette to stay small."""
+    """Full-page screenshot (into docs/ with UPDATE_SCREENSHOTS=1), reduced to a 256-colour palette to stay small."""
     shot = Image.open(io.BytesIO(page.screenshot(full_page=True)))
-    shot.convert("RGB").quantize(colors=256).save(DOCS / name, optimize=True)
+    shot.convert("RGB").quantize(colors=256).save(SHOTS / name, optimize=True)
 
 
 def _table_row(page, first_cell: str) -> dict[str, str]:
@@ -144,7 +147,7 @@ def _number(page, elem_id: str):
 
 def test_generate_compare_gpu_and_permalink(app_browser_url, app_page):
     page = app_page
-    DOCS.mkdir(exist_ok=True)
+    SHOTS.mkdir(exist_ok=True)
     page.goto(app_browser_url)
 
     # The page says plainly that the tiny model draws noise.
@@ -238,7 +241,7 @@ def test_live_gpu_panel_with_a_fake_gpu(app_browser_models, app_page):
         before = len(sampler.history())
         page.wait_for_timeout(2500)
         assert len(sampler.history()) > before
-        page.screenshot(path="/tmp/app-gpu-fake.png", full_page=True)
+        page.screenshot(path=SHOTS / "app-gpu-fake.png", full_page=True)
 
         _field(page, "prompt").fill("a cat")
         page.locator("#compare-btn").click()
