@@ -1,0 +1,78 @@
+"""Plot bench/results/gpu_*.json: end-to-end latency and peak VRAM per configuration -> docs/bench-latency-vram.png.
+
+Usage: python bench/plot.py [--results bench/results] [--out docs/bench-latency-vram.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = (("SD3.5 Large", "gpu_sd35_large.json"), ("SD3.5 Medium", "gpu_sd35_medium.json"))
+
+
+def load_rows(results: Path) -> list[tuple[str, list[dict]]]:
+    groups = []
+    for title, name in FILES:
+        path = results / name
+        if path.is_file():
+            rows = [r for r in json.loads(path.read_text()) if r.get("latency_s") is not None]
+            if rows:
+                groups.append((title, rows))
+    return groups
+
+
+def plot(results: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = load_rows(results)
+    if not groups:
+        raise SystemExit(f"no measured rows in {results}/gpu_sd35_*.json")
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.6 * len(groups)), squeeze=False)
+    for (title, rows), (ax_lat, ax_mem) in zip(groups, axes):
+        names = [r["config"] for r in rows]
+        colors = ["#c44e52" if r["precision"] == "fp8" else "#4c72b0" for r in rows]
+        latency = [r["latency_s"] for r in rows]
+        bars = ax_lat.barh(names, latency, color=colors)
+        ax_lat.bar_label(bars, labels=[f"{v:.2f} s" for v in latency], padding=3, fontsize=8)
+        ax_lat.set_xlabel("end-to-end latency, 1024², 28 steps, CFG (s)")
+        ax_lat.set_title(f"{title}: latency (lower is better)")
+        ax_lat.invert_yaxis()
+        ax_lat.set_xlim(0, max(latency) * 1.25)
+        peak = [r.get("peak_vram_gb") or 0 for r in rows]
+        model = [r.get("model_memory_gb") or 0 for r in rows]
+        ax_mem.barh(names, peak, color=colors, alpha=0.45, label="peak during generation")
+        bars = ax_mem.barh(names, model, color=colors, label="weights after load")
+        ax_mem.bar_label(bars, labels=[f"{m:.1f} / {p:.1f} GB" for m, p in zip(model, peak)], padding=3, fontsize=8)
+        ax_mem.axvline(16, color="gray", linestyle="--", linewidth=1)
+        ax_mem.text(16, 0.02, " 16 GB target", color="gray", fontsize=8, va="bottom",
+                    transform=ax_mem.get_xaxis_transform())
+        ax_mem.set_xlabel("GPU memory (GB): weights after load / peak")
+        ax_mem.set_title(f"{title}: memory")
+        ax_mem.invert_yaxis()
+        ax_mem.set_xlim(0, max(peak + [16]) * 1.35)
+    gpu = groups[0][1][0].get("gpu", "GPU")
+    fig.suptitle(f"{gpu}, torch {groups[0][1][0].get('torch')} — RANDOM weights (speed/memory only; blue bf16, red FP8)",
+                 fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench-latency-vram.png")
+    args = parser.parse_args(argv)
+    print(plot(args.results, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
