@@ -189,38 +189,6 @@ def disable_quanto_cuda_extension() -> str:
     return "quanto_cuda extension disabled (dequantize + bf16 matmul)" if removed else "no quanto_cuda extension"
 
 
-def install_t5_fp8_fallback() -> str:
-    """transformers' fine-grained FP8 linear needs the Hub kernel `kernels-community/finegrained-fp8` (package
-    `kernels` + network) on a GPU. Where it is missing, run those layers by dequantizing the 128x128-block weights
-    to 16-bit and calling F.linear (weight-only FP8), instead of raising ImportError at the first T5 forward."""
-    import torch
-    import torch.nn.functional as F
-
-    try:
-        import transformers.integrations.finegrained_fp8 as fg
-    except ImportError:
-        return "transformers has no fine-grained FP8"
-    try:
-        fg.load_finegrained_fp8_kernel()
-        return "kernels-community/finegrained-fp8 (Triton)"
-    except Exception as error:  # noqa: BLE001 - ImportError, or a Hub error offline
-        reason = f"{type(error).__name__}: {error}"
-
-    def dequant_linear(input, weight, weight_scale_inv, block_size=None, bias=None, activation_scale=None):
-        rows, cols = weight.shape
-        scale = weight_scale_inv.float()
-        if block_size is not None and scale.dim() == 2 and scale.numel() > 1:
-            scale = scale.repeat_interleave(block_size[0], 0)[:rows].repeat_interleave(block_size[1], 1)[:, :cols]
-        w = (weight.float() * scale).to(input.dtype)
-        out = F.linear(input, w)
-        return out + bias.to(out.dtype) if bias is not None else out
-
-    fg.finegrained_fp8_linear = dequant_linear
-    fg._bench_fallback_reason = reason
-    del torch
-    return f"dequantize + F.linear (bench fallback; stock path failed: {reason[:200]})"
-
-
 # ------------------------------------------------------------------------------------------------ stage 1: checks
 
 
@@ -720,7 +688,7 @@ def _main(args, deadline: Deadline, work: Path, results_dir: Path) -> int:
     import sd35fp8.loading  # noqa: F401
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda:0")
-    shims = {"quanto": disable_quanto_cuda_extension(), "t5_fp8_linear": install_t5_fp8_fallback()}
+    shims = {"quanto": disable_quanto_cuda_extension()}
     log(f"device {device}; shims: {shims}")
     env = environment(torch, device) | {"shims": shims}
     log(f"environment: {json.dumps(env)}")

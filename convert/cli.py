@@ -73,7 +73,11 @@ def _plans(source: Source, components: list[str], exclude: list[str]) -> list[Co
     if unknown:
         models = [name for name, c in source.components.items() if c.is_model]
         raise ConversionError(f"--components names {', '.join(unknown)}, not in this pipeline (it has {', '.join(models)}).")
-    return [plan_component(c, c.name in components, exclude) for c in source.components.values()]
+    plans = [plan_component(c, c.name in components, exclude) for c in source.components.values()]
+    empty = [p.component.name for p in plans if p.component.name in components and not p.quantized_layers]
+    if empty:
+        raise ConversionError(f"{', '.join(empty)}: no linear layer would be stored as FP8 (check --components/--exclude).")
+    return plans
 
 
 def _print_plan(source: Source, plans: list[ComponentPlan]) -> None:

@@ -71,7 +71,8 @@ def fp8_layer_names(component: Component, exclude: list[str]) -> list[str]:
     from transformers.quantizers.base import HfQuantizer
 
     skip = HfQuantizer.get_modules_to_not_convert(model, list(exclude) or None, model._keep_in_fp32_modules)
-    config = FineGrainedFP8Config(**{k: v for k, v in transformers_quant_config(exclude).items() if k != "quant_method"})
+    stored = {k: v for k, v in transformers_quant_config(exclude).items() if k not in ("quant_method", "dequantize")}
+    config = FineGrainedFP8Config(**stored, dequantize=False)
     replace_with_fp8_linear(model, modules_to_not_convert=skip, quantization_config=config, pre_quantized=True)
     return [name for name, module in model.named_modules() if isinstance(module, FP8Linear)]
 

@@ -6,8 +6,10 @@ Storage (what `convert` writes, what stock diffusers reads):
     touches quanto, because diffusers marks `QuantoConfig` deprecated.
   * transformers components (the T5 encoder) cannot use quanto: transformers refuses to serialize quanto
     models and silently leaves random weights when it meets a quanto checkpoint. They are stored in
-    transformers' own fine-grained FP8 layout (E4M3 data + `weight_scale_inv`, 128x128 blocks), which
-    stock transformers loads everywhere (dequantizing to 16-bit where no FP8 kernel exists).
+    transformers' own fine-grained FP8 layout (E4M3 data + `weight_scale_inv`, 128x128 blocks) marked
+    `dequantize: true`: stock transformers then expands them to 16-bit at load on every machine (its FP8
+    kernels need the `kernels` package and a download, which fail offline). `load_pipeline` instead keeps
+    them FP8 on the GPU and expands each layer right before its matmul (`Fp8BlockLinear`).
 
 Compute (what `load_pipeline` does with a quanto transformer):
   * "scaled_mm": FP8 tensor cores through `torch._scaled_mm`, activations quantized per row on the fly,
@@ -84,7 +86,18 @@ def transformers_quant_config(exclude: list[str] | None = None) -> dict:
         "activation_scheme": "dynamic",
         "weight_block_size": list(T5_BLOCK),
         "modules_to_not_convert": list(exclude) if exclude else None,
+        "dequantize": True,
     }
+
+
+def keep_fp8_config(stored: dict):
+    """A transformers config that loads a fine-grained FP8 checkpoint as FP8 (overriding the stored `dequantize`)."""
+    from transformers import FineGrainedFP8Config
+
+    return FineGrainedFP8Config(
+        weight_block_size=tuple(stored.get("weight_block_size") or T5_BLOCK),
+        modules_to_not_convert=stored.get("modules_to_not_convert"), dequantize=False,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- compute
@@ -101,6 +114,24 @@ def fp8_tensor_cores_available(device: torch.device | str | None = None) -> bool
 def select_fp8_path(device: torch.device | str) -> str:
     """The fastest FP8 compute path this device supports."""
     return "scaled_mm" if fp8_tensor_cores_available(device) else "dequant"
+
+
+def _quantize_rows_eager(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    return (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+_quantize_rows_fused = None
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 rows and their float32 scales; on CUDA one fused kernel instead of about seven."""
+    global _quantize_rows_fused
+    if rows.device.type != "cuda":
+        return _quantize_rows_eager(rows)
+    if _quantize_rows_fused is None:
+        _quantize_rows_fused = torch.compile(_quantize_rows_eager, dynamic=True)
+    return _quantize_rows_fused(rows)
 
 
 class Fp8Linear(nn.Module):
@@ -125,9 +156,7 @@ class Fp8Linear(nn.Module):
         if self.mode == "dequant":
             weight = self.weight.to(x.dtype) * self.weight_scale.reshape(-1, 1).to(x.dtype)
             return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
-        rows = x.reshape(-1, self.in_features)
-        x_scale = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
-        x_fp8 = (rows / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        x_fp8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
         out = torch._scaled_mm(
             x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
             bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype,
@@ -136,6 +165,37 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+class Fp8BlockLinear(nn.Module):
+    """A linear layer holding E4M3 weights with one scale per 128x128 block; expands them per call (T5)."""
+
+    def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None, block: tuple[int, int]):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.block = block
+        self.register_buffer("weight", weight.to(FP8_DTYPE))
+        grid = (-(-self.out_features // block[0]), -(-self.in_features // block[1]))
+        self.register_buffer("weight_scale_inv", scale_inv.to(torch.float32).reshape(grid))
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight_scale_inv.repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
+        weight = self.weight.to(x.dtype) * scale[: self.out_features, : self.in_features].to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def apply_block_fp8(model: nn.Module) -> int:
+    """Swap transformers' FP8 linear layers for `Fp8BlockLinear` (no kernel download needed); returns the count."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    swaps = [(name, module) for name, module in model.named_modules() if isinstance(module, FP8Linear)]
+    for name, module in swaps:
+        parent_name, _, child = name.rpartition(".")
+        block = tuple(module.block_size or (module.out_features, module.in_features))
+        replacement = Fp8BlockLinear(module.weight.data, module.weight_scale_inv.data, module.bias, block)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+    return len(swaps)
 
 
 def _scaled_mm_shape_ok(module: nn.Module) -> bool:

@@ -65,7 +65,7 @@ def build_tiny_pipeline(with_t5: bool = True, dtype: torch.dtype = torch.float32
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 16, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=1, norm_num_groups=8, sample_size=64,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305,
     )
     text_encoder_3 = tokenizer_3 = None
     if with_t5:

@@ -252,3 +252,25 @@ def test_reader_matches_safetensors_and_writer_names_shards(tiny_base, tmp_path)
     assert written[-1].name == "diffusion_pytorch_model.safetensors.index.fp8.json"
     assert set(index["weight_map"]) == set(expected)
     assert all(re.fullmatch(r"diffusion_pytorch_model\.fp8-\d{5}-of-\d{5}\.safetensors", p.name) for p in written[:-1])
+
+
+def test_t5_stays_fp8_on_fp8_gpus_and_matches_stock_dequantized(converted, monkeypatch):
+    """On a GPU the loader keeps T5 in FP8 (Fp8BlockLinear); stock transformers dequantizes it (config says so)."""
+    from transformers import T5EncoderModel
+
+    from sd35fp8 import loading
+    from sd35fp8.fp8 import Fp8BlockLinear
+
+    config = json.loads((converted / "text_encoder_3" / "config.json").read_text())
+    assert config["quantization_config"]["dequantize"] is True
+    index = json.loads((converted / "model_index.json").read_text())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # transformers keeps FP8 only where CUDA exists
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    t5 = loading._fp8_text_encoders(str(converted), index, torch.bfloat16, None)["text_encoder_3"]
+    monkeypatch.undo()
+    layers = [m for m in t5.modules() if isinstance(m, Fp8BlockLinear)]
+    assert len(layers) == 12 and all(m.weight.dtype == torch.float8_e4m3fn for m in layers)
+    stock = T5EncoderModel.from_pretrained(converted / "text_encoder_3", variant="fp8", dtype=torch.bfloat16)
+    ids = torch.tensor([[5, 6, 7, 1]])
+    ours, theirs = t5(ids).last_hidden_state.float(), stock(ids).last_hidden_state.float()
+    assert ((ours - theirs).norm() / theirs.norm()) < 0.02
