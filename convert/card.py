@@ -6,7 +6,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .checkpoint import format_bytes
+from sd35fp8.loading import format_bytes
+
 from .quantize import ComponentResult
 from .verify import Verification
 

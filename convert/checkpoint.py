@@ -138,14 +138,6 @@ class ShardedWriter:
         return files + [index]
 
 
-def format_bytes(size: int) -> str:
-    """1234567 -> '1.2 MB' (decimal units)."""
-    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if size >= factor:
-            return f"{size / factor:,.1f} {unit}" if unit != "GB" else f"{size / factor:,.2f} GB"
-    return f"{size} B"
-
-
 def parse_size(text: str) -> int:
     """'5GB' -> 5_000_000_000 (decimal units, as diffusers' max_shard_size)."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}

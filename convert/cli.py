@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, SafetensorsReader, format_bytes, parse_size, weight_files
+from sd35fp8.loading import format_bytes
+
+from .checkpoint import CheckpointError, SafetensorsReader, parse_size, weight_files
 from .publish import REPORT_NAME, PublishError, check_repo_id, push, require_token
 from .quantize import ComponentPlan, plan_component, write_component
 from .card import base_card_metadata, render_card

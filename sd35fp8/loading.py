@@ -52,6 +52,16 @@ def module_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+def format_bytes(size: int | None) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as the Hub shows file sizes); None -> 'n/a'."""
+    if size is None:
+        return "n/a"
+    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= factor:
+            return f"{size / factor:,.2f} GB" if unit == "GB" else f"{size / factor:,.1f} {unit}"
+    return f"{size} B"
+
+
 def component_bytes(pipe: StableDiffusion3Pipeline) -> dict[str, int]:
     return {name: module_bytes(c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import torch
 
-from sd35fp8.fp8 import FP8_PATH_LABELS
+from sd35fp8.fp8 import FP8_PATH_LABELS, select_fp8_path
 from sd35fp8.generate import SIZE_RANGE, GenerationRequest, GenerationResult, OutOfMemory, generate
-from sd35fp8.loading import TINY, LoadedPipeline, LoadError, load_pipeline, load_transformer, module_bytes, with_transformer
+from sd35fp8.loading import (
+    TINY, LoadedPipeline, LoadError, default_device, format_bytes, load_pipeline, load_transformer, module_bytes, with_transformer,
+)
 
 GIB = 2**30
 # Room left for activations and the VAE decode when deciding whether both transformers fit on the GPU.
@@ -91,15 +94,6 @@ def max_image_size(loaded: LoadedPipeline) -> int:
     return min(SIZE_RANGE[1], int(pos) * int(config.patch_size) * int(loaded.pipe.vae_scale_factor))
 
 
-def format_bytes(count: int | None) -> str:
-    if count is None:
-        return "n/a"
-    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
-        if count >= size:
-            return f"{count / size:.2f} {unit}"
-    return f"{count} B"
-
-
 def _needs_swap(device: torch.device, transformer: torch.nn.Module) -> bool:
     """True when the GPU has no room for a second transformer beside the loaded pipeline."""
     if device.type != "cuda":
@@ -115,13 +109,15 @@ class Models:
     """The FP8 pipeline plus (when a base is known) a 16-bit one sharing its text encoders, tokenizers and VAE."""
 
     def __init__(self, fp8: LoadedPipeline, reference: LoadedPipeline | None = None, *,
-                 base: str | None = None, base_note: str = "", swap: bool = False, offload: bool = False):
+                 base: str | None = None, base_note: str = "", swap: bool = False, offload: bool = False,
+                 compiled: bool = False):
         self.fp8 = fp8
         self.reference = reference
         self.base = base
         self.base_note = base_note
         self.swap = swap
         self.offload = offload
+        self.compiled = compiled
         self.defaults = defaults_for(fp8.source, base)
         self.max_size = max_image_size(fp8)
         self._lock = threading.Lock()
@@ -129,16 +125,21 @@ class Models:
 
     @classmethod
     def load(cls, model: str = TINY, base: str | None = None, *, offload: bool = False,
-             device: torch.device | str | None = None) -> Models:
+             device: torch.device | str | None = None, compile: str = "auto") -> Models:
         """Load `model` (an FP8 variant, or "tiny") and its 16-bit reference transformer.
 
         A `base` passed explicitly must load; one found in the model card that fails to load only
-        disables the comparison (the reason is kept in `base_note`).
+        disables the comparison (the reason is kept in `base_note`). `compile` ("auto", "on", "off")
+        wraps both transformers in torch.compile; "auto" does so where FP8 tensor cores run (the fastest
+        configuration measured, bench/NOTES.md), except on ZeroGPU where compiled code does not persist.
         """
-        fp8 = load_pipeline(model, "fp8", device=device, offload=offload)
+        device = torch.device(device) if device is not None else default_device()
+        compiled = compile == "on" or (compile == "auto" and select_fp8_path(device) == "scaled_mm"
+                                       and not os.environ.get("SPACES_ZERO_GPU"))
+        fp8 = load_pipeline(model, "fp8", device=device, offload=offload, compile=compiled)
         base_source, note = resolve_base(model, base)
         if base_source is None:
-            return cls(fp8, None, base=None, base_note=note, offload=offload)
+            return cls(fp8, None, base=None, base_note=note, offload=offload, compiled=compiled)
         started = time.perf_counter()
         try:
             transformer = load_transformer(base_source, "bf16")
@@ -146,14 +147,16 @@ class Models:
             if base:
                 raise
             return cls(fp8, None, base=None, base_note=f"the 16-bit reference {base_source} did not load: {error}",
-                       offload=offload)
+                       offload=offload, compiled=compiled)
+        if compiled:
+            transformer.compile()
         swap = not offload and _needs_swap(fp8.device, transformer)
         # Build the reference with the transformer left on the CPU when it must wait there (swap, offload).
         parked = offload or swap
         host = dataclasses.replace(fp8, device=torch.device("cpu")) if parked else fp8
         reference = with_transformer(host, transformer, "bf16", source=base_source)
         reference = dataclasses.replace(reference, device=fp8.device, load_seconds=time.perf_counter() - started)
-        return cls(fp8, reference, base=base_source, base_note=note, swap=swap, offload=offload)
+        return cls(fp8, reference, base=base_source, base_note=note, swap=swap, offload=offload, compiled=compiled)
 
     # ------------------------------------------------------------------------------------------ facts
 
@@ -182,7 +185,8 @@ class Models:
     def summary_lines(self) -> list[str]:
         """Load time and memory per component, for the console and the page."""
         lines = [f"FP8 model: {self.fp8.label} on {self.fp8.device} ({self.placement()})",
-                 f"FP8 compute path: {self.fp8.fp8_path} — {self.fp8_path_label}",
+                 f"FP8 compute path: {self.fp8.fp8_path} — {self.fp8_path_label}"
+                 + (" + torch.compile (the first image at each size compiles)" if self.compiled else ""),
                  f"FP8 pipeline loaded in {self.fp8.load_seconds:.1f} s"]
         for name, count in self.fp8.component_bytes.items():
             lines.append(f"  {name:<16} {format_bytes(count):>12}")
