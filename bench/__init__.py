@@ -1,0 +1,1 @@
+"""Benchmarks (GPU and memory); never run by CI."""
