@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from sd35fp8.fp8 import diffusers_quant_config, quantize_blockwise, quanto_linear_state, transformers_quant_config
 
-from .checkpoint import SafetensorsReader, ShardedWriter, weight_files
+from .checkpoint import SafetensorsReader, ShardedWriter, release_freed_memory_promptly, weight_files
 from .source import Component
 
 VARIANT = "fp8"
@@ -119,6 +119,7 @@ def write_component(plan: ComponentPlan, out_folder: Path, exclude: list[str], m
         if progress is not None:
             progress.update(plan.bytes_before)
         return ComponentResult(plan, sorted(out_folder.iterdir()), plan.bytes_before)
+    release_freed_memory_promptly()
     out_folder.mkdir(parents=True, exist_ok=True)
     config = json.loads((component.folder / "config.json").read_text())
     config["quantization_config"] = (

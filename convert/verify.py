@@ -49,8 +49,10 @@ def _reload(out_dir: Path, result: ComponentResult, dtype: torch.dtype, device: 
     if component.library == "diffusers":
         import diffusers
 
-        model_class = getattr(diffusers, component.class_name)
-        return model_class.from_pretrained(out_dir, subfolder=component.name, variant=VARIANT, dtype=dtype).to(device)
+        model = getattr(diffusers, component.class_name).from_pretrained(
+            out_dir, subfolder=component.name, variant=VARIANT, dtype=dtype)
+        # On the CPU, `.to("cpu")` would make quanto copy every FP8 weight out of the memory-mapped files (2x RSS).
+        return model if device.type == "cpu" else model.to(device)
     import transformers
 
     model_class = getattr(transformers, component.class_name)
