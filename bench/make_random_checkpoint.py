@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from convert.checkpoint import parse_size
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 STEM = "diffusion_pytorch_model"
@@ -46,16 +48,6 @@ class Entry:
         for size in self.shape:
             count *= size
         return count * dtype.itemsize
-
-
-def parse_size(text: str) -> int:
-    """'10GB' -> 10_000_000_000 (decimal units, as diffusers' max_shard_size)."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    upper = text.strip().upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if upper.endswith(unit):
-            return int(float(upper[: -len(unit)]) * units[unit])
-    return int(upper)
 
 
 def meta_model(config: dict) -> nn.Module:
