@@ -43,24 +43,32 @@ class CheckpointError(ValueError):
     """A component folder holds no usable safetensors weights."""
 
 
+def shard_names(index: Path) -> list[str]:
+    """The shard files a `*.safetensors.index.json` names."""
+    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+
+
+def no_weights_error(component: str, stem: str, pickle_only: bool) -> CheckpointError:
+    if pickle_only:
+        return CheckpointError(
+            f"{component}: only pickle weights (.bin/.ckpt) found. Pickle can run code when loaded, so this tool "
+            "reads safetensors only: use a repo that ships safetensors, or convert it with safetensors first."
+        )
+    return CheckpointError(f"{component}: no {stem}.safetensors (or sharded index) found.")
+
+
 def weight_files(folder: Path, library: str) -> list[Path]:
     """The 16-bit safetensors files of a component folder (single file or the shards of an index)."""
     stem = WEIGHT_STEMS[library]
     single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [name for name in shards if not (folder / name).is_file()]
+        missing = [name for name in shard_names(index) if not (folder / name).is_file()]
         if missing:
             raise CheckpointError(f"{folder.name}: the index names shards that are missing: {', '.join(missing)}")
-        return [folder / name for name in shards]
+        return [folder / name for name in shard_names(index)]
     if single.is_file():
         return [single]
-    if any(path.suffix in PICKLE_SUFFIXES for path in folder.iterdir()):
-        raise CheckpointError(
-            f"{folder.name}: only pickle weights (.bin/.ckpt) found. Pickle can run code when loaded, so this tool "
-            "reads safetensors only: use a repo that ships safetensors, or convert it with safetensors first."
-        )
-    raise CheckpointError(f"{folder.name}: no {stem}.safetensors (or sharded index) found.")
+    raise no_weights_error(folder.name, stem, any(path.suffix in PICKLE_SUFFIXES for path in folder.iterdir()))
 
 
 class SafetensorsReader:

@@ -110,7 +110,7 @@ def convert(args: argparse.Namespace) -> int:
         require_token()  # before any work, so a missing token costs nothing
     _check_out(args.out, args.overwrite, args.dry_run)
     exclude = [name for item in args.exclude for name in item.split(",") if name]
-    source = resolve(args.source, args.revision)
+    source = resolve(args.source, args.revision, weights=not args.dry_run)
     if args.push_to and not source.is_hub and not args.base_id:
         raise ConversionError("the source is a local folder: pass --base-id OWNER/NAME so the model card names its base model.")
     if args.components is None:

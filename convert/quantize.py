@@ -78,21 +78,19 @@ def fp8_layer_names(component: Component, exclude: list[str]) -> list[str]:
 
 
 def plan_component(component: Component, quantize: bool, exclude: list[str]) -> ComponentPlan:
-    """Plan one component's conversion, reading only headers and configs."""
+    """Plan one component's conversion from its config and weight size alone (no tensor is read)."""
     if not component.is_model:
         return ComponentPlan(component, [], 0, 0)
-    reader = SafetensorsReader(weight_files(component.folder, component.library))
-    layers = fp8_layer_names(component, exclude) if quantize else []
-    before, after = reader.nbytes(), 0
-    fp8_weights = {f"{layer}.weight" for layer in layers}
-    for name in reader.keys():
-        size = reader.nbytes(name)
-        if name in fp8_weights:
-            element = reader.dtype(name).itemsize
-            rows = reader.shape(name)[0]
-            size = size // element + rows * element  # FP8 data + one scale per row (blocks are close)
-        after += size
-    return ComponentPlan(component, layers, before, after)
+    before = component.weight_bytes
+    if not quantize:
+        return ComponentPlan(component, [], before, before)
+    layers = fp8_layer_names(component, exclude)
+    model = _meta_model(component)
+    element = before / max(1, sum(t.numel() for t in model.state_dict().values()))  # bytes per element, about 2
+    shapes = [model.get_submodule(layer).weight.shape for layer in layers]
+    fp8_elements, scale_rows = sum(rows * cols for rows, cols in shapes), sum(rows for rows, _ in shapes)
+    after = before - fp8_elements * (element - 1) + scale_rows * element  # FP8 data + about one scale per row
+    return ComponentPlan(component, layers, before, int(after))
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -119,6 +117,7 @@ def write_component(plan: ComponentPlan, out_folder: Path, exclude: list[str], m
         if progress is not None:
             progress.update(plan.bytes_before)
         return ComponentResult(plan, sorted(out_folder.iterdir()), plan.bytes_before)
+    read = 0
     release_freed_memory_promptly()
     out_folder.mkdir(parents=True, exist_ok=True)
     config = json.loads((component.folder / "config.json").read_text())
@@ -138,5 +137,8 @@ def write_component(plan: ComponentPlan, out_folder: Path, exclude: list[str], m
             digests[key] = _digest(value)
         if progress is not None:
             progress.update(reader.nbytes(name))
+            read += reader.nbytes(name)
     files = writer.close()
+    if progress is not None:
+        progress.update(plan.bytes_before - read)  # the files' headers
     return ComponentResult(plan, files, writer.total_bytes, digests)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .checkpoint import CheckpointError, weight_files
+from .checkpoint import WEIGHT_STEMS, CheckpointError, no_weights_error, shard_names, weight_files
 
 SD3_PIPELINES = {"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"}
 MODEL_LIBRARIES = {"diffusers", "transformers"}
@@ -24,6 +25,7 @@ class Component:
     library: str  # "diffusers" or "transformers"
     class_name: str
     folder: Path
+    weight_bytes: int = 0  # size of its safetensors weight files (0 for tokenizers and schedulers)
 
     @property
     def is_model(self) -> bool:
@@ -63,8 +65,16 @@ def _check_sd3(model_index: dict, spec: str) -> str:
     return class_name
 
 
-def inspect_folder(folder: Path, spec: str | None = None, revision: str | None = None) -> Source:
-    """Check a local diffusers folder: SD3 pipeline, every listed component present, weights in safetensors."""
+def _local_weight_bytes(component: Component) -> int:
+    return sum(path.stat().st_size for path in weight_files(component.folder, component.library))
+
+
+def inspect_folder(folder: Path, spec: str | None = None, revision: str | None = None,
+                   weight_bytes: Callable[[Component], int] = _local_weight_bytes) -> Source:
+    """Check a diffusers folder: SD3 pipeline, every listed component present, weights in safetensors.
+
+    `weight_bytes(component)` sizes (and so checks) a component's weights; by default from the files on disk.
+    """
     spec = spec or str(folder)
     model_index = _read_model_index(folder, spec)
     pipeline_class = _check_sd3(model_index, spec)
@@ -77,7 +87,7 @@ def inspect_folder(folder: Path, spec: str | None = None, revision: str | None =
             raise SourceError(f"{spec}: model_index.json lists '{name}' but its folder is missing.")
         if component.is_model:
             try:
-                weight_files(component.folder, component.library)
+                component = replace(component, weight_bytes=weight_bytes(component))
             except CheckpointError as error:
                 raise SourceError(f"{spec}: {error}") from None
         components[name] = component
@@ -86,17 +96,46 @@ def inspect_folder(folder: Path, spec: str | None = None, revision: str | None =
     return Source(spec, folder, pipeline_class, components, revision)
 
 
-def resolve(spec: str, revision: str | None = None) -> Source:
-    """A local folder as it is, or a Hub repo downloaded (safetensors and configs only) to the local cache."""
+def resolve(spec: str, revision: str | None = None, weights: bool = True) -> Source:
+    """A local folder as it is, or a Hub repo downloaded (safetensors and configs only) to the local cache.
+
+    With `weights=False` (a dry run) a Hub repo's configs are downloaded and its weights only sized.
+    """
     folder = Path(spec).expanduser()
     if folder.exists():
         if not folder.is_dir():
             raise SourceError(f"{spec} is a file; give the pipeline's folder (the one holding model_index.json).")
         return inspect_folder(folder, spec)
-    return inspect_folder(_download(spec, revision), spec, revision)
+    local = _download(spec, revision, weights)
+    if weights:
+        return inspect_folder(local, spec, revision)
+    return inspect_folder(local, spec, revision, weight_bytes=lambda c: _remote_weight_bytes(spec, revision, c))
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _remote_weight_bytes(repo_id: str, revision: str | None, component: Component) -> int:
+    """Size a component's safetensors on the Hub without downloading them (HEAD requests)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def size(filename: str) -> int:
+        return get_hf_file_metadata(hf_hub_url(repo_id, f"{component.name}/{filename}", revision=revision)).size
+
+    stem = WEIGHT_STEMS[component.library]
+    index = component.folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        return sum(size(name) for name in shard_names(index))
+    try:
+        return size(f"{stem}.safetensors")
+    except EntryNotFoundError:
+        pass
+    try:
+        size(f"{stem}.bin")
+    except EntryNotFoundError:
+        raise no_weights_error(component.name, stem, pickle_only=False) from None
+    raise no_weights_error(component.name, stem, pickle_only=True)
+
+
+def _download(repo_id: str, revision: str | None, weights: bool) -> Path:
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError, HFValidationError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
@@ -110,7 +149,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
         _check_sd3(model_index, where)
         folders = [name for name, value in model_index.items()
                    if not name.startswith("_") and isinstance(value, list) and value[0] is not None]
-        patterns = ["model_index.json", "README.md", "LICENSE*"] + [f"{name}/*" for name in folders]
+        files = ["*"] if weights else ["*.json", "*.txt", "*.model"]  # a dry run reads configs and tokenizers only
+        patterns = ["model_index.json", "README.md", "LICENSE*"] + [f"{name}/{f}" for name in folders for f in files]
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=NEVER_DOWNLOAD))
     except GatedRepoError:
         raise SourceError(

@@ -189,6 +189,16 @@ def test_convert_downloads_the_base_from_the_hub(hub, tmp_path):
     assert_generates_finite_image(loaded)
 
 
+def test_dry_run_on_a_hub_repo_downloads_no_weights(hub, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([BASE, "--revision", "main", "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "FP8 (" in printed and "copy 16-bit" in printed and "KB" in printed and "->" in printed
+    cache = Path(constants.HF_HUB_CACHE) / "models--tiny-org--tiny-sd3"
+    assert list(cache.rglob("config.json")) and not list(cache.rglob("*.safetensors"))  # sized by HEAD requests
+    assert not out.exists()
+
+
 def test_resolve_reports_missing_repo_bad_revision_and_non_sd3_clearly(hub):
     with pytest.raises(SourceError, match=r"^tiny-org/no-such-repo: no such repo on the Hub, or it is private"):
         resolve("tiny-org/no-such-repo")
