@@ -19,11 +19,7 @@ The input files' page cache is dropped (fsync + posix_fadvise DONTNEED on those 
 the input is read from disk as on a first conversion.
 
     python -m bench.make_random_checkpoint --config bench/configs/sd35_large --out bench/work/sd35_large_random
-    python -m bench.convert_memory --source bench/work/sd35_large_random --with-fixes-too
-
-`--with-fixes-too` runs a second child with the two memory fixes proposed for convert/ applied from outside
-(`--proposed-fixes`, see PROPOSED_FIXES) and records it under "with_proposed_fixes"; the top-level figures are
-always the converter as it is. Once convert/ carries the fixes, the plain run shows them.
+    python -m bench.convert_memory --source bench/work/sd35_large_random
 """
 
 from __future__ import annotations
@@ -164,50 +160,6 @@ class PhaseMeter:
         self.sample()
 
 
-PROPOSED_FIXES = {
-    "fixed_mmap_threshold": "convert/: mallopt(M_MMAP_THRESHOLD, 128 KiB) before converting (glibc's dynamic threshold "
-                            "lets tensor-sized blocks come from the heap, which fragments: RSS ~2x the pending shard)",
-    "no_cpu_to_in_reload": "convert/verify.py _reload: skip `.to(device)` when device is the CPU (quanto copies every "
-                           "FP8 weight on .to(cpu) while the loaded files stay memory-mapped: RSS = model x 2)",
-}
-
-
-def _fixed_mmap_threshold() -> bool:
-    """Proposed fix 1, applied from outside: a fixed glibc mmap threshold (also stops its dynamic raising)."""
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024) == 1  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
-def _skip_same_device_to(verify_module) -> None:
-    """Proposed fix 2, applied from outside: inside verify._reload, `.to(cpu)` of a model already on the CPU is a no-op."""
-    import torch
-
-    original_reload = verify_module._reload
-
-    @functools.wraps(original_reload)
-    def reload(*args, **kwargs):
-        original_to = torch.nn.Module.to
-
-        def to(self, *to_args, **to_kwargs):
-            target = to_args[0] if len(to_args) == 1 and not to_kwargs else None
-            if isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu" and all(
-                    t.device.type == "cpu" for t in self.state_dict().values()):
-                return self
-            return original_to(self, *to_args, **to_kwargs)
-
-        torch.nn.Module.to = to
-        try:
-            return original_reload(*args, **kwargs)
-        finally:
-            torch.nn.Module.to = original_to
-
-    verify_module._reload = reload
-
-
 def child(args: argparse.Namespace) -> int:
     meter = PhaseMeter()
     meter.start()
@@ -219,13 +171,6 @@ def child(args: argparse.Namespace) -> int:
         from convert.quantize import plan_component, write_component
         from convert.source import inspect_folder
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    applied = []
-    if args.proposed_fixes:
-        if _fixed_mmap_threshold():
-            applied.append("fixed_mmap_threshold")
-        _skip_same_device_to(verify)
-        applied.append("no_cpu_to_in_reload")
-    report["proposed_fixes_applied"] = applied
     source_dir, out_dir = Path(args.source).resolve(), Path(args.out).resolve()
 
     # where inside write/verify the memory goes: wrap the converter's own steps (timing and sampling only)
@@ -398,7 +343,6 @@ def summarize(child_report: dict, args: argparse.Namespace, parent_maxrss: int, 
         "disk_read_gb_per_s": None if disk_gbps is None else round(disk_gbps, 3),
         "input_page_cache": "dropped before the run (posix_fadvise DONTNEED on the input files)" if cache_dropped
                             else "not dropped",
-        "proposed_fixes_applied": {name: PROPOSED_FIXES[name] for name in child_report["proposed_fixes_applied"]},
         "phases": phases,
         "verification": child_report["verification"],
         "machine": {**machine_facts(), "torch_threads": child_report["torch_threads"]},
@@ -441,10 +385,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-output", action="store_true")
     parser.add_argument("--keep-cache", action="store_true", help="do not drop the input files' page cache")
     parser.add_argument("--skip-disk-probe", action="store_true", help="do not time raw disk reads")
-    parser.add_argument("--proposed-fixes", action="store_true",
-                        help="apply, from outside convert/, the two memory fixes this benchmark proposes (see PROPOSED_FIXES)")
-    parser.add_argument("--with-fixes-too", action="store_true",
-                        help="run twice, as it is and with --proposed-fixes, and record both in one result")
     parser.add_argument("--child-report", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_report:
@@ -455,32 +395,19 @@ def main(argv: list[str] | None = None) -> int:
 
     files = weight_files(args.source / args.component, "diffusers")
     disk = None if args.skip_disk_probe else disk_read_speed(files[0])
-    runs = [args.proposed_fixes] if not args.with_fixes_too else [False, True]
-    results = []
-    for fixes in runs:
-        outcome = run_child(args, files, fixes)
-        if isinstance(outcome, int):
-            return outcome
-        child_report, parent_maxrss, wall, dropped = outcome
-        results.append(summarize(child_report, args, parent_maxrss, wall, disk, dropped))
-        print_table(results[-1])
-    result = results[0]
-    if len(results) == 2:
-        fixed = results[1]
-        result["with_proposed_fixes"] = {
-            "note": "same run with the fixes this benchmark proposes for convert/, applied from outside convert/ "
-                    "(python -m bench.convert_memory --proposed-fixes); the top-level figures are the converter as it is",
-            **{key: fixed[key] for key in ("proposed_fixes_applied", "peak_rss_gb", "peak_phase", "meets_target",
-                                           "write_seconds", "verify_seconds", "throughput_write_gb_per_s",
-                                           "throughput_write_and_verify_gb_per_s", "phases", "verification")},
-        }
+    outcome = run_child(args, files)
+    if isinstance(outcome, int):
+        return outcome
+    child_report, parent_maxrss, wall, dropped = outcome
+    result = summarize(child_report, args, parent_maxrss, wall, disk, dropped)
+    print_table(result)
     args.result.parent.mkdir(parents=True, exist_ok=True)
     args.result.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.result}")
     return 0 if result["meets_target"] else 1
 
 
-def run_child(args: argparse.Namespace, files: list[Path], fixes: bool):
+def run_child(args: argparse.Namespace, files: list[Path]):
     """One conversion in a fresh child process; returns (child report, its peak RSS seen by the OS, wall, cache dropped)."""
     if args.out.exists():
         shutil.rmtree(args.out)
@@ -490,9 +417,7 @@ def run_child(args: argparse.Namespace, files: list[Path], fixes: bool):
         command = [sys.executable, "-m", "bench.convert_memory", "--child-report", str(report_path),
                    "--source", str(args.source), "--component", args.component, "--out", str(args.out),
                    "--max-shard-size", args.max_shard_size, "--threads", str(args.threads)]
-        command += ["--proposed-fixes"] if fixes else []
-        print(f"converting {args.source / args.component} ({'with the proposed fixes' if fixes else 'converter as it is'})",
-              flush=True)
+        print(f"converting {args.source / args.component}", flush=True)
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=ROOT)
         _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage
