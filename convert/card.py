@@ -13,9 +13,9 @@ from .verify import Verification
 
 HARDWARE_NOTE = (
     "FP8 tensor cores need compute capability 8.9 or newer (Ada: RTX 40xx, L4, L40S; Hopper: H100, H200; "
-    "Blackwell). On older GPUs and on CPUs the FP8 weights are expanded to 16-bit layer by layer before each "
-    "matmul (transformer) or once at load time (T5, by transformers): memory on disk and in transit halves, "
-    "speed does not improve."
+    "Blackwell). Stock diffusers runs the transformer with quanto's weight-only FP8 (memory halves, speed does "
+    "not improve) and transformers expands T5 to 16-bit at load. The SD3.5 FP8 project's `load_pipeline` keeps "
+    "both in FP8 on the GPU and, on compute capability 8.9+, runs the transformer on FP8 tensor cores."
 )
 
 
@@ -93,7 +93,8 @@ Needs `pip install diffusers transformers accelerate optimum-quanto`.
 - **transformer**: optimum-quanto `qfloat8`, one scale per output channel, stored through diffusers'
   `QuantoConfig` (`diffusion_pytorch_model.fp8*.safetensors`).{exclude_line}
 - **T5 encoder**: E4M3 with one scale per 128×128 block, in transformers' own FP8 checkpoint format
-  (`model.fp8*.safetensors`), because transformers cannot load quanto checkpoints.
+  (`model.fp8*.safetensors`), because transformers cannot load quanto checkpoints; its config says
+  `dequantize: true`, so stock transformers expands it to 16-bit at load and needs no FP8 kernel download.
 - Only safetensors files; no pickle.
 
 ## Verification (run before upload)
