@@ -19,7 +19,7 @@ from .publish import REPORT_NAME, PublishError, check_repo_id, push, require_tok
 from .quantize import ComponentPlan, plan_component, write_component
 from .card import base_card_metadata, render_card
 from .source import Source, SourceError, resolve
-from .verify import Verification, VerificationError, verify_component, verify_pipeline
+from .verify import VerificationError, verify_component, verify_pipeline
 
 DEFAULT_COMPONENTS = ("transformer", "text_encoder_3")
 DEVICES = {"auto": None, "cpu": "cpu", "cuda": "cuda"}
@@ -146,15 +146,15 @@ def _write_and_verify(args, source: Source, plans, exclude, partial: Path, out: 
     max_shard = parse_size(args.max_shard_size)
     with tqdm(total=total, unit="B", unit_scale=True, desc="quantize + write") as bar:
         results = [write_component(plan, partial / plan.component.name, exclude, max_shard, bar) for plan in plans]
-    verification = Verification()
+    components = {}
     for result in results:
         if result.plan.quantize:
             print(f"verifying {result.plan.component.name} ...")
-            verification.components[result.plan.component.name] = verify_component(partial, result, dtype, device)
+            components[result.plan.component.name] = verify_component(partial, result, dtype, device)
     print("verifying the whole pipeline ...")
-    pipeline_check = verify_pipeline(partial, str(source.path), device, dtype,
-                                     args.verify_images, args.verify_size, args.verify_steps)
-    verification.pipeline, verification.images = pipeline_check.pipeline, pipeline_check.images
+    verification = verify_pipeline(partial, str(source.path), device, dtype,
+                                   args.verify_images, args.verify_size, args.verify_steps)
+    verification.components = components
     base_id = args.base_id or (source.spec if source.is_hub else None)
     card = render_card(base_id or source.spec, args.push_to or str(out), results, verification, base_card_metadata(source.path), exclude)
     (partial / "README.md").write_text(card)

@@ -13,11 +13,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sd35fp8.fp8 import diffusers_quant_config, quantize_blockwise, quanto_linear_state, transformers_quant_config
+from sd35fp8.loading import VARIANT
 
 from .checkpoint import SafetensorsReader, ShardedWriter, release_freed_memory_promptly, weight_files
 from .source import Component
-
-VARIANT = "fp8"
 
 
 @dataclass
@@ -56,9 +55,9 @@ def _meta_model(component: Component) -> nn.Module:
         return model_class(model_class.config_class.from_dict(config))
 
 
-def fp8_layer_names(component: Component, exclude: list[str]) -> list[str]:
-    """The linear layers that the loading library will treat as FP8, decided by that library's own rules."""
-    model = _meta_model(component)
+def _convert_to_fp8_layers(model: nn.Module, component: Component, exclude: list[str]) -> list[str]:
+    """Replace, in the meta `model`, the linear layers that the loading library will treat as FP8, decided by that
+    library's own rules; returns their names."""
     if component.library == "diffusers":
         from diffusers.quantizers.quanto.utils import _replace_with_quanto_layers
         from optimum.quanto import QLinear
@@ -84,16 +83,17 @@ def plan_component(component: Component, quantize: bool, exclude: list[str]) -> 
     before = component.weight_bytes
     if not quantize:
         return ComponentPlan(component, [], before, before)
-    layers = fp8_layer_names(component, exclude)
     model = _meta_model(component)
     element = before / max(1, sum(t.numel() for t in model.state_dict().values()))  # bytes per element, about 2
-    shapes = [model.get_submodule(layer).weight.shape for layer in layers]
+    layers = _convert_to_fp8_layers(model, component, exclude)
+    shapes = [(model.get_submodule(layer).out_features, model.get_submodule(layer).in_features) for layer in layers]
     fp8_elements, scale_rows = sum(rows * cols for rows, cols in shapes), sum(rows for rows, _ in shapes)
     after = before - fp8_elements * (element - 1) + scale_rows * element  # FP8 data + about one scale per row
     return ComponentPlan(component, layers, before, int(after))
 
 
-def _digest(tensor: torch.Tensor) -> str:
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A short hash of a tensor's bytes, to prove a reloaded tensor is the one written."""
     raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
     return hashlib.blake2b(raw.numpy().tobytes(), digest_size=16).hexdigest()
 
@@ -134,7 +134,7 @@ def write_component(plan: ComponentPlan, out_folder: Path, exclude: list[str], m
         tensors = _quantized_tensors(component.library, name, tensor) if name in fp8_weights else {name: tensor}
         for key, value in tensors.items():
             writer.add(key, value)
-            digests[key] = _digest(value)
+            digests[key] = tensor_digest(value)
         if progress is not None:
             progress.update(reader.nbytes(name))
             read += reader.nbytes(name)

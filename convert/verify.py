@@ -9,13 +9,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from sd35fp8.fp8 import T5_BLOCK
+from sd35fp8.fp8 import dequantize_blockwise
 from sd35fp8.generate import GenerationRequest, generate
-from sd35fp8.loading import LoadError, load_pipeline, module_bytes
+from sd35fp8.loading import VARIANT, LoadError, load_pipeline, module_bytes
 from sd35fp8.metrics import psnr, ssim
 
 from .checkpoint import SafetensorsReader
-from .quantize import VARIANT, ComponentResult, _digest
+from .quantize import ComponentResult, tensor_digest
 
 VERIFY_PROMPTS = [
     "a photo of an astronaut riding a horse on the moon",
@@ -59,11 +59,6 @@ def _reload(out_dir: Path, result: ComponentResult, dtype: torch.dtype, device: 
     return model_class.from_pretrained(out_dir / component.name, variant=VARIANT, dtype=dtype, device_map=str(device))
 
 
-def _dequantized(data: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    scale = scale_inv.repeat_interleave(T5_BLOCK[0], 0).repeat_interleave(T5_BLOCK[1], 1)
-    return data.float() * scale[: data.shape[0], : data.shape[1]]
-
-
 def _compare_tensors(model: torch.nn.Module, result: ComponentResult) -> dict:
     """Every written tensor must reload unchanged (FP8 layers that the library dequantized: to within rounding)."""
     state = model.state_dict()
@@ -77,12 +72,12 @@ def _compare_tensors(model: torch.nn.Module, result: ComponentResult) -> dict:
         loaded = state[name]
         if loaded.device.type == "meta":
             raise VerificationError(f"{result.plan.component.name}: '{name}' was left on 'meta' after reloading.")
-        if _digest(loaded.cpu()) == expected_digest:
+        if tensor_digest(loaded.cpu()) == expected_digest:
             exact += 1
             continue
         scale_name = name.removesuffix(".weight") + ".weight_scale_inv"
         if scale_name in result.digests:  # transformers dequantizes FP8 weights where it has no FP8 kernel
-            reference = _dequantized(written.read(name), written.read(scale_name))
+            reference = dequantize_blockwise(written.read(name), written.read(scale_name))
             error = float((loaded.cpu().float() - reference).norm() / reference.norm().clamp(min=1e-30))
             worst = max(worst, error)
             if error < 1e-2:

@@ -79,6 +79,13 @@ def quantize_blockwise(weight: torch.Tensor, block: tuple[int, int] = T5_BLOCK) 
     return data.contiguous(), scale.contiguous()
 
 
+def dequantize_blockwise(data: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = T5_BLOCK,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The 16-bit (or `dtype`) weight that E4M3 `data` and its per-block `weight_scale_inv` stand for."""
+    scale = scale_inv.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return data.to(dtype) * scale[: data.shape[0], : data.shape[1]].to(dtype)
+
+
 def transformers_quant_config(exclude: list[str] | None = None) -> dict:
     """The `quantization_config` entry that tells transformers a checkpoint holds fine-grained FP8 weights."""
     return {
@@ -180,9 +187,13 @@ class Fp8BlockLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight_scale_inv.repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
-        weight = self.weight.to(x.dtype) * scale[: self.out_features, : self.in_features].to(x.dtype)
+        weight = dequantize_blockwise(self.weight, self.weight_scale_inv, self.block, x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def _replace_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
 
 
 def apply_block_fp8(model: nn.Module) -> int:
@@ -191,10 +202,8 @@ def apply_block_fp8(model: nn.Module) -> int:
 
     swaps = [(name, module) for name, module in model.named_modules() if isinstance(module, FP8Linear)]
     for name, module in swaps:
-        parent_name, _, child = name.rpartition(".")
         block = tuple(module.block_size or (module.out_features, module.in_features))
-        replacement = Fp8BlockLinear(module.weight.data, module.weight_scale_inv.data, module.bias, block)
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+        _replace_module(model, name, Fp8BlockLinear(module.weight.data, module.weight_scale_inv.data, module.bias, block))
     return len(swaps)
 
 
@@ -215,10 +224,8 @@ def apply_fp8_path(model: nn.Module, path: str) -> int:
         return 0
     swaps = [(name, module) for name, module in model.named_modules() if is_quanto_linear(module)]
     for name, module in swaps:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         mode = path if path != "scaled_mm" or _scaled_mm_shape_ok(module) else "dequant"
-        setattr(parent, child, Fp8Linear.from_quanto(module, mode))
+        _replace_module(model, name, Fp8Linear.from_quanto(module, mode))
     return len(swaps)
 
 

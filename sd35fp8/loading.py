@@ -91,10 +91,10 @@ def _fp8_text_encoders(source: str, index: dict, dtype: torch.dtype, revision: s
         if not (isinstance(value, list) and value[0] == "transformers" and name.startswith("text_encoder")):
             continue
         config = transformers.AutoConfig.from_pretrained(source, subfolder=name, revision=revision)
-        stored = getattr(config, "quantization_config", None)
-        if not stored or (stored if isinstance(stored, dict) else stored.to_dict()).get("quant_method") != "fp8":
-            continue
+        stored = getattr(config, "quantization_config", None) or {}
         stored = stored if isinstance(stored, dict) else stored.to_dict()
+        if stored.get("quant_method") != "fp8":
+            continue
         model = getattr(transformers, value[1]).from_pretrained(
             source, subfolder=name, variant=VARIANT, dtype=dtype, revision=revision, quantization_config=keep_fp8_config(stored)
         )

@@ -204,9 +204,9 @@ def test_push_without_token_stops_before_any_work(tiny_base_no_t5, tmp_path, cap
 
 
 def test_failed_verification_leaves_nothing_and_pushes_nothing(tiny_base_no_t5, tmp_path, capsys, monkeypatch):
-    real_digest = quantize._digest
+    real_digest = quantize.tensor_digest
     calls = iter(range(10**6))
-    monkeypatch.setattr(quantize, "_digest", lambda t: "corrupt" if next(calls) == 7 else real_digest(t))
+    monkeypatch.setattr(quantize, "tensor_digest", lambda t: "corrupt" if next(calls) == 7 else real_digest(t))
     monkeypatch.setenv("HF_TOKEN", "hf_dummy_token_for_tests")
     pushed = []
     monkeypatch.setattr(cli, "push", lambda *a, **k: pushed.append(a))
