@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .settings import T5_BLOCK
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
-T5_BLOCK = (128, 128)
 FP8_PATHS = ("scaled_mm", "dequant", "quanto")
 FP8_PATH_LABELS = {
     "scaled_mm": "FP8 tensor cores (torch._scaled_mm, row-wise scales)",

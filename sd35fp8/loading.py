@@ -9,14 +9,15 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from .fp8 import FP8_PATHS, apply_block_fp8, apply_fp8_path, fp8_path_of, keep_fp8_config, quanto_quantize, select_fp8_path
+from .errors import BadInput
+from .settings import PRECISIONS
 from .tiny import TINY_MODEL_NAME, build_tiny_pipeline
 
 TINY = "tiny"
-PRECISIONS = {"fp8": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANT = "fp8"
 
 
-class LoadError(RuntimeError):
+class LoadError(BadInput):
     """A model could not be loaded, or loaded incompletely; the message says what to do."""
 
 
@@ -141,7 +142,7 @@ def load_pipeline(
     if fp8_path != "auto" and fp8_path not in FP8_PATHS:
         raise ValueError(f"unknown FP8 path {fp8_path!r}; choose auto or one of {', '.join(FP8_PATHS)}")
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or PRECISIONS[precision] or torch.bfloat16
+    dtype = dtype or PRECISIONS[precision].dtype or torch.bfloat16
     started = time.perf_counter()
     if source == TINY:
         pipe = build_tiny_pipeline(dtype=dtype)
@@ -173,7 +174,7 @@ def _place(pipe: StableDiffusion3Pipeline, device: torch.device, offload: bool) 
 def load_transformer(source: str, precision: str, *, dtype: torch.dtype | None = None,
                      revision: str | None = None) -> SD3Transformer2DModel:
     """Load only the transformer of `source` in a 16-bit precision (the reference for a comparison)."""
-    dtype = dtype or PRECISIONS[precision]
+    dtype = dtype or PRECISIONS[precision].dtype
     if source == TINY:
         return build_tiny_pipeline(dtype=dtype).transformer
     try:

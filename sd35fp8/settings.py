@@ -1,0 +1,153 @@
+"""Every knob of the project, in one file: request limits, precisions, the app's settings, conversion constants.
+
+* `LIMITS`: the allowed range of each generation setting, checked by `GenerationRequest` and shown by the UI.
+* `PRECISIONS`: the precision names the loader, the app and the API accept.
+* `AppSettings`: what `app.py` fills from its command line and the environment (queue size, ZeroGPU
+  durations, memory headroom, time limits ...).
+* Conversion constants: the prompts and sizes the converter verifies with, T5's FP8 block size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+
+from .errors import BadInput
+
+GIB = 2**30
+
+# ---------------------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The allowed values of each generation setting."""
+
+    size: tuple[int, int] = (64, 2048)
+    size_multiple: int = 16
+    steps: tuple[int, int] = (1, 100)
+    guidance: tuple[float, float] = (0.0, 20.0)
+    batch: tuple[int, int] = (1, 8)
+    seed: tuple[int, int] = (0, 2**32 - 1)
+    prompt_chars: int = 2000  # the text encoders read at most 77 + 256 tokens
+
+    @property
+    def max_seed(self) -> int:
+        return self.seed[1]
+
+
+LIMITS = Limits()
+
+
+# -------------------------------------------------------------------------------------- precisions
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One precision a pipeline can run in."""
+
+    name: str  # what the loader, the API and links take
+    label: str  # what the page shows
+    dtype: torch.dtype | None  # compute dtype; None: FP8 weights with 16-bit activations (bf16 unless asked)
+
+
+PRECISIONS = {
+    "fp8": Precision("fp8", "FP8", None),
+    "bf16": Precision("bf16", "16-bit (BF16)", torch.bfloat16),
+    "fp16": Precision("fp16", "16-bit (FP16)", torch.float16),
+}
+# Other spellings accepted from the API and from links; the app's 16-bit reference runs in bf16.
+PRECISION_ALIASES = {"16-bit": "bf16", "16bit": "bf16"}
+
+
+def parse_precision(value, allowed: list[str] | tuple[str, ...] | None = None) -> str:
+    """The precision name `value` stands for (BadInput naming the setting if unknown or not `allowed`)."""
+    key = str(value).strip().lower() if value is not None else ""
+    key = PRECISION_ALIASES.get(key, key)
+    choices = list(allowed) if allowed is not None else list(PRECISIONS)
+    if key not in choices:
+        raise BadInput(f"Precision {value!r} is not available: use {' or '.join(choices)}.")
+    return key
+
+
+# --------------------------------------------------------------------------------------------- app
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """The app's settings; `from_environment` fills them from the environment (Spaces' variables)."""
+
+    model: str = "tiny"  # FP8 variant (Hub id or folder), or the built-in tiny model
+    base: str | None = None  # 16-bit reference; None: the model card's base_model
+    share: bool = False
+    offload: bool = False
+    compile: str = "auto"  # "auto" | "on" | "off"
+    host: str = "127.0.0.1"
+    port: int = 7860
+    queue_max_size: int = 20  # requests waiting beyond this are told the queue is full
+    job_timeout_s: float = 600.0  # a generation running longer is stopped at its next step
+    zerogpu_margin_s: float = 30.0  # added to the measured time of a request when asking ZeroGPU for a GPU
+    zerogpu_max_s: float = 300.0  # the longest GPU lease ZeroGPU grants one call
+    activation_headroom_bytes: int = 4 * GIB  # room kept for activations when placing both transformers
+    gpu_history_s: float = 300.0  # how far back the GPU panel's plots go
+    kept_images: int = 200  # result PNGs kept on disk for download
+    max_upload_bytes: int = 1_000_000  # the app takes no uploads; anything larger is refused by gradio
+
+    ENVIRONMENT = {  # field -> environment variables, first found wins
+        "model": ("MODEL_ID",), "base": ("BASE_MODEL_ID",), "share": ("SHARE",), "offload": ("OFFLOAD",),
+        "compile": ("COMPILE",), "host": ("HOST", "GRADIO_SERVER_NAME"), "port": ("PORT", "GRADIO_SERVER_PORT"),
+        "queue_max_size": ("QUEUE_MAX_SIZE",), "job_timeout_s": ("JOB_TIMEOUT_S",),
+    }
+
+    def __post_init__(self):
+        if self.compile not in ("auto", "on", "off"):
+            raise BadInput(f"COMPILE / --compile {self.compile!r}: use auto, on or off.")
+        if not 0 < self.port < 65536:
+            raise BadInput(f"PORT / --port {self.port}: use a port from 1 to 65535.")
+        for name in ("queue_max_size", "job_timeout_s", "zerogpu_max_s", "kept_images"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise BadInput(f"{name} must be a positive number, not {value!r}.")
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | None = None, **given) -> AppSettings:
+        """Settings from `given` (command-line values), else the environment, else the defaults."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for item in fields(cls):
+            if item.name in given and given[item.name] is not None:
+                values[item.name] = given[item.name]
+                continue
+            raw = next((environ[v] for v in cls.ENVIRONMENT.get(item.name, ()) if environ.get(v, "").strip()), None)
+            if raw is not None:
+                values[item.name] = _parse_env(item, raw.strip())
+        return cls(**values)
+
+    @property
+    def on_zerogpu(self) -> bool:
+        return bool(os.environ.get("SPACES_ZERO_GPU"))
+
+
+def _parse_env(item, raw: str):
+    kind = type(item.default) if item.default is not None else str
+    variable = AppSettings.ENVIRONMENT[item.name][0]
+    if kind is bool:
+        return raw.lower() in ("1", "true", "yes", "on")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise BadInput(f"{variable}={raw!r} is not a {kind.__name__}.") from None
+
+
+# ------------------------------------------------------------------------------------- conversion
+
+T5_BLOCK = (128, 128)  # transformers' fine-grained FP8 layout: one scale per 128x128 block of T5's weights
+VERIFY_PROMPTS = (  # the prompts the converter's FP16-vs-FP8 image check uses (--verify-images)
+    "a photo of an astronaut riding a horse on the moon",
+    "a watercolor painting of a red fox in a snowy forest",
+    "a close-up portrait of an old fisherman, dramatic light",
+    "a futuristic city skyline at night, neon reflections on wet streets",
+)
