@@ -11,73 +11,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import Failure
 from .loading import LoadedPipeline
-
-MAX_SEED = 2**32 - 1
-MAX_PROMPT_CHARS = 2000
-SIZE_RANGE = (64, 2048)
-STEPS_RANGE = (1, 100)
-GUIDANCE_RANGE = (0.0, 20.0)
-BATCH_RANGE = (1, 8)
+from .request import GenerationRequest
 
 
-class InvalidRequest(ValueError):
-    """A generation setting is out of range; the message names it and the allowed values."""
-
-
-class OutOfMemory(RuntimeError):
+class OutOfMemory(Failure):
     """The GPU ran out of memory; memory has been freed and the message says what to lower."""
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Settings of one generation, checked on construction."""
-
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 28
-    guidance: float = 4.5
-    width: int = 1024
-    height: int = 1024
-    batch_size: int = 1
-
-    def __post_init__(self):
-        if not self.prompt or not self.prompt.strip():
-            raise InvalidRequest("The prompt is empty: describe the image you want.")
-        for name in ("prompt", "negative_prompt"):
-            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
-                raise InvalidRequest(
-                    f"The {name.replace('_', ' ')} has {len(getattr(self, name))} characters; "
-                    f"the limit is {MAX_PROMPT_CHARS} (the text encoders read at most 77 + 256 tokens)."
-                )
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if not SIZE_RANGE[0] <= value <= SIZE_RANGE[1] or value % 16:
-                raise InvalidRequest(
-                    f"{name.capitalize()} {value} is not allowed: use a multiple of 16 from "
-                    f"{SIZE_RANGE[0]} to {SIZE_RANGE[1]}."
-                )
-        _check_range("Steps", self.steps, STEPS_RANGE)
-        _check_range("Guidance", self.guidance, GUIDANCE_RANGE)
-        _check_range("Seed", self.seed, (0, MAX_SEED))
-        _check_range("Batch size", self.batch_size, BATCH_RANGE)
-
-    @property
-    def parameters_text(self) -> str:
-        """The A1111-style `parameters` text other SD tools read from a PNG."""
-        text = self.prompt
-        if self.negative_prompt:
-            text += f"\nNegative prompt: {self.negative_prompt}"
-        return text + (
-            f"\nSteps: {self.steps}, Sampler: FlowMatchEuler, CFG scale: {self.guidance}, "
-            f"Seed: {self.seed}, Size: {self.width}x{self.height}"
-        )
-
-
-def _check_range(label: str, value: float, bounds: tuple[float, float]) -> None:
-    if not bounds[0] <= value <= bounds[1]:
-        raise InvalidRequest(f"{label} {value} is out of range: use {bounds[0]} to {bounds[1]}.")
+class Stopped(Failure):
+    """The generation was stopped between two steps (cancelled, or past its time limit); the message says why."""
 
 
 @dataclass
@@ -124,11 +68,13 @@ def generate(
     request: GenerationRequest,
     on_step: Callable[[int, int], None] | None = None,
     sampler=None,
+    should_stop: Callable[[], str | None] | None = None,
 ) -> GenerationResult:
     """Run `request` through `loaded`, timing it end to end and per transformer step.
 
     `on_step(done, total)` is called after each denoising step; `sampler` (a `GpuSampler`) is started and
     stopped around the call so that energy and temperature figures cover exactly this generation.
+    `should_stop()` is asked after each step; a reason it returns ends the run with `Stopped(reason)`.
     Raises `OutOfMemory` (with memory freed) when the GPU runs out.
     """
     pipe, device = loaded.pipe, loaded.device
@@ -147,6 +93,9 @@ def generate(
         marks["denoise_end"] = sync_time()
         if on_step:
             on_step(index + 1, request.steps)
+        reason = should_stop() if should_stop else None
+        if reason:
+            raise Stopped(reason)
         return kwargs
 
     hook = pipe.transformer.register_forward_pre_hook(first_step)

@@ -7,7 +7,8 @@ from PIL import Image
 from torch import nn
 
 from sd35fp8.fp8 import Fp8Linear, apply_fp8_path, fp8_path_of, quantize_blockwise, quanto_quantize
-from sd35fp8.generate import GenerationRequest, InvalidRequest, generate
+from sd35fp8.generate import generate
+from sd35fp8.request import GenerationRequest, InvalidRequest
 from sd35fp8.loading import LoadError, check_loaded, load_pipeline, load_transformer, with_transformer
 from sd35fp8.metrics import difference_heatmap, psnr, relative_error, ssim
 
