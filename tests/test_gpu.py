@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sd35fp8.gpu import GpuSampler
+from sd35fp8.gpu import GpuInterval, GpuSampler, GpuSnapshot
 
 
 class FakeNVMLError(Exception):
@@ -77,19 +77,19 @@ def test_snapshot_reads_every_figure():
     sampler = GpuSampler(nvml=FakeNVML())
     assert sampler.available and sampler.name == "Fake H100"
     snap = sampler.snapshot()
-    assert snap["temperature_c"] == 60
-    assert snap["power_w"] == pytest.approx(350.0)
-    assert snap["power_limit_w"] == pytest.approx(700.0)
-    assert snap["utilization_pct"] == 97
-    assert snap["memory_used_bytes"] == 30 * 2**30 and snap["memory_total_bytes"] == 80 * 2**30
-    assert snap["sm_clock_mhz"] == 1980
-    assert snap["throttle_thermal"] is True and snap["throttle_power"] is True
+    assert snap.temperature_c == 60
+    assert snap.power_w == pytest.approx(350.0)
+    assert snap.power_limit_w == pytest.approx(700.0)
+    assert snap.utilization_pct == 97
+    assert snap.memory_used_bytes == 30 * 2**30 and snap.memory_total_bytes == 80 * 2**30
+    assert snap.sm_clock_mhz == 1980
+    assert snap.throttle_thermal is True and snap.throttle_power is True
 
 
 def test_throttle_flags_follow_reason_bits():
-    assert GpuSampler(nvml=FakeNVML(reasons=0)).snapshot()["throttle_thermal"] is False
+    assert GpuSampler(nvml=FakeNVML(reasons=0)).snapshot().throttle_thermal is False
     snap = GpuSampler(nvml=FakeNVML(reasons=0x40)).snapshot()  # HW thermal slowdown only
-    assert snap["throttle_thermal"] is True and snap["throttle_power"] is False
+    assert snap.throttle_thermal is True and snap.throttle_power is False
 
 
 def test_start_stop_energy_from_counter_and_temperatures():
@@ -99,13 +99,13 @@ def test_start_stop_energy_from_counter_and_temperatures():
     threading.Event().wait(0.1)
     summary = sampler.stop()
     returned = fake.temperatures_returned
-    assert summary["samples"] == len(returned) >= 3  # start + background + stop
-    assert summary["energy_j"] == pytest.approx(12.5)
-    assert summary["energy_source"] == "counter"
-    assert summary["avg_power_w"] == pytest.approx(12.5 / summary["seconds"])
-    assert summary["peak_temperature_c"] == max(returned)
-    assert summary["mean_temperature_c"] == pytest.approx(sum(returned) / len(returned))
-    assert 0.05 < summary["seconds"] < 5
+    assert summary.samples == len(returned) >= 3  # start + background + stop
+    assert summary.energy_j == pytest.approx(12.5)
+    assert summary.energy_source == "counter"
+    assert summary.avg_power_w == pytest.approx(12.5 / summary.seconds)
+    assert summary.peak_temperature_c == max(returned)
+    assert summary.mean_temperature_c == pytest.approx(sum(returned) / len(returned))
+    assert 0.05 < summary.seconds < 5
 
 
 def test_energy_integrated_from_power_without_counter():
@@ -113,12 +113,12 @@ def test_energy_integrated_from_power_without_counter():
     sampler = GpuSampler(nvml=FakeNVML(energy_counter=False), rate_hz=1.0, clock=lambda: next(ticks))
     sampler.start()
     summary = sampler.stop()
-    assert summary["energy_source"] == "integrated"
+    assert summary.energy_source == "integrated"
     # Two samples (start, stop) at a constant 350 W over 1.5 s of (fake) clock: 525 J.
-    assert summary["samples"] == 2
-    assert summary["seconds"] == pytest.approx(1.5)
-    assert summary["avg_power_w"] == pytest.approx(350.0)
-    assert summary["energy_j"] == pytest.approx(350.0 * 1.5)
+    assert summary.samples == 2
+    assert summary.seconds == pytest.approx(1.5)
+    assert summary.avg_power_w == pytest.approx(350.0)
+    assert summary.energy_j == pytest.approx(350.0 * 1.5)
 
 
 def test_history_is_rolling_and_rate_limited():
@@ -129,16 +129,16 @@ def test_history_is_rolling_and_rate_limited():
         sampler.snapshot()
     history = sampler.history()
     assert len(history) == 11  # 10 s of 1 s points, plus the newest
-    assert [h["time"] for h in history] == [float(t) for t in range(9, 20)]
+    assert [h.time for h in history] == [float(t) for t in range(9, 20)]
 
 
 def test_nvml_error_means_no_gpu():
     sampler = GpuSampler(nvml=FakeNVML(fail_init=True))
     assert not sampler.available
     assert "no GPU" in sampler.reason and "Driver Not Loaded" in sampler.reason
-    assert sampler.snapshot() == {"available": False, "reason": sampler.reason}
+    assert sampler.snapshot() == GpuSnapshot(False, sampler.reason)
     sampler.start()
-    assert sampler.stop()["available"] is False
+    assert sampler.stop().available is False
 
 
 def test_close_releases_nvml():
@@ -160,7 +160,7 @@ def test_real_nvml_without_gpu():
     sampler = GpuSampler()
     assert not sampler.available
     assert sampler.reason.startswith("no GPU")
-    assert sampler.snapshot()["available"] is False
+    assert sampler.snapshot().available is False
     sampler.start()
-    assert sampler.stop() == {"available": False, "reason": sampler.reason}
+    assert sampler.stop() == GpuInterval(False, sampler.reason)
     assert sampler.history() == []
