@@ -4,8 +4,9 @@
                   [--host H] [--port P]
 
 Every flag has an environment variable (for Hugging Face Spaces): MODEL_ID, BASE_MODEL_ID, SHARE, OFFLOAD, COMPILE,
-HOST (or GRADIO_SERVER_NAME), PORT (or GRADIO_SERVER_PORT). With nothing given the app runs the built-in
-tiny model (random weights), which needs no download and no GPU.
+HOST (or GRADIO_SERVER_NAME), PORT (or GRADIO_SERVER_PORT); further knobs (QUEUE_MAX_SIZE, JOB_TIMEOUT_S) and their
+defaults are in sd35fp8/settings.py (`AppSettings`). With nothing given the app runs the built-in tiny model,
+which needs no download and no GPU.
 """
 
 from __future__ import annotations
@@ -16,50 +17,49 @@ import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-TRUE = {"1", "true", "yes", "on"}
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in TRUE
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    env = os.environ
+    """Command-line values; None where not given (the environment or the default decides)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=env.get("MODEL_ID") or "tiny",
-                        help="FP8 variant made by `python -m convert` (Hub id or folder); default: MODEL_ID or the "
-                             "built-in tiny model")
-    parser.add_argument("--base", default=env.get("BASE_MODEL_ID") or None,
-                        help="16-bit reference (Hub id or folder); default: BASE_MODEL_ID or the model card's base_model")
-    parser.add_argument("--share", action="store_true", default=_env_flag("SHARE"), help="create a public share link")
-    parser.add_argument("--offload", action="store_true", default=_env_flag("OFFLOAD"),
+    parser.add_argument("--model", help="FP8 variant made by `python -m convert` (Hub id or folder); default: "
+                                         "MODEL_ID or the built-in tiny model")
+    parser.add_argument("--base", help="16-bit reference (Hub id or folder); default: BASE_MODEL_ID or the model "
+                                       "card's base_model")
+    parser.add_argument("--share", action="store_true", default=None, help="create a public share link")
+    parser.add_argument("--offload", action="store_true", default=None,
                         help="model CPU offload: components visit the GPU only while they run (small GPUs)")
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default=env.get("COMPILE") or "auto",
+    parser.add_argument("--compile", choices=("auto", "on", "off"),
                         help="torch.compile the transformers; auto: where FP8 tensor cores run (fastest measured)")
-    parser.add_argument("--host", default=env.get("HOST") or env.get("GRADIO_SERVER_NAME") or "127.0.0.1",
-                        help="address to listen on (0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=int(env.get("PORT") or env.get("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument("--host", help="address to listen on (0.0.0.0 for all); default 127.0.0.1")
+    parser.add_argument("--port", type=int, help="port to listen on; default 7860")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    from sd35fp8.loading import LoadError
+def main(argv: list[str] | None = None) -> int:
+    """Load the models and serve the app; returns an exit code (2: bad input, 1: failure)."""
+    from sd35fp8.errors import run_command
+
+    return run_command(lambda: serve(parse_args(argv)))
+
+
+def serve(args: argparse.Namespace) -> int:
+    from sd35fp8.settings import AppSettings
     from space.runtime import Models
     from space.ui import build_demo, launch_kwargs
 
-    print(f"Loading {args.model} (FP8) ...", flush=True)
-    try:
-        models = Models.load(args.model, args.base, offload=args.offload, compile=args.compile)
-    except LoadError as error:
-        sys.exit(f"error: {error}")
+    settings = AppSettings.from_environment(**vars(args))
+    print(f"Loading {settings.model} (FP8) ...", flush=True)
+    models = Models.load(settings.model, settings.base, offload=settings.offload, compile=settings.compile,
+                         settings=settings)
     print("\n".join(models.summary_lines()), flush=True)
     if models.is_tiny:
         print("Running the built-in tiny model (random weights): its images are noise by design. "
               "Pass --model USER/REPO for a real FP8 model.", flush=True)
-    demo = build_demo(models)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_kwargs())
+    demo = build_demo(models, settings)
+    demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
+                **launch_kwargs(settings))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

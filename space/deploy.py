@@ -25,9 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from huggingface_hub import HfApi, SpaceCard, SpaceHardware, get_token
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub import HfApi, SpaceCard, SpaceHardware
+
+from sd35fp8.errors import BadInput, run_command
+from sd35fp8.hub import HUB_URL, NO_TOKEN_MESSAGE, find_token, hub_errors, redact, validate_repo_id
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD_TEMPLATE = Path(__file__).with_name("README.md")
@@ -50,46 +51,19 @@ SKIP_SUFFIXES = (".pyc", ".pyo", ".pyi", ".orig", ".rej", ".swp", ".bak", "~")
 SKIP_NAMES = frozenset({".DS_Store", "Thumbs.db"})
 
 HARDWARE = {hardware.value: hardware for hardware in SpaceHardware}
-HUB_URL = "https://huggingface.co"
-NO_TOKEN_MESSAGE = (
-    "no Hugging Face token found. Set HF_TOKEN to a token with write access "
-    "(https://huggingface.co/settings/tokens) or run `hf auth login`, then run this again."
-)
 
 
-class DeployError(Exception):
-    """A problem the user can fix; main() prints the message without a traceback."""
+class DeployError(BadInput):
+    """A problem with the project checkout or the arguments that the user can fix."""
 
 
 # ------------------------------------------------------------------------------------- checks
-
-
-def check_repo_id(value: str, flag: str) -> str:
-    """Return `value` if it is a Hub repo id of the form OWNER/NAME, else raise DeployError."""
-    value = value.strip()
-    if value.count("/") != 1 or not all(value.split("/")):
-        hint = ""
-        if Path(value).expanduser().exists():
-            hint = (" It names a local path; the Space downloads its model from the Hub, so push the folder"
-                    " first (python -m convert SRC --out DIR --push-to OWNER/NAME) and pass that repo id.")
-        raise DeployError(f"{flag} must be a Hub repo id of the form OWNER/NAME, got {value!r}.{hint}")
-    try:
-        validate_repo_id(value)
-    except HFValidationError as error:
-        raise DeployError(f"{flag} {value!r} is not a valid Hub repo id: {error}") from None
-    if re.search(r"(^|/)[-.]|[-.]($|/)", value):
-        raise DeployError(f"{flag} {value!r} is not a valid Hub repo id: a part starts or ends with '-' or '.'.")
-    return value
 
 
 def gradio_pin(requirements: str) -> str | None:
     """The exact version pinned by a `gradio==X` line of a requirements file (None if there is none)."""
     match = re.search(r"^\s*gradio\s*==\s*([^\s;#]+)", requirements, flags=re.MULTILINE | re.IGNORECASE)
     return match.group(1) if match else None
-
-
-def redact(text: str, token: str | None) -> str:
-    return text.replace(token, "hf_***") if token else text
 
 
 # ------------------------------------------------------------------------------------- folder
@@ -118,7 +92,7 @@ def collect_files(root: Path | None = None) -> dict[str, Path]:
     return dict(sorted(files.items()))
 
 
-def render_card(model: str, base: str, template: Path = CARD_TEMPLATE, requirements: Path | None = None) -> str:
+def render_space_card(model: str, base: str, template: Path = CARD_TEMPLATE, requirements: Path | None = None) -> str:
     """The Space's README.md: the card template with `models:` (and the body's placeholder) set to base + model."""
     card = SpaceCard(Path(template).read_text(encoding="utf-8"))
     card.data.models = list(dict.fromkeys([base, model]))
@@ -135,7 +109,7 @@ def render_card(model: str, base: str, template: Path = CARD_TEMPLATE, requireme
 def stage(folder: Path, model: str, base: str, root: Path | None = None) -> list[str]:
     """Copy what the Space needs into `folder` (plus the rendered card as README.md); return the sorted paths."""
     folder, root = Path(folder), Path(root or ROOT)
-    card = render_card(model, base, template=Path(root) / "space" / "README.md",
+    card = render_space_card(model, base, template=Path(root) / "space" / "README.md",
                        requirements=Path(root) / "requirements.txt")
     for relative, source in collect_files(root).items():
         target = folder / relative
@@ -253,51 +227,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _token_source() -> tuple[str | None, str | None]:
-    token = get_token()
-    if not token:
-        return None, None
-    from_env = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    return token, ("HF_TOKEN" if from_env and from_env.strip() == token else "saved login")
-
-
-def _http_hint(error: HfHubHTTPError, space_id: str) -> str:
-    status = error.response.status_code if error.response is not None else None
-    owner = space_id.split("/")[0]
-    return {
-        401: " The token was rejected: set HF_TOKEN to a valid token or run `hf auth login`.",
-        402: " The Hub wants a paid plan for this (e.g. ZeroGPU hardware needs PRO, paid hardware a payment method).",
-        403: f" The token cannot write to {owner!r}: use a token with write access to that user or organization.",
-    }.get(status, "")
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Deploy (or --dry-run); returns the exit code: 2 for bad input, 1 when the Hub or the network fails."""
     args = build_parser().parse_args(argv)
-    token = None
-    try:
-        space_id = check_repo_id(args.space_id, "--space-id")
-        model = check_repo_id(args.model, "--model")
-        base = check_repo_id(args.base, "--base")
-        token, source = _token_source()
+
+    def run() -> int:
+        space_id = validate_repo_id(args.space_id, "--space-id")
+        model = validate_repo_id(args.model, "--model")
+        base = validate_repo_id(args.base, "--base")
+        token, source = find_token()
         if args.dry_run:
             dry_run(space_id, model, base, hardware=args.hardware, private=args.private, token_source=source)
             return 0
         if not token:
-            raise DeployError(NO_TOKEN_MESSAGE)
-        deploy(space_id, model, base, token=token, hardware=args.hardware, private=args.private)
+            raise BadInput(NO_TOKEN_MESSAGE)
+        with hub_errors(f"deploy the Space {space_id}", space_id):
+            deploy(space_id, model, base, token=token, hardware=args.hardware, private=args.private)
         return 0
-    except DeployError as error:
-        message = str(error)
-    except BrokenPipeError:  # output piped into e.g. `head`
-        return 1
-    except OfflineModeIsEnabled:
-        message = "HF_HUB_OFFLINE is set; unset it to deploy (or use --dry-run)."
-    except HfHubHTTPError as error:
-        message = f"the Hub refused: {error}{_http_hint(error, args.space_id)}"
-    except Exception as error:  # noqa: BLE001 - shown without a traceback so the token can be scrubbed
-        message = f"{type(error).__name__}: {error}"
-    print(f"error: {redact(message, token)}", file=sys.stderr)
-    return 1
+
+    return run_command(run, redact=redact)
 
 
 if __name__ == "__main__":

@@ -8,24 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from sd35fp8.fp8 import FP8_PATH_LABELS, select_fp8_path
-from sd35fp8.generate import SIZE_RANGE, GenerationRequest, GenerationResult, OutOfMemory, generate
+from sd35fp8.generate import GenerationResult, OutOfMemory, generate
+from sd35fp8.hub import base_model_of
 from sd35fp8.loading import (
     TINY, LoadedPipeline, LoadError, default_device, format_bytes, load_pipeline, load_transformer, module_bytes, with_transformer,
 )
-
-GIB = 2**30
-# Room left for activations and the VAE decode when deciding whether both transformers fit on the GPU.
-ACTIVATION_HEADROOM_BYTES = 4 * GIB
-PRECISION_LABELS = {"fp8": "FP8", "bf16": "16-bit (BF16)"}
+from sd35fp8.request import GenerationRequest
+from sd35fp8.settings import LIMITS, AppSettings
 
 
 @dataclass(frozen=True)
@@ -36,6 +32,12 @@ class Defaults:
     height: int
     steps: int
     guidance: float
+    examples: tuple[str, ...] = (
+        "a photo of an astronaut riding a horse",
+        "a painting of a city at night with a red sky",
+        "a portrait of a cat with green eyes",
+        "a blue dog on the moon, photo",
+    )
 
 
 TINY_DEFAULTS = Defaults(width=128, height=128, steps=4, guidance=4.5)
@@ -52,37 +54,16 @@ def defaults_for(model: str, base: str | None = None) -> Defaults:
     return SD35_DEFAULTS
 
 
-def base_model_from_card(model: str) -> str | None:
-    """The `base_model` named in an FP8 variant's model card (README.md front matter), or None."""
-    from huggingface_hub import ModelCard
-
-    path = Path(model)
-    try:
-        if path.is_dir():
-            readme = path / "README.md"
-            if not readme.is_file():
-                return None
-            card = ModelCard.load(readme)
-        else:
-            card = ModelCard.load(model)
-    except Exception:  # offline, no card, unreadable card: no reference rather than no app
-        return None
-    base = card.data.to_dict().get("base_model")
-    if isinstance(base, list):
-        base = base[0] if base else None
-    return str(base) if base else None
-
-
 def resolve_base(model: str, base: str | None) -> tuple[str | None, str]:
     """Where the 16-bit reference comes from, and a sentence saying how it was found."""
     if model == TINY and not base:
         return TINY, "the tiny model's own 16-bit weights"
     if base:
         return base, "given with --base / BASE_MODEL_ID"
-    found = base_model_from_card(model)
+    found, how = base_model_of(model)
     if found:
-        return found, f"`base_model` in {model}'s model card"
-    return None, "no --base given and the model card names no base_model"
+        return found, how
+    return None, f"no --base given and {how}"
 
 
 def max_image_size(loaded: LoadedPipeline) -> int:
@@ -90,11 +71,11 @@ def max_image_size(loaded: LoadedPipeline) -> int:
     config = loaded.pipe.transformer.config
     pos = getattr(config, "pos_embed_max_size", None)
     if not pos:
-        return SIZE_RANGE[1]
-    return min(SIZE_RANGE[1], int(pos) * int(config.patch_size) * int(loaded.pipe.vae_scale_factor))
+        return LIMITS.size[1]
+    return min(LIMITS.size[1], int(pos) * int(config.patch_size) * int(loaded.pipe.vae_scale_factor))
 
 
-def _needs_swap(device: torch.device, transformer: torch.nn.Module) -> bool:
+def _needs_swap(device: torch.device, transformer: torch.nn.Module, headroom_bytes: int) -> bool:
     """True when the GPU has no room for a second transformer beside the loaded pipeline."""
     if device.type != "cuda":
         return False
@@ -102,7 +83,7 @@ def _needs_swap(device: torch.device, transformer: torch.nn.Module) -> bool:
         free, _total = torch.cuda.mem_get_info(device)
     except RuntimeError:  # e.g. ZeroGPU before a GPU is attached: assume the (large) GPU it will lend
         return False
-    return free < module_bytes(transformer) + ACTIVATION_HEADROOM_BYTES
+    return free < module_bytes(transformer) + headroom_bytes
 
 
 class Models:
@@ -122,10 +103,12 @@ class Models:
         self.max_size = max_image_size(fp8)
         self._lock = threading.Lock()
         self._last: str | None = None
+        self._seconds_per_step: dict[str, float] = {}  # precision -> measured s/step per megapixel
 
     @classmethod
     def load(cls, model: str = TINY, base: str | None = None, *, offload: bool = False,
-             device: torch.device | str | None = None, compile: str = "auto") -> Models:
+             device: torch.device | str | None = None, compile: str = "auto",
+             settings: AppSettings | None = None) -> Models:
         """Load `model` (an FP8 variant, or "tiny") and its 16-bit reference transformer.
 
         A `base` passed explicitly must load; one found in the model card that fails to load only
@@ -133,9 +116,10 @@ class Models:
         wraps both transformers in torch.compile; "auto" does so where FP8 tensor cores run (the fastest
         configuration measured, bench/NOTES.md), except on ZeroGPU where compiled code does not persist.
         """
+        settings = settings or AppSettings()
         device = torch.device(device) if device is not None else default_device()
         compiled = compile == "on" or (compile == "auto" and select_fp8_path(device) == "scaled_mm"
-                                       and not os.environ.get("SPACES_ZERO_GPU"))
+                                       and not settings.on_zerogpu)
         fp8 = load_pipeline(model, "fp8", device=device, offload=offload, compile=compiled)
         base_source, note = resolve_base(model, base)
         if base_source is None:
@@ -150,7 +134,7 @@ class Models:
                        offload=offload, compiled=compiled)
         if compiled:
             transformer.compile()
-        swap = not offload and _needs_swap(fp8.device, transformer)
+        swap = not offload and _needs_swap(fp8.device, transformer, settings.activation_headroom_bytes)
         # Build the reference with the transformer left on the CPU when it must wait there (swap, offload).
         parked = offload or swap
         host = dataclasses.replace(fp8, device=torch.device("cpu")) if parked else fp8
@@ -229,8 +213,20 @@ class Models:
         self._last = precision
         return target
 
-    def run(self, precision: str, request: GenerationRequest, on_step=None, sampler=None) -> GenerationResult:
+    def run(self, precision: str, request: GenerationRequest, on_step=None, sampler=None,
+            should_stop=None) -> GenerationResult:
         """One generation in `precision` ("fp8" or "bf16"); one at a time across threads."""
         with self._lock:
             loaded = self._activate(precision)
-            return generate(loaded, request, on_step=on_step, sampler=sampler)
+            result = generate(loaded, request, on_step=on_step, sampler=sampler, should_stop=should_stop)
+        megapixels = request.width * request.height * request.batch_size / 1e6
+        self._seconds_per_step[precision] = result.seconds_per_step / max(megapixels, 1e-3)
+        return result
+
+    def gpu_seconds(self, precisions: list[str], request: GenerationRequest, settings: AppSettings) -> float:
+        """How long a GPU must be lent (ZeroGPU) for `request` in each of `precisions`: steps x the s/step
+        measured so far (per megapixel; before any measurement, a conservative guess) + a margin, capped."""
+        megapixels = request.width * request.height * request.batch_size / 1e6
+        guess = 0.25 if self.fp8.device.type == "cuda" or settings.on_zerogpu else 2.0  # s/step/megapixel
+        seconds = sum(request.steps * max(megapixels, 0.05) * self._seconds_per_step.get(p, guess) for p in precisions)
+        return float(min(settings.zerogpu_max_s, seconds * 1.2 + settings.zerogpu_margin_s))

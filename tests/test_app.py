@@ -17,8 +17,11 @@ from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from sd35fp8.generate import GenerationRequest, OutOfMemory  # noqa: E402
-from space.runtime import TINY_DEFAULTS, Models, base_model_from_card, defaults_for, resolve_base  # noqa: E402
+from sd35fp8.errors import BadInput  # noqa: E402
+from sd35fp8.generate import OutOfMemory  # noqa: E402
+from sd35fp8.hub import base_model_of  # noqa: E402
+from sd35fp8.request import GenerationRequest  # noqa: E402
+from space.runtime import TINY_DEFAULTS, Models, defaults_for, resolve_base  # noqa: E402
 from space.ui import build_demo, launch_kwargs  # noqa: E402
 
 # gradio's own queue code trips pandas 3 deprecation warnings; they are not ours to fix.
@@ -182,10 +185,13 @@ def test_defaults_and_base_resolution(tmp_path):
     assert defaults_for("me/sd3.5-large-turbo-fp8").guidance == 0.0
     assert defaults_for("me/sd3.5-medium-fp8").steps == 28
     (tmp_path / "README.md").write_text("---\nbase_model: stabilityai/stable-diffusion-3.5-medium\n---\n# card\n")
-    assert base_model_from_card(str(tmp_path)) == "stabilityai/stable-diffusion-3.5-medium"
+    assert base_model_of(str(tmp_path))[0] == "stabilityai/stable-diffusion-3.5-medium"
     assert resolve_base(str(tmp_path), None)[0] == "stabilityai/stable-diffusion-3.5-medium"
     assert resolve_base(str(tmp_path), "other/base")[0] == "other/base"
-    assert base_model_from_card(str(tmp_path / "missing")) is None
+    (tmp_path / "no-card").mkdir()
+    assert base_model_of(str(tmp_path / "no-card")) == (None, f"{tmp_path / 'no-card'} has no README.md (model card)")
+    with pytest.raises(BadInput, match="neither a folder nor a Hub repo id"):  # a mistyped path is reported
+        base_model_of(str(tmp_path / "missing"))
     assert resolve_base("tiny", None)[0] == "tiny"
 
 
@@ -220,3 +226,97 @@ def test_cli_serves_a_converted_fp8_folder(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------ API and links (issue 8)
+
+
+def test_the_short_api_call_uses_the_page_defaults(app_client):
+    path, seed, info, _ = app_client.predict("a fox", api_name="/generate")
+    assert Image.open(path).size == (TINY_DEFAULTS.width, TINY_DEFAULTS.height)
+    assert f"seed {seed}" in info
+    assert app_client.predict("a fox", api_name="/compare")[4]["headers"][0] == "Precision"
+
+
+@pytest.mark.parametrize("seed, message", [
+    (1.5, "Seed must be a whole number, not 1.5"),
+    (10**400, "Seed 1000000000"),
+    ("abc", "Seed must be a number"),
+])
+def test_seeds_are_never_rounded_or_unnamed(app_client, seed, message):
+    with pytest.raises(AppError, match=message):
+        generate(app_client, seed=seed)
+
+
+def test_an_overlong_link_loads_with_the_prompt_cut(app_url):
+    import urllib.request
+
+    from space.links import CUT_MARK
+
+    with urllib.request.urlopen(app_url + "?seed=3&prompt=" + "a" * 100_000) as response:
+        assert response.status == 200
+        final = response.url
+    assert f"{CUT_MARK}=1" in final and "seed=3" in final and len(final) < 3000
+
+
+def _handlers(models, **settings):
+    from sd35fp8.gpu import GpuSampler
+    from sd35fp8.settings import AppSettings
+    from space.handlers import Handlers, ImageStore
+
+    return Handlers(models, AppSettings(**settings), GpuSampler(), ImageStore(keep=5))
+
+
+def test_link_problems_are_shown_on_the_page(app_models):
+    from types import SimpleNamespace
+
+    params = {"prompt": "x" * 3000, "seed": "1.5", "steps": "abc", "width": "128", "tab": "nowhere", "cut": "1"}
+    updates = dict(zip(("prompt", "negative", "seed", "randomize", "steps", "guidance", "width", "height",
+                        "precision", "tabs", "link_note", "settings_box"),
+                       _handlers(app_models).prefill(SimpleNamespace(query_params=params))))
+    assert updates["prompt"] == "x" * 2000 and updates["width"] == 128
+    note = updates["link_note"]["value"] if isinstance(updates["link_note"], dict) else updates["link_note"].value
+    for words in ("cut to the first 2000", "ignored seed", "whole number", "ignored steps", "ignored tab"):
+        assert words in note.replace("\\", ""), words
+
+
+def test_a_job_past_its_time_limit_is_stopped_and_the_app_goes_on(app_models):
+    import threading
+
+    import gradio as gr
+
+    handlers = _handlers(app_models, job_timeout_s=1e-6)
+    raw = ("a cat", "", 1, False, 3, 4.5, 64, 64)
+    with pytest.raises(gr.Error, match="time limit of 0 s"):
+        handlers._generate(raw, "fp8", "", lambda *a, **k: None, stop=threading.Event())
+    assert _handlers(app_models)._generate(raw, "fp8", "", lambda *a, **k: None, stop=threading.Event())[1] == 1
+
+
+def test_cancelling_a_job_stops_it_at_its_next_step(app_client, app_models, monkeypatch):
+    import threading
+
+    from sd35fp8.generate import Stopped
+
+    steps_run, stopped = [], threading.Event()
+
+    def slow_run(precision, request, on_step=None, should_stop=None, **kwargs):
+        for step in range(600):  # 60 s unless stopped
+            time.sleep(0.1)
+            steps_run.append(step)
+            reason = should_stop()
+            if reason:
+                stopped.set()
+                raise Stopped(reason)
+        raise AssertionError("never stopped")
+
+    monkeypatch.setattr(app_models, "run", slow_run)
+    job = app_client.submit(*{**GOOD, "precision": "fp8"}.values(), api_name="/generate")
+    deadline = time.monotonic() + 30
+    while not steps_run:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    job.cancel()
+    assert stopped.wait(10), "the cancelled job kept running"
+    assert len(steps_run) < 100
+    monkeypatch.undo()
+    assert generate(app_client)[1] == 42  # the queue is free again

@@ -97,7 +97,7 @@ def app_browser_models():
 
 
 def _launch(models, sampler=None):
-    demo = build_demo(models, sampler)
+    demo = build_demo(models, sampler=sampler)
     port = _free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
     return demo, f"http://127.0.0.1:{port}/"

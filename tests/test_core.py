@@ -7,9 +7,9 @@ from PIL import Image
 from torch import nn
 
 from sd35fp8.fp8 import Fp8Linear, apply_fp8_path, fp8_path_of, quantize_blockwise, quanto_quantize
-from sd35fp8.generate import generate
-from sd35fp8.request import GenerationRequest, InvalidRequest
+from sd35fp8.generate import Stopped, generate
 from sd35fp8.loading import LoadError, check_loaded, load_pipeline, load_transformer, with_transformer
+from sd35fp8.request import GenerationRequest, InvalidRequest, parse_setting
 from sd35fp8.metrics import difference_heatmap, psnr, relative_error, ssim
 
 
@@ -128,6 +128,35 @@ def test_bad_requests_are_refused_clearly(change, phrase):
     settings = dict(prompt="a cat", width=64, height=64, steps=2) | change
     with pytest.raises(InvalidRequest, match=phrase):
         GenerationRequest(**settings)
+
+
+@pytest.mark.parametrize("name, raw, phrase", [
+    ("seed", "1.5", "Seed must be a whole number, not '1.5'"),
+    ("seed", 1.5, "Seed must be a whole number, not 1.5"),
+    ("seed", 10**400, "Seed 1000000000"),  # named, shortened, and no float overflow
+    ("seed", "1e400", "Seed must be a finite number"),
+    ("steps", None, "Steps is missing"),
+    ("steps", True, "Steps must be a number"),
+    ("guidance", "nan", "Guidance must be a finite number"),
+    ("width", "100", "Width 100 is not allowed: use a multiple of 16 from 64 to 512"),
+])
+def test_raw_settings_are_parsed_strictly_and_named(name, raw, phrase):
+    with pytest.raises(InvalidRequest, match=phrase.replace("(", r"\(")):
+        parse_setting(name, raw, max_size=512)
+
+
+def test_raw_settings_that_are_fine():
+    assert parse_setting("seed", "12") == 12 and parse_setting("seed", 12.0) == 12
+    assert parse_setting("guidance", "4.5") == 4.5 and parse_setting("width", 512, max_size=512) == 512
+
+
+def test_generation_stops_between_steps_when_asked():
+    loaded = load_pipeline("tiny", "bf16", device="cpu")
+    done = []
+    with pytest.raises(Stopped, match="cancelled"):
+        generate(loaded, GenerationRequest("a cat", steps=5, width=64, height=64), on_step=lambda d, t: done.append(d),
+                 should_stop=lambda: "cancelled" if len(done) >= 2 else None)
+    assert done == [1, 2]
 
 
 def test_parameters_text_is_a1111_style():

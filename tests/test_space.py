@@ -77,7 +77,7 @@ def test_card_front_matter_is_valid_and_matches_the_gradio_pin():
 
 @pytest.mark.parametrize("base", [BASE, "someone/sd35-medium"])
 def test_rendered_card_names_the_models(base):
-    text = deploy.render_card(MODEL, base, requirements=ROOT / "requirements.txt")
+    text = deploy.render_space_card(MODEL, base, requirements=ROOT / "requirements.txt")
     meta, body = front_matter(text)
     assert meta["models"] == [base, MODEL]
     assert deploy.PLACEHOLDER_MODEL not in text
@@ -89,7 +89,7 @@ def test_rendered_card_names_the_models(base):
 def test_card_and_pin_disagreeing_is_refused(tmp_path):
     (tmp_path / "requirements.txt").write_text("gradio==5.0.0\n")
     with pytest.raises(deploy.DeployError, match="sdk_version"):
-        deploy.render_card(MODEL, BASE, requirements=tmp_path / "requirements.txt")
+        deploy.render_space_card(MODEL, BASE, requirements=tmp_path / "requirements.txt")
 
 
 # ------------------------------------------------------------------------------------ a fake Hub
@@ -319,21 +319,21 @@ def test_dry_run_on_this_repo_ships_the_app_and_nothing_else(capsys, monkeypatch
 def test_bad_ids_are_refused_before_any_request(hub, flag, value, capsys):
     argv = {"--space-id": SPACE, "--model": MODEL}
     argv[flag] = value
-    assert deploy.main([item for pair in argv.items() for item in pair]) == 1
+    assert deploy.main([item for pair in argv.items() for item in pair]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and flag in err and "repo id" in err
     assert hub.requests == []
 
 
 def test_local_model_path_gets_a_hint(hub, tmp_path, capsys):
-    assert deploy.main(["--space-id", SPACE, "--model", str(tmp_path)]) == 1
+    assert deploy.main(["--space-id", SPACE, "--model", str(tmp_path)]) == 2
     assert "push" in capsys.readouterr().err
 
 
 def test_no_token_stops_before_any_work(hub, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr(deploy, "stage", lambda *a, **k: pytest.fail("staged files without a token"))
-    assert deploy.main(["--space-id", SPACE, "--model", MODEL]) == 1
+    assert deploy.main(["--space-id", SPACE, "--model", MODEL]) == 2
     err = capsys.readouterr().err
     assert "HF_TOKEN" in err and "hf auth login" in err
     assert hub.requests == []
