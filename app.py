@@ -1,10 +1,10 @@
 """SD3.5 FP8 demo: generate, compare FP8 with 16-bit, watch the GPU.
 
     python app.py [--model REPO_ID_OR_DIR] [--base REPO_ID_OR_DIR] [--share] [--offload] [--compile auto|on|off]
-                  [--host H] [--port P]
+                  [--devices auto|cuda:0,cuda:1] [--host H] [--port P]
 
 Every flag has an environment variable (for Hugging Face Spaces): MODEL_ID, BASE_MODEL_ID, SHARE, OFFLOAD, COMPILE,
-HOST (or GRADIO_SERVER_NAME), PORT (or GRADIO_SERVER_PORT); further knobs (QUEUE_MAX_SIZE, JOB_TIMEOUT_S) and their
+DEVICES, HOST (or GRADIO_SERVER_NAME), PORT (or GRADIO_SERVER_PORT); further knobs (QUEUE_MAX_SIZE, JOB_TIMEOUT_S) and their
 defaults are in sd35fp8/settings.py (`AppSettings`). With nothing given the app runs the built-in tiny model,
 which needs no download and no GPU.
 """
@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="model CPU offload: components visit the GPU only while they run (small GPUs)")
     parser.add_argument("--compile", choices=("auto", "on", "off"),
                         help="torch.compile the transformers; auto: where FP8 tensor cores run (fastest measured)")
+    parser.add_argument("--devices", help="auto (one replica per GPU) or a list such as cuda:0,cuda:1; default auto")
     parser.add_argument("--host", help="address to listen on (0.0.0.0 for all); default 127.0.0.1")
     parser.add_argument("--port", type=int, help="port to listen on; default 7860")
     return parser.parse_args(argv)
@@ -44,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     from sd35fp8.settings import AppSettings
-    from space.runtime import Models
+    from space.replicas import Replicas, parse_devices
     from space.ui import build_demo, launch_kwargs
 
     settings = AppSettings.from_environment(**vars(args))
-    print(f"Loading {settings.model} (FP8) ...", flush=True)
-    models = Models.load(settings.model, settings.base, offload=settings.offload, compile=settings.compile,
-                         settings=settings)
+    devices = parse_devices(settings.devices)
+    print(f"Loading {settings.model} (FP8) on {', '.join(map(str, devices))} ...", flush=True)
+    models = Replicas.load(settings.model, settings.base, devices, offload=settings.offload,
+                           compile=settings.compile, settings=settings)
     print("\n".join(models.summary_lines()), flush=True)
     if models.is_tiny:
         print("Running the built-in tiny model (random weights): its images are noise by design. "

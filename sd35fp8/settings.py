@@ -85,6 +85,7 @@ class AppSettings:
     share: bool = False
     offload: bool = False
     compile: str = "auto"  # "auto" | "on" | "off"
+    devices: str = "auto"  # "auto" (every GPU, one replica each) or a list such as "cuda:0,cuda:1"
     host: str = "127.0.0.1"
     port: int = 7860
     queue_max_size: int = 20  # requests waiting beyond this are told the queue is full
@@ -98,7 +99,7 @@ class AppSettings:
 
     ENVIRONMENT = {  # field -> environment variables, first found wins
         "model": ("MODEL_ID",), "base": ("BASE_MODEL_ID",), "share": ("SHARE",), "offload": ("OFFLOAD",),
-        "compile": ("COMPILE",), "host": ("HOST", "GRADIO_SERVER_NAME"), "port": ("PORT", "GRADIO_SERVER_PORT"),
+        "compile": ("COMPILE",), "devices": ("DEVICES",), "host": ("HOST", "GRADIO_SERVER_NAME"), "port": ("PORT", "GRADIO_SERVER_PORT"),
         "queue_max_size": ("QUEUE_MAX_SIZE",), "job_timeout_s": ("JOB_TIMEOUT_S",),
     }
 
@@ -151,3 +152,29 @@ VERIFY_PROMPTS = (  # the prompts the converter's FP16-vs-FP8 image check uses (
     "a close-up portrait of an old fisherman, dramatic light",
     "a futuristic city skyline at night, neon reflections on wet streets",
 )
+
+
+@dataclass(frozen=True)
+class ConversionSettings:
+    """The converter's knobs (`python -m convert`)."""
+
+    # The dtype the model card loads the fp8 variant with. transformers (5.23) leaves every 16-bit tensor of a
+    # fine-grained-FP8 checkpoint in the dtype it was written in, whatever dtype is asked for, so the converter
+    # writes T5's 16-bit tensors (embeddings, norms, `wo`) in this dtype.
+    variant_dtype: torch.dtype = torch.bfloat16
+    load_check_size: int = 64  # px; the final whole-pipeline check, rounded to a size the model takes
+    load_check_steps: int = 2
+    verify_size: int = 512  # px; default of --verify-images, rounded to a size the model takes
+    verify_steps: int = 20
+    max_verify_images: int = 16
+    min_shard_bytes: int = 100_000  # --max-shard-size below this is refused ...
+    max_shards: int = 1000  # ... and so is one that would split a component into more files than this
+
+    def __post_init__(self):
+        for name in ("load_check_size", "load_check_steps", "verify_size", "verify_steps", "max_verify_images",
+                     "min_shard_bytes", "max_shards"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise BadInput(f"ConversionSettings.{name} must be a positive whole number, not {getattr(self, name)!r}.")
+
+
+CONVERSION = ConversionSettings()

@@ -1,4 +1,4 @@
-"""What the page's events run: `Handlers` holds the models, the GPU sampler and the result store.
+"""What the page's events run: `Handlers` holds the replicas (models + GPU samplers) and the result store.
 
 Every setting is checked on the server (`sd35fp8.request`), GPU jobs run one at a time with a time limit
 and stop at their next step when the user cancels, and every failure becomes a message on the page while
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from contextlib import contextmanager
 import math
 import tempfile
 import threading
@@ -27,13 +28,12 @@ from PIL.PngImagePlugin import PngInfo
 from sd35fp8 import metrics
 from sd35fp8.errors import BadInput, one_line
 from sd35fp8.generate import GenerationResult, OutOfMemory, Stopped
-from sd35fp8.gpu import GpuSampler
 from sd35fp8.request import GenerationRequest, parse_setting, request_from_raw
 from sd35fp8.settings import GIB, LIMITS, PRECISIONS, AppSettings, parse_precision
 
 from .gpu_panel import NO_GPU
 from .links import CUT_MARK, escape_markdown, page_url, permalink_query
-from .runtime import Models
+from .replicas import Replicas
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def failure_text(result: GenerationResult) -> str:
     return "non-finite (NaN or Inf values)" if not result.finite else "blank (a flat, empty image)"
 
 
-def result_line(result: GenerationResult, models: Models) -> str:
+def result_line(result: GenerationResult, models: Replicas) -> str:
     """What a person needs to read next to the image: precision, FP8 path, speed, memory, energy, seed."""
     parts = [f"**{PRECISIONS[result.precision].label}**"]
     if result.precision == "fp8":
@@ -131,10 +131,9 @@ def comparison_table(fp8: GenerationResult, ref: GenerationResult, ssim: float, 
 class Handlers:
     """The functions behind the page's events and the API endpoints /generate, /compare and /gpu_stats."""
 
-    def __init__(self, models: Models, settings: AppSettings, sampler: GpuSampler, store: ImageStore):
+    def __init__(self, models: Replicas, settings: AppSettings, store: ImageStore):
         self.models = models
         self.settings = settings
-        self.sampler = sampler
         self.store = store
         # ZeroGPU lends a GPU for as long as each call asks; the request decides how long that is.
         self._gpu_generate = spaces.GPU(duration=self._generate_seconds)(self._generate)
@@ -160,10 +159,12 @@ class Handlers:
         return await self._cancellable(self._gpu_compare, raw, page_url(request), progress)
 
     def gpu_stats(self) -> dict:
-        """Current GPU readings: temperature, power and limit, utilisation, memory, SM clock, throttling."""
-        snap = self.sampler.snapshot().as_dict()
-        snap["status"] = "ok" if snap["available"] else NO_GPU
-        return snap
+        """Current GPU readings: temperature, power and limit, utilisation, memory, SM clock, throttling
+        (of the first GPU; `gpus` lists every GPU the replicas run on)."""
+        snaps = [sampler.snapshot().as_dict() for sampler in self.models.samplers]
+        stats = dict(snaps[0], status="ok" if snaps[0]["available"] else NO_GPU)
+        stats["gpus"] = snaps
+        return stats
 
     # ------------------------------------------------------------------------------------ plumbing
 
@@ -198,12 +199,9 @@ class Handlers:
                                title="Invalid setting") from None
             raise gr.Error(str(error), title="Invalid setting") from None
 
-    def _run(self, precision: str, request: GenerationRequest, progress, label: str, stop: threading.Event,
-             stage: int = 0, stages: int = 1) -> GenerationResult:
+    def _stopper(self, stop: threading.Event):
+        """`should_stop` for one job: cancelled by the user, or past the time limit."""
         deadline = time.monotonic() + self.settings.job_timeout_s
-
-        def on_step(done: int, total: int) -> None:
-            progress((stage * total + done) / (stages * total), desc=f"{label}: step {done}/{total}")
 
         def should_stop() -> str | None:
             if stop.is_set():
@@ -213,8 +211,35 @@ class Handlers:
                         "was stopped: lower the steps or the size.")
             return None
 
+        return should_stop
+
+    def _run(self, precision: str, request: GenerationRequest, progress, label: str,
+             stop: threading.Event) -> GenerationResult:
+        def on_step(done: int, total: int) -> None:
+            progress(done / total, desc=f"{label}: step {done}/{total}")
+
+        with self._errors_shown():
+            return self.models.run(precision, request, on_step=on_step, should_stop=self._stopper(stop))
+
+    def _run_pair(self, request: GenerationRequest, progress, stop: threading.Event):
+        done = {"fp8": 0, "bf16": 0}
+        where = "at the same time on two GPUs" if self.models.size > 1 else "one after the other"
+
+        def on_step_for(precision: str):
+            def on_step(step: int, total: int) -> None:
+                done[precision] = step
+                progress(sum(done.values()) / (2 * total), desc=f"FP8 and 16-bit, {where}: "
+                                                               f"{done['fp8']}/{total} and {done['bf16']}/{total}")
+            return on_step
+
+        with self._errors_shown():
+            return self.models.run_pair(request, on_step_for=on_step_for, should_stop=self._stopper(stop))
+
+    @contextmanager
+    def _errors_shown(self):
+        """Failures inside a job become messages on the page; the app keeps serving."""
         try:
-            return self.models.run(precision, request, on_step=on_step, sampler=self.sampler, should_stop=should_stop)
+            yield
         except OutOfMemory as error:
             raise gr.Error(str(error), title="Out of GPU memory") from None
         except Stopped as error:
@@ -278,8 +303,7 @@ class Handlers:
             raise gr.Error(f"No 16-bit reference is loaded ({self.models.base_note}). Start the app with "
                            "--base REPO_OR_DIR to compare.", title="Comparison unavailable")
         req = self._request(raw)
-        fp8 = self._run("fp8", req, progress, "FP8", stop, 0, 2)
-        ref = self._run("bf16", req, progress, "16-bit", stop, 1, 2)
+        fp8, ref = self._run_pair(req, progress, stop)
         fp8_path = self.store.save(fp8.image, req, "fp8", self._png_extra(fp8))
         ref_path = self.store.save(ref.image, req, "bf16", self._png_extra(ref))
         ssim, psnr = metrics.ssim(fp8.image, ref.image), metrics.psnr(fp8.image, ref.image)

@@ -11,7 +11,6 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
-import torch  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
 from sd35fp8.gpu import GpuSampler  # noqa: E402
@@ -20,9 +19,10 @@ from sd35fp8.settings import LIMITS, PRECISIONS, AppSettings  # noqa: E402
 from .gpu_panel import GpuPanel  # noqa: E402
 from .handlers import TABLE_HEADERS, Handlers, ImageStore  # noqa: E402
 from .links import LongLinkGuard  # noqa: E402
+from .replicas import Replica, Replicas, default_sampler  # noqa: E402
 from .runtime import Models  # noqa: E402
 
-GPU_QUEUE = "gpu"  # one concurrency slot shared by every event that runs a model
+GPU_QUEUE = "gpu"  # one concurrency slot per replica, shared by every event that runs a model
 CSS = """
 #title { margin-bottom: 0; }
 .notice { border-left: 4px solid #f59e0b; padding: 0.25rem 0.75rem !important; }
@@ -56,25 +56,29 @@ def checked_by_handler(component: gr.components.Component) -> gr.components.Comp
     return component
 
 
-def header_markdown(models: Models, settings: AppSettings) -> str:
+def header_markdown(models: Replicas, settings: AppSettings) -> str:
     ref = f"16-bit reference: `{models.base}`" if models.reference is not None else "no 16-bit reference"
+    devices = ", ".join(r.name for r in models.replicas)
+    at_once = "one at a time" if models.size == 1 else f"{models.size} at a time, one per replica"
     return (
         "# SD3.5 FP8 — generate, compare with 16-bit, watch the GPU\n\n"
         f"Model: `{models.fp8.label}` · {ref} · FP8 path: **{models.fp8.fp8_path}** ({models.fp8_path_label}) "
-        f"· device: {models.fp8.device}\n\n"
-        f"Jobs run one at a time (up to {settings.queue_max_size} wait in line); each may run for "
+        f"· device: {devices}\n\n"
+        f"Jobs run {at_once} (up to {settings.queue_max_size} wait in line); each may run for "
         f"{settings.job_timeout_s:.0f} s at most, and **Stop** ends yours at its next step."
     )
 
 
-def build_demo(models: Models, settings: AppSettings | None = None, *, sampler: GpuSampler | None = None,
+def build_demo(models: Models | Replicas, settings: AppSettings | None = None, *, sampler: GpuSampler | None = None,
                store: ImageStore | None = None) -> gr.Blocks:
-    """The whole app: Generate | FP16 vs FP8 | GPU tabs, API endpoints /generate, /compare, /gpu_stats, a bounded queue."""
+    """The whole app: Generate | FP16 vs FP8 | GPU tabs, API endpoints /generate, /compare, /gpu_stats, a bounded queue.
+
+    `models` is one `Models` (measured by `sampler`, by default its GPU's) or a pool of `Replicas`.
+    """
     settings = settings or AppSettings()
-    if sampler is None:
-        sampler = GpuSampler(index=torch.cuda.current_device() if torch.cuda.is_available() else 0,
-                             history_seconds=settings.gpu_history_s)
-    handlers = Handlers(models, settings, sampler, store or ImageStore(keep=settings.kept_images))
+    if isinstance(models, Models):
+        models = Replicas([Replica(models, sampler or default_sampler(settings)(models.fp8.device))])
+    handlers = Handlers(models, settings, store or ImageStore(keep=settings.kept_images))
     defaults = models.defaults
 
     with gr.Blocks(title="SD3.5 FP8", delete_cache=(3600, 6 * 3600)) as demo:
@@ -150,21 +154,26 @@ def build_demo(models: Models, settings: AppSettings | None = None, *, sampler: 
                                               scale=1, elem_id="compare-link")
             # ---- GPU
             with gr.Tab("GPU", id="gpu"):
-                panel = GpuPanel(sampler, settings.gpu_history_s)
+                panels = []
+                for sampler_of_gpu in models.samplers:
+                    if len(models.samplers) > 1:
+                        gr.Markdown(f"#### GPU {sampler_of_gpu.index}")
+                    panels.append(GpuPanel(sampler_of_gpu, settings.gpu_history_s))
 
         # ---- wiring
         settings_inputs = [prompt, negative, seed, randomize, steps, guidance, width, height]
         generate_event = gr.on([generate_btn.click, prompt.submit], lambda: gr.Tabs(selected="generate"),
                                outputs=tabs, queue=False, api_visibility="private").then(
             handlers.generate_image, inputs=[*settings_inputs, precision], outputs=[image, seed, result_info, link],
-            api_name="generate", concurrency_limit=1, concurrency_id=GPU_QUEUE)
+            api_name="generate", concurrency_limit=models.size, concurrency_id=GPU_QUEUE)
         compare_event = compare_btn.click(lambda: gr.Tabs(selected="compare"), outputs=tabs, queue=False,
                                           api_visibility="private").then(
             handlers.compare, inputs=settings_inputs,
             outputs=[fp8_image, ref_image, slider, heatmap, table, compare_info, seed, compare_link],
-            api_name="compare", concurrency_limit=1, concurrency_id=GPU_QUEUE)
+            api_name="compare", concurrency_limit=models.size, concurrency_id=GPU_QUEUE)
         stop_btn.click(None, cancels=[generate_event, compare_event], queue=False, api_visibility="private")
-        panel.wire()
+        for panel in panels:
+            panel.wire()
         gr.api(handlers.gpu_stats, api_name="gpu_stats", concurrency_limit=None)
         demo.load(handlers.prefill, outputs=[*settings_inputs, precision, tabs, link_note, settings_box],
                   api_visibility="private", queue=False)

@@ -263,8 +263,9 @@ def _handlers(models, **settings):
     from sd35fp8.gpu import GpuSampler
     from sd35fp8.settings import AppSettings
     from space.handlers import Handlers, ImageStore
+    from space.replicas import Replica, Replicas
 
-    return Handlers(models, AppSettings(**settings), GpuSampler(), ImageStore(keep=5))
+    return Handlers(Replicas([Replica(models, GpuSampler())]), AppSettings(**settings), ImageStore(keep=5))
 
 
 def test_link_problems_are_shown_on_the_page(app_models):
