@@ -2,8 +2,11 @@
 
 Storage (what `convert` writes, what stock diffusers reads):
   * diffusers components (the SD3 transformer) use optimum-quanto `qfloat8`: E4M3 data with one scale per
-    output channel, serialized through diffusers' `QuantoConfig`. This module is the only place that
-    touches quanto, because diffusers marks `QuantoConfig` deprecated.
+    output channel, serialized through diffusers' `QuantoConfig`. diffusers marks `QuantoConfig` deprecated, so
+    the project keeps what depends on quanto in this module (its quantizer, its layer type, its CUDA-extension
+    registry, and the private diffusers helper that picks the layers quanto converts). One exception remains:
+    `convert/quantize.py` still imports that private diffusers helper itself; `replace_with_quanto_layers` here is the
+    replacement it should call.
   * transformers components (the T5 encoder) cannot use quanto: transformers refuses to serialize quanto
     models and silently leaves random weights when it meets a quanto checkpoint. They are stored in
     transformers' own fine-grained FP8 layout (E4M3 data + `weight_scale_inv`, 128x128 blocks) marked
@@ -13,9 +16,18 @@ Storage (what `convert` writes, what stock diffusers reads):
 
 Compute (what `load_pipeline` does with a quanto transformer):
   * "scaled_mm": FP8 tensor cores through `torch._scaled_mm`, activations quantized per row on the fly,
-    weights used as stored (no 16-bit copy). Needs compute capability >= 8.9 (Ada, Hopper, Blackwell).
+    weights used as stored (no 16-bit copy). Needs compute capability >= 8.9 (Ada, Hopper, Blackwell) and a
+    cuBLAS that takes row-wise scales: `probe_scaled_mm` checks that on the actual GPU at load.
+  * "scaled_mm_tensorwise": FP8 tensor cores with one activation scale per tensor; the per-channel weight
+    scale is applied to the GEMM output (one multiply, fused into the next kernel under torch.compile). For
+    GPUs whose `_scaled_mm` refuses row-wise scales.
   * "dequant": weight-only; each layer's weight is expanded to 16-bit right before its matmul.
   * "quanto": leave quanto's own modules in place (what a stock-diffusers user runs).
+
+`Fp8Linear.from_linear` quantizes a 16-bit linear layer with exactly quanto's qfloat8 arithmetic (what
+`convert` writes), so a model quantized in memory computes bit for bit what the converted checkpoint does.
+`fuse_projections` concatenates linear layers that read the same input (attention's q/k/v) into one layer:
+exact for FP8 too, because the scales are per output row.
 """
 
 from __future__ import annotations
@@ -28,12 +40,15 @@ from .settings import T5_BLOCK
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
-FP8_PATHS = ("scaled_mm", "dequant", "quanto")
+FP8_PATHS = ("scaled_mm", "scaled_mm_tensorwise", "dequant", "quanto")
 FP8_PATH_LABELS = {
     "scaled_mm": "FP8 tensor cores (torch._scaled_mm, row-wise scales)",
+    "scaled_mm_tensorwise": "FP8 tensor cores (torch._scaled_mm, tensor-wise activation scale, per-channel weight "
+                            "scale on the output; this GPU refused row-wise scales)",
     "dequant": "FP8 weights, dequantized to 16-bit per layer (no FP8 tensor cores)",
     "quanto": "optimum-quanto weight-only kernels",
 }
+LAYER_MODES = ("scaled_mm", "scaled_mm_tensorwise", "dequant")
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -62,10 +77,44 @@ def quanto_linear_state(linear: nn.Linear) -> dict[str, torch.Tensor]:
     return {name.removeprefix("0."): tensor.contiguous() for name, tensor in holder.state_dict().items()}
 
 
+def replace_with_quanto_layers(model: nn.Module, exclude: list[str] | None = None) -> list[str]:
+    """In a meta `model`, replace the linear layers diffusers' QuantoConfig converts, by diffusers' own rule (its
+    private `_replace_with_quanto_layers`, plus the model's `_keep_in_fp32_modules`); returns their names."""
+    from diffusers.quantizers.quanto.utils import _replace_with_quanto_layers
+
+    keep = list(exclude or []) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    _replace_with_quanto_layers(model, diffusers_quant_config(exclude), keep)
+    return [name for name, module in model.named_modules() if is_quanto_linear(module)]
+
+
 def is_quanto_linear(module: nn.Module) -> bool:
     from optimum.quanto import QLinear
 
     return isinstance(module, QLinear)
+
+
+def disable_quanto_cuda_extension() -> str:
+    """Keep quanto from JIT-building its CUDA extension (Marlin FP8) when qfloat8 weights move to a GPU.
+
+    With the extension registered, `.to("cuda")` turns every qfloat8 weight into a MarlinF8QBytesTensor (nvcc
+    builds the extension first, minutes) and repacks its data into Marlin's int32 layout. `load_pipeline` swaps
+    quanto layers for `Fp8Linear` before placing, so only the "quanto" path on a GPU meets this. Uses quanto's
+    private registry; returns what it did.
+    """
+    try:
+        from optimum.quanto.library.extensions import extension
+    except ImportError:
+        return "optimum-quanto not installed"
+    removed = extension._extensions.pop("quanto_cuda", None)
+    return "quanto_cuda extension disabled (dequantize + bf16 matmul)" if removed else "no quanto_cuda extension"
+
+
+def quantize_weight_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 data and per-row scales of a 16-bit weight, with quanto qfloat8's arithmetic (absmax / 448 in the
+    weight's dtype, divide, clamp, cast): what `convert` stores."""
+    scale = weight.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    data = torch.clamp(weight / scale, min=-FP8_MAX, max=FP8_MAX).to(FP8_DTYPE)
+    return data, scale
 
 
 def quantize_blockwise(weight: torch.Tensor, block: tuple[int, int] = T5_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,9 +168,46 @@ def fp8_tensor_cores_available(device: torch.device | str | None = None) -> bool
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+_PROBES: dict[str, dict[str, str]] = {}
+
+
+def probe_scaled_mm(device: torch.device | str, *, refresh: bool = False) -> dict[str, str]:
+    """Which FP8 GEMM scalings this device's `torch._scaled_mm` runs correctly: {"rowwise": ..., "tensorwise": ...},
+    each "ok" or "refused: <reason>". One small matmul per scaling, checked against the dequantized product;
+    cached per device."""
+    key = str(torch.device(device))
+    if key in _PROBES and not refresh:
+        return _PROBES[key]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 64, generator=generator).to(device, torch.bfloat16)
+    weight = (torch.randn(48, 64, generator=generator) * 0.05).to(torch.bfloat16)
+    data, scale = quantize_weight_rows(weight)
+    expected = x.float() @ (data.float() * scale.float()).t().to(device)
+    result = {}
+    for name, mode in (("rowwise", "scaled_mm"), ("tensorwise", "scaled_mm_tensorwise")):
+        layer = Fp8Linear(data, scale, None, mode).to(device)
+        try:
+            out = layer(x).float()
+            error = float((out - expected).norm() / expected.norm())
+            result[name] = "ok" if error < 0.1 else f"refused: wrong result (relative error {error:.3f})"
+        except Exception as failure:  # noqa: BLE001 - any refusal means: do not use this scaling here
+            result[name] = f"refused: {type(failure).__name__}: {str(failure).splitlines()[0][:200] if str(failure) else ''}"
+    _PROBES[key] = result
+    return result
+
+
 def select_fp8_path(device: torch.device | str) -> str:
-    """The fastest FP8 compute path this device supports."""
-    return "scaled_mm" if fp8_tensor_cores_available(device) else "dequant"
+    """The fastest FP8 compute path this device runs correctly (probed once on the device)."""
+    if not fp8_tensor_cores_available(device):
+        return "dequant"
+    probe = probe_scaled_mm(device)
+    if probe["rowwise"] == "ok":
+        return "scaled_mm"
+    return "scaled_mm_tensorwise" if probe["tensorwise"] == "ok" else "dequant"
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def _quantize_rows_eager(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,17 +215,33 @@ def _quantize_rows_eager(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
-_quantize_rows_fused = None
+def _quantize_tensor_eager(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = (rows.abs().amax().float() / FP8_MAX).clamp(min=1e-12)
+    return (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+_FUSED: dict[str, object] = {}
+
+
+def _fused(name: str, fn):
+    """`fn` compiled into one kernel on CUDA (eager on the CPU, and inlined when an outer compile traces it)."""
+    if name not in _FUSED:
+        _FUSED[name] = torch.compile(fn, dynamic=True)
+    return _FUSED[name]
 
 
 def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """E4M3 rows and their float32 scales; on CUDA one fused kernel instead of about seven."""
-    global _quantize_rows_fused
-    if rows.device.type != "cuda":
+    if rows.device.type != "cuda" or _tracing():
         return _quantize_rows_eager(rows)
-    if _quantize_rows_fused is None:
-        _quantize_rows_fused = torch.compile(_quantize_rows_eager, dynamic=True)
-    return _quantize_rows_fused(rows)
+    return _fused("rows", _quantize_rows_eager)(rows)
+
+
+def quantize_tensor(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 data and one float32 scale for the whole tensor."""
+    if rows.device.type != "cuda" or _tracing():
+        return _quantize_tensor_eager(rows)
+    return _fused("tensor", _quantize_tensor_eager)(rows)
 
 
 class Fp8Linear(nn.Module):
@@ -147,32 +249,72 @@ class Fp8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, mode: str):
         super().__init__()
-        if mode not in ("scaled_mm", "dequant"):
+        if mode not in LAYER_MODES:
             raise ValueError(f"unknown Fp8Linear mode {mode!r}")
         self.mode = mode
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.to(FP8_DTYPE))
         self.register_buffer("weight_scale", scale.reshape(1, -1).to(torch.float32))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        if mode != "dequant" and not self.scaled_mm_shape_ok:
+            self.mode = "dequant"
+
+    @property
+    def scaled_mm_shape_ok(self) -> bool:
+        """FP8 GEMMs need both dimensions of the weight to be multiples of 16."""
+        return self.in_features % 16 == 0 and self.out_features % 16 == 0
 
     @classmethod
     def from_quanto(cls, module: nn.Module, mode: str) -> Fp8Linear:
         qweight = module.weight
         return cls(qweight._data, qweight._scale, module.bias, mode)
 
+    @classmethod
+    def from_linear(cls, module: nn.Linear, mode: str) -> Fp8Linear:
+        """Quantize a 16-bit linear layer exactly as `convert` (quanto qfloat8) does."""
+        data, scale = quantize_weight_rows(module.weight.detach())
+        return cls(data, scale, module.bias, mode)
+
+    @classmethod
+    def concat(cls, layers: list[Fp8Linear]) -> Fp8Linear:
+        """One layer computing `layers` side by side (their outputs concatenated): exact, scales are per row."""
+        if len({layer.in_features for layer in layers}) != 1:
+            raise ValueError("only layers reading the same input can be fused")
+        biases = [layer.bias for layer in layers]
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            biases = [torch.zeros(l.out_features, dtype=next(b for b in biases if b is not None).dtype,
+                                  device=l.weight.device) if b is None else b for b, l in zip(biases, layers)]
+        modes = {layer.mode for layer in layers}
+        mode = "dequant" if "dequant" in modes else modes.pop()
+        return cls(torch.cat([layer.weight for layer in layers]), torch.cat([layer.weight_scale for layer in layers], 1),
+                   None if biases[0] is None else torch.cat([b.detach() for b in biases]), mode)
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in LAYER_MODES:
+            raise ValueError(f"unknown Fp8Linear mode {mode!r}")
+        self.mode = mode if mode == "dequant" or self.scaled_mm_shape_ok else "dequant"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.mode == "dequant":
             weight = self.weight.to(x.dtype) * self.weight_scale.reshape(-1, 1).to(x.dtype)
-            return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
-        x_fp8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
-        out = torch._scaled_mm(
-            x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
-            bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype,
-        )
+            return F.linear(x, weight, bias)
+        rows = x.reshape(-1, self.in_features)
+        if self.mode == "scaled_mm":
+            x_fp8, x_scale = quantize_rows(rows)
+            out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                                   bias=bias, out_dtype=x.dtype)
+        else:  # tensor-wise activation scale; the per-channel weight scale multiplies the output
+            x_fp8, x_scale = quantize_tensor(rows)
+            out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=x_scale.new_ones(()),
+                                   out_dtype=torch.float32)
+            out = out * self.weight_scale
+            out = (out if bias is None else out + bias).to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
 
 
 class Fp8BlockLinear(nn.Module):
@@ -192,7 +334,7 @@ class Fp8BlockLinear(nn.Module):
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
 
-def _replace_module(model: nn.Module, name: str, replacement: nn.Module) -> None:
+def _replace_module(model: nn.Module, name: str, replacement: nn.Module | None) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
 
@@ -208,16 +350,43 @@ def apply_block_fp8(model: nn.Module) -> int:
     return len(swaps)
 
 
+def block_quantize_linears(model: nn.Module, names: list[str], block: tuple[int, int] = T5_BLOCK) -> int:
+    """Quantize the named 16-bit linear layers of a transformers model in place to `Fp8BlockLinear` (what `convert`
+    writes for T5, kept FP8 as `load_pipeline` keeps it on a GPU); returns the count."""
+    for name in names:
+        module = model.get_submodule(name)
+        data, scale_inv = quantize_blockwise(module.weight.detach().float(), block)
+        _replace_module(model, name, Fp8BlockLinear(data, scale_inv, module.bias, block))
+    return len(names)
+
+
 def _scaled_mm_shape_ok(module: nn.Module) -> bool:
     out_features, in_features = module.weight.shape
     return in_features % 16 == 0 and out_features % 16 == 0
 
 
-def apply_fp8_path(model: nn.Module, path: str) -> int:
-    """Swap quanto linear layers for `Fp8Linear` computing along `path`; returns how many were swapped.
+def convert_linear_names(model: nn.Module, exclude: list[str] | None = None) -> list[str]:
+    """The `nn.Linear` layers `convert` quantizes in a diffusers model: diffusers' QuantoConfig rule, i.e. every
+    `nn.Linear` whose own name is not in `exclude` or the model's `_keep_in_fp32_modules`."""
+    keep = set(exclude or []) | set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.rpartition(".")[2] not in keep]
 
-    Layers whose shapes the FP8 matmul cannot take (dimensions not multiples of 16) use "dequant".
-    Path "quanto" leaves the model as it is.
+
+def quantize_linears(model: nn.Module, mode: str, exclude: list[str] | None = None) -> int:
+    """Quantize, in memory, the layers `convert` would, straight to `Fp8Linear` computing along `mode`; returns the
+    count. The result equals converting, reloading and `apply_fp8_path` (tested bit for bit on the tiny model)."""
+    names = convert_linear_names(model, exclude)
+    for name in names:
+        _replace_module(model, name, Fp8Linear.from_linear(model.get_submodule(name), mode))
+    return len(names)
+
+
+def apply_fp8_path(model: nn.Module, path: str) -> int:
+    """Make the model's FP8 layers compute along `path`; returns how many layers were swapped or switched.
+
+    Quanto layers become `Fp8Linear`; existing `Fp8Linear` layers switch mode. Layers whose shapes the FP8
+    matmul cannot take (dimensions not multiples of 16) use "dequant". Path "quanto" leaves the model as it is.
     """
     if path not in FP8_PATHS:
         raise ValueError(f"unknown FP8 path {path!r}; choose one of {', '.join(FP8_PATHS)}")
@@ -225,16 +394,77 @@ def apply_fp8_path(model: nn.Module, path: str) -> int:
         return 0
     swaps = [(name, module) for name, module in model.named_modules() if is_quanto_linear(module)]
     for name, module in swaps:
-        mode = path if path != "scaled_mm" or _scaled_mm_shape_ok(module) else "dequant"
-        _replace_module(model, name, Fp8Linear.from_quanto(module, mode))
-    return len(swaps)
+        _replace_module(model, name, Fp8Linear.from_quanto(module, path))
+    switched = [module for module in model.modules() if isinstance(module, Fp8Linear) and module.mode != path]
+    for module in switched:
+        module.set_mode(path)
+    return len(swaps) + len(switched)
 
 
 def fp8_path_of(model: nn.Module) -> str | None:
-    """Which FP8 compute path `model` runs ("scaled_mm", "dequant", "quanto"), or None if it has no FP8 layers."""
+    """Which FP8 compute path `model` runs ("scaled_mm", "scaled_mm_tensorwise", "dequant", "quanto"), or None if
+    it has no FP8 layers."""
     modes = {m.mode for m in model.modules() if isinstance(m, Fp8Linear)}
-    if "scaled_mm" in modes:
-        return "scaled_mm"
+    for mode in ("scaled_mm", "scaled_mm_tensorwise"):
+        if mode in modes:
+            return mode
     if modes:
         return "dequant"
     return "quanto" if any(is_quanto_linear(m) for m in model.modules()) else None
+
+
+# ---------------------------------------------------------------------------------------------- fusion
+
+
+def _concat_linears(layers: list[nn.Module]) -> nn.Module:
+    if all(isinstance(layer, Fp8Linear) for layer in layers):
+        return Fp8Linear.concat(layers)
+    if all(type(layer) is nn.Linear for layer in layers):
+        first = layers[0]
+        fused = nn.Linear(first.in_features, sum(l.out_features for l in layers), bias=first.bias is not None,
+                          device=first.weight.device, dtype=first.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([l.weight for l in layers]))
+            if first.bias is not None:
+                fused.bias.copy_(torch.cat([l.bias for l in layers]))
+        return fused.requires_grad_(False)
+    raise TypeError(f"cannot fuse {sorted({type(l).__name__ for l in layers})}")
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse each attention's q/k/v projections (and the context's add_q/k/v) into one layer reading the input once.
+
+    Works on 16-bit `nn.Linear` and `Fp8Linear` layers (not quanto's); the originals are dropped, so memory does
+    not grow. Sets `fused_projections` on each attention; returns how many attentions were fused. The attention
+    processor of `sd35fp8.attention` runs both layouts (diffusers' FusedJointAttnProcessor2_0 skips SD3.5's q/k
+    RMS norms, so it is not used).
+    """
+    from diffusers.models.attention_processor import Attention
+
+    count = 0
+    for attention in [m for m in model.modules() if isinstance(m, Attention)]:
+        if getattr(attention, "to_qkv", None) is not None:
+            continue
+        groups = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
+        fused_any = False
+        for fused_name, names in groups:
+            layers = [getattr(attention, name, None) for name in names]
+            if any(layer is None for layer in layers):
+                continue
+            if any(is_quanto_linear(layer) for layer in layers):
+                return count
+            setattr(attention, fused_name, _concat_linears(layers))
+            for name in names:
+                setattr(attention, name, None)
+            fused_any = True
+        if fused_any:
+            attention.fused_projections = True
+            count += 1
+    return count
+
+
+def projections_fused(model: nn.Module) -> int:
+    """How many attentions of `model` run fused projections."""
+    from diffusers.models.attention_processor import Attention
+
+    return sum(1 for m in model.modules() if isinstance(m, Attention) and getattr(m, "to_qkv", None) is not None)

@@ -39,6 +39,9 @@ class GenerationResult:
     blank: bool
     gpu: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    encode_s: float | None = None  # prompt encoding (0 when the prompt cache had it)
+    prompt_cache_hit: bool = False
+    vae_tiling: bool = False
 
     @property
     def image(self) -> Image.Image:
@@ -76,7 +79,14 @@ def generate(
     stopped around the call so that energy and temperature figures cover exactly this generation.
     `should_stop()` is asked after each step; a reason it returns ends the run with `Stopped(reason)`.
     Raises `OutOfMemory` (with memory freed) when the GPU runs out.
+
+    Prompts are encoded once through `loaded.prompt_cache` (a repeated prompt, or the same prompt on a pipeline
+    made by `with_transformer`, skips the text encoders); the VAE decodes in tiles above
+    `SPEED.vae_tiling_above_pixels`; the measured seconds per step are kept in `loaded.step_seconds`.
     """
+    from .prompts import encode
+    from .settings import SPEED
+
     pipe, device = loaded.pipe, loaded.device
     cuda = device.type == "cuda"
     marks: dict[str, float] = {}
@@ -104,15 +114,20 @@ def generate(
     if sampler is not None:
         sampler.start()
     started = sync_time()
+    cfg = request.guidance > 1
+    tiling = request.width * request.height > SPEED.vae_tiling_above_pixels
+    if hasattr(pipe.vae, "enable_tiling"):
+        pipe.vae.enable_tiling() if tiling else pipe.vae.disable_tiling()
     try:
+        embeddings, cache_hit, encode_s = encode(pipe, device, request.prompt, request.negative_prompt or None, cfg,
+                                                 cache=loaded.prompt_cache)
         output = pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,
+            **embeddings.pipeline_kwargs(request.batch_size),
             num_inference_steps=request.steps,
             guidance_scale=request.guidance,
             width=request.width,
             height=request.height,
-            num_images_per_prompt=request.batch_size,
+            num_images_per_prompt=1,
             generator=torch.Generator("cpu").manual_seed(request.seed),
             output_type="np",
             callback_on_step_end=step_end,
@@ -133,6 +148,8 @@ def generate(
     finite = bool(np.isfinite(arrays).all())
     images = [Image.fromarray((np.nan_to_num(a).clip(0, 1) * 255).round().astype(np.uint8)) for a in arrays]
     denoise = marks.get("denoise_end", started) - marks.get("denoise_start", started)
+    if denoise > 0:
+        loaded.step_seconds[(request.width, request.height, request.batch_size)] = denoise / request.steps
     return GenerationResult(
         images=images,
         request=request,
@@ -145,4 +162,7 @@ def generate(
         blank=finite and float(np.std(arrays)) < 1e-3,
         gpu=gpu,
         warnings=prompt_warnings(loaded, request),
+        encode_s=encode_s,
+        prompt_cache_hit=cache_hit,
+        vae_tiling=tiling,
     )

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from .fp8 import FP8_PATHS, apply_block_fp8, apply_fp8_path, fp8_path_of, keep_fp8_config, quanto_quantize, select_fp8_path
+from .fp8 import (FP8_PATHS, apply_block_fp8, apply_fp8_path, fp8_path_of, keep_fp8_config, probe_scaled_mm,
+                  quantize_linears, select_fp8_path)
 from .errors import BadInput
-from .settings import PRECISIONS
+from .settings import PRECISIONS, SPEED
+from .speed import SpeedOptions, prepare_transformer
 from .tiny import TINY_MODEL_NAME, build_tiny_pipeline
 
 TINY = "tiny"
@@ -32,10 +34,14 @@ class LoadedPipeline:
     fp8_path: str | None
     load_seconds: float
     component_bytes: dict[str, int] = field(default_factory=dict)
+    pieces: dict[str, object] = field(default_factory=dict)  # which speed pieces ran (sd35fp8.speed.describe_pieces)
+    prompt_cache: object | None = None  # sd35fp8.prompts.PromptCache, shared with pipelines made by with_transformer
+    encoders: object | None = None  # sd35fp8.prompts.OnDemandEncoders when text encoders live in CPU memory
+    step_seconds: dict[tuple[int, int, int], float] = field(default_factory=dict)  # (w, h, batch) -> measured s/step
 
     @property
     def label(self) -> str:
-        return TINY_MODEL_NAME if self.source == TINY else self.source
+        return TINY_MODEL_NAME if self.source == TINY else (self.source if isinstance(self.source, str) else "in-memory")
 
 
 def default_device() -> torch.device:
@@ -83,7 +89,9 @@ def _fp8_text_encoders(source: str, index: dict, dtype: torch.dtype, revision: s
     """The pipeline's fine-grained-FP8 transformers components, loaded as FP8 and computing with `Fp8BlockLinear`.
 
     Their configs say `dequantize: true` so that stock transformers works everywhere; on a GPU we keep
-    them FP8 instead (half the memory). On a CPU transformers always dequantizes, so this is GPU-only.
+    them FP8 instead (half the memory). Where transformers dequantizes regardless (CPU, GPUs below SM 8.9),
+    it leaves the checkpoint's 16-bit tensors in the dtype they were written in; they are matched to `dtype`
+    here (modules the model keeps in float32 for float16 aside), so the result computes in `dtype` anywhere.
     """
     import transformers
 
@@ -100,6 +108,12 @@ def _fp8_text_encoders(source: str, index: dict, dtype: torch.dtype, revision: s
             source, subfolder=name, variant=VARIANT, dtype=dtype, revision=revision, quantization_config=keep_fp8_config(stored)
         )
         apply_block_fp8(model)
+        keep_fp32 = (dtype == torch.float16 and model._keep_in_fp32_modules) or []
+        for module_name, module in model.named_modules():
+            target = torch.float32 if any(part in keep_fp32 for part in module_name.split(".")) else dtype
+            for param in module.parameters(recurse=False):
+                if param.is_floating_point() and param.element_size() > 1 and param.dtype != target:
+                    param.data = param.data.to(target)
         encoders[name] = model.eval()
     return encoders
 
@@ -119,7 +133,7 @@ def _from_pretrained(source: str, precision: str, dtype: torch.dtype, revision: 
 
 
 def load_pipeline(
-    source: str = TINY,
+    source: str | StableDiffusion3Pipeline = TINY,
     precision: str = "fp8",
     *,
     device: torch.device | str | None = None,
@@ -127,48 +141,128 @@ def load_pipeline(
     fp8_path: str = "auto",
     revision: str | None = None,
     offload: bool = False,
-    compile: bool = False,
+    compile: bool | str = False,
+    compile_mode: str | None = None,
+    compile_cache: str | bool | None = "auto",
+    fuse_projections: bool | str = "auto",
+    attention: str = "auto",
+    cuda_graphs: bool | str = "auto",
+    text_encoders: str = "auto",
+    prompt_cache: bool | object = True,
+    aot_dir: str | None = None,
 ) -> LoadedPipeline:
-    """Load an SD3 pipeline in `precision` ("fp8", "bf16", "fp16") from a Hub id, a folder, or "tiny".
+    """Load an SD3 pipeline in `precision` ("fp8", "bf16", "fp16") from a Hub id, a folder, "tiny", or a
+    `StableDiffusion3Pipeline` object (in memory; for "fp8" its 16-bit transformer is quantized exactly as
+    `python -m convert` would, and on a GPU its T5 too).
 
-    "fp8" loads the `fp8` variant written by `python -m convert` (for "tiny", quantizes in memory) and
-    runs its transformer on `fp8_path`: "auto" picks FP8 tensor cores where the GPU has them and
-    per-layer dequantization elsewhere. `compile` wraps the transformer in torch.compile (the fastest
-    configuration measured on an H100; the first generation at each size pays the compilation).
-    Every load is checked: no weight may be left on `meta`.
+    "fp8" loads the `fp8` variant written by `python -m convert` (for "tiny", quantizes in memory) and runs its
+    transformer on `fp8_path`: "auto" probes the GPU once (`probe_scaled_mm`) and picks row-wise FP8 tensor
+    cores, else tensor-wise ones, else per-layer dequantization (always on the CPU).
+
+    Speed pieces (each can be switched off; "auto" = fastest measured on this hardware, off on the CPU):
+    `fuse_projections`, `attention` ("sdpa", "fp8_cudnn"), `compile` (False/"off", True/"regional", "full",
+    "aot"; the first generation at each new kind of input pays the compilation, a new size does not),
+    `compile_mode`, `compile_cache` (folder kept between runs), `cuda_graphs`. Placement: `offload` (accelerate's
+    model CPU offload, for 12 GB cards), `text_encoders` ("gpu", "on_demand": in CPU memory, each copied to the
+    GPU only while it encodes; "auto": on demand on GPUs of 24 GB or less). `prompt_cache`: True for a new LRU
+    cache of prompt embeddings, a `PromptCache` to share one, False for none.
+    `LoadedPipeline.pieces` records which pieces ran. Every load is checked: no weight may be left on `meta`.
     """
+    from .prompts import OnDemandEncoders, PromptCache
+
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if fp8_path != "auto" and fp8_path not in FP8_PATHS:
         raise ValueError(f"unknown FP8 path {fp8_path!r}; choose auto or one of {', '.join(FP8_PATHS)}")
+    if text_encoders not in ("auto", "gpu", "on_demand"):
+        raise ValueError(f"unknown text_encoders {text_encoders!r}; choose auto, gpu or on_demand")
+    options = SpeedOptions(fuse_projections=fuse_projections, attention=attention, compile=compile,
+                           compile_mode=compile_mode, compile_cache=compile_cache, cuda_graphs=cuda_graphs,
+                           aot_dir=aot_dir)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or PRECISIONS[precision].dtype or torch.bfloat16
+    options = options.resolved(device)
     started = time.perf_counter()
-    if source == TINY:
+    in_memory = isinstance(source, StableDiffusion3Pipeline)
+    if in_memory:
+        pipe = source
+    elif source == TINY:
         pipe = build_tiny_pipeline(dtype=dtype)
-        if precision == "fp8":
-            quanto_quantize(pipe.transformer)
     else:
         pipe = _from_pretrained(source, precision, dtype, revision, device)
     check_loaded(pipe)
-    path = None
+    path, probe = None, None
     if precision == "fp8":
+        if device.type == "cuda" and fp8_path == "auto":
+            probe = probe_scaled_mm(device)
+        path = select_fp8_path(device) if fp8_path == "auto" else fp8_path
+        if (in_memory or source == TINY) and fp8_path_of(pipe.transformer) is None:
+            quantize_linears(pipe.transformer, "dequant" if path == "quanto" else path)  # what convert writes
+            if in_memory and device.type == "cuda":
+                _quantize_text_encoders_like_convert(pipe)
         if fp8_path_of(pipe.transformer) is None:
             raise LoadError(f"{source!r} has no FP8 transformer: make one with `python -m convert {source} --out DIR`.")
-        path = select_fp8_path(device) if fp8_path == "auto" else fp8_path
         apply_fp8_path(pipe.transformer, path)  # before placing: on CUDA quanto would repack its weights
-    pipe = _place(pipe, device, offload)
-    if compile:
-        pipe.transformer.compile()
+    placement = _resolve_text_encoders(text_encoders, device, offload)
+    encoders = None
+    if placement == "on_demand":
+        encoders = OnDemandEncoders(pipe, device)
+        pipe = _place(pipe, device, offload, skip=("text_encoder", "text_encoder_2", "text_encoder_3"))
+    else:
+        pipe = _place(pipe, device, offload)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedPipeline(pipe, source, precision, device, path, time.perf_counter() - started, component_bytes(pipe))
+    cache = prompt_cache if isinstance(prompt_cache, PromptCache) else (
+        PromptCache(SPEED.prompt_cache_entries, SPEED.prompt_cache_bytes) if prompt_cache else None)
+    pieces = {"fp8_path": path, "fp8_probe": probe}
+    pieces |= prepare_transformer(pipe.transformer, device, options, run_once=_warmup_call(pipe, device, cache))
+    pieces["text_encoders"] = encoders.describe() if encoders else ("model CPU offload" if offload else "gpu")
+    pieces["prompt_cache"] = cache.describe() if cache is not None else None
+    pieces["vae_tiling_above_pixels"] = SPEED.vae_tiling_above_pixels
+    return LoadedPipeline(pipe, source if not in_memory else "in-memory", precision, device, path,
+                          time.perf_counter() - started, component_bytes(pipe), pieces, cache, encoders)
 
 
-def _place(pipe: StableDiffusion3Pipeline, device: torch.device, offload: bool) -> StableDiffusion3Pipeline:
+def _resolve_text_encoders(choice: str, device: torch.device, offload: bool) -> str:
+    if device.type != "cuda" or offload:
+        return "gpu"
+    if choice == "auto":
+        return "on_demand" if torch.cuda.get_device_properties(device).total_memory <= 24 * 2**30 else "gpu"
+    return choice
+
+
+def _quantize_text_encoders_like_convert(pipe: StableDiffusion3Pipeline) -> None:
+    """T5 in FP8 blocks, the layers `convert` writes (transformers' rule keeps `_keep_in_fp32_modules` 16-bit)."""
+    from .fp8 import block_quantize_linears
+
+    t5 = getattr(pipe, "text_encoder_3", None)
+    if t5 is None:
+        return
+    keep = set(getattr(t5, "_keep_in_fp32_modules", None) or [])
+    names = [name for name, module in t5.named_modules()
+             if isinstance(module, torch.nn.Linear) and not (set(name.split(".")) & keep)]
+    block_quantize_linears(t5, names)
+
+
+def _warmup_call(pipe: StableDiffusion3Pipeline, device: torch.device, cache):
+    """One denoising step at a representative size (1024², 64 px for tiny models), for AOT input capture."""
+    def run():
+        size = 1024 if pipe.transformer.config.sample_size >= 64 else 64
+        pipe(prompt="warm-up", num_inference_steps=1, guidance_scale=4.5, width=size, height=size,
+             output_type="latent", generator=torch.Generator("cpu").manual_seed(0))
+    return run
+
+
+def _place(pipe: StableDiffusion3Pipeline, device: torch.device, offload: bool,
+           skip: tuple[str, ...] = ()) -> StableDiffusion3Pipeline:
     if offload and device.type == "cuda":
         pipe.enable_model_cpu_offload(device=device)
         return pipe
-    return pipe.to(device)
+    if not skip:
+        return pipe.to(device)
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name not in skip:
+            component.to(device)
+    return pipe
 
 
 def load_transformer(source: str, precision: str, *, dtype: torch.dtype | None = None,
@@ -184,13 +278,22 @@ def load_transformer(source: str, precision: str, *, dtype: torch.dtype | None =
 
 
 def with_transformer(loaded: LoadedPipeline, transformer: SD3Transformer2DModel, precision: str,
-                     source: str | None = None) -> LoadedPipeline:
-    """A second pipeline that shares `loaded`'s text encoders, tokenizers, VAE and scheduler config."""
+                     source: str | None = None, **speed) -> LoadedPipeline:
+    """A second pipeline that shares `loaded`'s text encoders (and their placement), tokenizers, VAE, prompt cache
+    and scheduler config. `speed` takes `load_pipeline`'s speed options (fuse_projections, attention, compile,
+    compile_mode, compile_cache, cuda_graphs, aot_dir) for the new transformer; the same "auto" defaults apply."""
     started = time.perf_counter()
     scheduler = loaded.pipe.scheduler.__class__.from_config(loaded.pipe.scheduler.config)
     components = dict(loaded.pipe.components, transformer=transformer.to(loaded.device), scheduler=scheduler)
     pipe = StableDiffusion3Pipeline(**components)
     check_loaded(pipe)
     pipe.set_progress_bar_config(disable=True)
+    options = SpeedOptions(**speed).resolved(loaded.device)
+    pieces = {"fp8_path": fp8_path_of(transformer), "fp8_probe": None}
+    pieces |= prepare_transformer(transformer, loaded.device, options,
+                                  run_once=_warmup_call(pipe, loaded.device, loaded.prompt_cache))
+    for key in ("text_encoders", "prompt_cache", "vae_tiling_above_pixels"):
+        pieces[key] = loaded.pieces.get(key)
     return LoadedPipeline(pipe, source or loaded.source, precision, loaded.device, fp8_path_of(transformer),
-                          time.perf_counter() - started, component_bytes(pipe))
+                          time.perf_counter() - started, component_bytes(pipe), pieces, loaded.prompt_cache,
+                          loaded.encoders)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -178,3 +178,41 @@ class ConversionSettings:
 
 
 CONVERSION = ConversionSettings()
+
+
+# ------------------------------------------------------------------------------------------ speed
+
+
+def _default_compile_cache() -> str:
+    return os.environ.get("SD35FP8_COMPILE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sd35fp8", "compile")
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """The FP8 speed pieces' knobs (`load_pipeline`, `generate`, `sd35fp8.zerogpu`).
+
+    The per-step seconds are what ZeroGPU asks for before the first request has been measured: H200 figures
+    (bench/results/gpu_h200_speed.json) at 1024x1024 with CFG, times `unmeasured_safety` for slower GPUs.
+    """
+
+    compile_cache_dir: str = field(default_factory=_default_compile_cache)  # env SD35FP8_COMPILE_CACHE
+    prompt_cache_entries: int = 32  # LRU prompt embeddings kept (CPU memory)
+    prompt_cache_bytes: int = 256 * 2**20  # ... and at most this many bytes (one SD3 prompt with CFG: ~5.5 MB)
+    vae_tiling_above_pixels: int = 1024 * 1024  # decode in tiles above this many pixels
+    seconds_per_step_1024: float = 0.14  # one CFG step of SD3.5 Large FP8 at 1024² (H200 compiled ~0.09-0.11)
+    unmeasured_safety: float = 2.0  # multiplies seconds_per_step_1024 until a request has been measured
+    fixed_overhead_s: float = 3.0  # prompt encoding, VAE decode, transfers of one request
+    size_exponent: float = 1.3  # step time grows about as pixels ** this (attention is quadratic in tokens)
+
+    def __post_init__(self):
+        for name in ("prompt_cache_entries", "prompt_cache_bytes", "vae_tiling_above_pixels"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise BadInput(f"SpeedSettings.{name} must be a whole number >= 0, not {getattr(self, name)!r}.")
+        for name in ("seconds_per_step_1024", "unmeasured_safety", "fixed_overhead_s", "size_exponent"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise BadInput(f"SpeedSettings.{name} must be a positive number, not {value!r}.")
+
+
+SPEED = SpeedSettings()

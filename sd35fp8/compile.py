@@ -1,0 +1,331 @@
+"""Compiling the SD3 transformer: regional torch.compile, on-disk caches, AOTInductor packages, CUDA graphs.
+
+* `compile_transformer(t, "regional")` compiles each `JointTransformerBlock` (SD3's transformer declares no
+  `_repeated_blocks`, so diffusers' `compile_repeated_blocks` does nothing for it). Blocks of one kind share
+  one compiled graph (torch.compile guards on code and shapes, not on which block's weights run), so SD3.5
+  Large compiles two graphs (its last block has no context output) and Medium three. With `dynamic=True` the
+  token and batch dimensions are symbolic, so a new image size or batch runs the same code: no recompilation.
+  `"full"` compiles the whole transformer instead (one big graph, minutes for Large).
+* `configure_compile_cache(dir)` points inductor's and Triton's on-disk caches (FX graph cache, AOTAutograd
+  cache, compiled kernels) at a folder kept between runs, so a restarted app compiles from cache;
+  `save_portable_cache` / `load_portable_cache` move the same artifacts as one file (torch's mega-cache).
+* `aot_compile_blocks` exports one block of each kind (`torch.export`, symbolic token dimension) and builds an
+  AOTInductor package per kind (`torch._inductor.aoti_compile_and_package`, weights left out of the package);
+  `apply_aot_packages` loads them and runs every block through its kind's package with that block's own
+  weights. `sd35fp8.zerogpu` does the same through the `spaces` package on ZeroGPU.
+* `CudaGraphTransformer` captures whole transformer steps in CUDA graphs (one per input shape) and replays them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+COMPILE_CHOICES = ("off", "regional", "full", "aot")
+TOKEN_RANGE = (16, 16384)  # image tokens of a 64..2048 px side at VAE factor 8, patch 2
+BATCH_RANGE = (2, 16)  # CFG doubles the batch; batch 1 (no CFG) runs the blocks eagerly on the AOT path
+
+
+# ------------------------------------------------------------------------------------------- caches
+
+
+def configure_compile_cache(cache_dir: str | os.PathLike | None) -> dict:
+    """Keep inductor's and Triton's caches under `cache_dir` (created if needed); returns what was set and whether
+    the folder already held compiled artifacts (a warm cache). Environment variables already set win."""
+    if not cache_dir:
+        return {"cache_dir": None, "warm": False}
+    root = Path(cache_dir).expanduser().resolve()
+    inductor, triton = root / "inductor", root / "triton"
+    inductor.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(triton))
+    from torch._inductor import config as inductor_config
+    from torch._functorch import config as functorch_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    warm = any(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).rglob("*.py")) if inductor.exists() else False
+    return {"cache_dir": str(root), "inductor": os.environ["TORCHINDUCTOR_CACHE_DIR"],
+            "triton": os.environ["TRITON_CACHE_DIR"], "warm": bool(warm)}
+
+
+def save_portable_cache(path: str | os.PathLike) -> int:
+    """Write everything compiled so far in this process as one file (torch.compiler.save_cache_artifacts)."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return 0
+    data, _info = saved
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(data)
+    return len(data)
+
+
+def load_portable_cache(path: str | os.PathLike) -> bool:
+    """Load a file written by `save_portable_cache` into the local caches before compiling; False if absent."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    torch.compiler.load_cache_artifacts(path.read_bytes())
+    return True
+
+
+def compile_counters() -> dict:
+    """Graphs compiled and recompilations so far in this process (torch._dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
+            "frames_compiled": int(counters["frames"].get("ok", 0))}
+
+
+# ------------------------------------------------------------------------------------------- regional compile
+
+
+def blocks_of(transformer: nn.Module) -> list[nn.Module]:
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(transformer).__name__} has no transformer_blocks")
+    return list(blocks)
+
+
+def block_kind(block: nn.Module) -> str:
+    """Blocks of one kind run the same code: SD3's differ in whether they emit a context and use dual attention."""
+    return "block" + ("_dual" if getattr(block, "use_dual_attention", False) else "") + (
+        "_last" if getattr(block, "context_pre_only", False) else "")
+
+
+def block_groups(transformer: nn.Module) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for index, block in enumerate(blocks_of(transformer)):
+        groups.setdefault(block_kind(block), []).append(index)
+    return groups
+
+
+def compile_transformer(transformer: nn.Module, how: str = "regional", *, mode: str | None = None,
+                        dynamic: bool = True, backend: str = "inductor") -> str:
+    """torch.compile the transformer in place, `how` = "regional" (each block) or "full"; returns a description."""
+    options = dict(dynamic=dynamic, backend=backend)
+    if mode and mode != "default":
+        options["mode"] = mode
+    if how == "regional":
+        for block in blocks_of(transformer):
+            block.compile(**options)
+        kinds = len(block_groups(transformer))
+        return (f"regional: {len(blocks_of(transformer))} blocks, {kinds} kinds"
+                + (", dynamic token/batch dims" if dynamic else "") + (f", {mode}" if mode else ""))
+    if how == "full":
+        transformer.compile(**options)
+        return "full model" + (", dynamic" if dynamic else "") + (f", {mode}" if mode else "")
+    raise ValueError(f"unknown compile choice {how!r}; use regional or full")
+
+
+# ------------------------------------------------------------------------------------------- AOTInductor
+
+
+@contextmanager
+def capture_block_calls(transformer: nn.Module):
+    """Record the args/kwargs of the first call of the first block of each kind while the body runs."""
+    calls: dict[str, tuple[tuple, dict]] = {}
+    hooks = []
+    for kind, indices in block_groups(transformer).items():
+        def hook(module, args, kwargs, kind=kind):
+            calls.setdefault(kind, (args, dict(kwargs)))
+        hooks.append(blocks_of(transformer)[indices[0]].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def block_dynamic_shapes(kwargs: dict, tokens=TOKEN_RANGE, batch=BATCH_RANGE) -> dict:
+    """torch.export dynamic shapes for a block call: image tokens and batch symbolic, the rest static."""
+    from torch.export import Dim
+
+    token_dim = Dim("tokens", min=tokens[0], max=tokens[1])
+    batch_dim = Dim("batch", min=batch[0], max=batch[1])
+    shapes = {}
+    for name, value in kwargs.items():
+        if name == "hidden_states":
+            shapes[name] = {0: batch_dim, 1: token_dim}
+        elif isinstance(value, torch.Tensor) and value.dim() >= 1:
+            shapes[name] = {0: batch_dim}
+        else:
+            shapes[name] = None
+    return shapes
+
+
+def export_block(block: nn.Module, args: tuple, kwargs: dict, dynamic: bool = True):
+    shapes = block_dynamic_shapes(kwargs) if dynamic else None
+    with torch.no_grad():
+        return torch.export.export(block, args, kwargs, dynamic_shapes=shapes, strict=False)
+
+
+AOT_INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
+
+
+def aot_compile_blocks(transformer: nn.Module, run_once: Callable[[], object], package_dir: str | os.PathLike,
+                       *, dynamic: bool = True, inductor_configs: dict | None = None,
+                       kinds: list[str] | None = None) -> dict:
+    """Export one block of each kind (inputs captured while `run_once()` runs the model eagerly) and build an
+    AOTInductor package per kind in `package_dir` (weights not included); returns {kind: {path, export_s, compile_s}}."""
+    package_dir = Path(package_dir)
+    package_dir.mkdir(parents=True, exist_ok=True)
+    with capture_block_calls(transformer) as calls:
+        with torch.no_grad():
+            run_once()
+    report = {}
+    blocks = blocks_of(transformer)
+    for kind, indices in block_groups(transformer).items():
+        if kinds is not None and kind not in kinds:
+            continue
+        args, kwargs = calls[kind]
+        started = time.perf_counter()
+        exported = export_block(blocks[indices[0]], args, kwargs, dynamic)
+        exported_s = time.perf_counter() - started
+        path = torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(package_dir / f"{kind}.pt2"),
+            inductor_configs={**AOT_INDUCTOR_CONFIGS, **(inductor_configs or {})})
+        report[kind] = {"path": str(path), "export_s": round(exported_s, 2),
+                        "compile_s": round(time.perf_counter() - started - exported_s, 2),
+                        "bytes": Path(path).stat().st_size}
+    return report
+
+
+class _SharedRunner:
+    """One loaded AOTInductor package, run with the weights of whichever block calls it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.runner = torch._inductor.aoti_load_package(str(path))
+        self.fqns = set(self.runner.get_constant_fqns())
+        self.current = None
+        self.lock = threading.Lock()
+
+    def __call__(self, owner: _AotBlock, args, kwargs):
+        with self.lock:
+            if self.current is not owner:
+                self.runner.load_constants(owner.constants(self.fqns), check_full_update=owner.first,
+                                           user_managed=True)
+                owner.first = False
+                self.current = owner
+            return self.runner(*args, **kwargs)
+
+
+class _AotBlock:
+    """Installed as a block's `forward`: runs the shared package with this block's weights, or the block's own
+    eager forward for inputs outside the exported ranges (batch 1, tiny sizes)."""
+
+    def __init__(self, block: nn.Module, runner: _SharedRunner, eager_forward):
+        self.block, self.runner, self.eager_forward = block, runner, eager_forward
+        self.first = True
+        self._constants = None
+
+    def constants(self, fqns):
+        if self._constants is None:
+            state = self.block.state_dict()
+            missing = fqns - set(state)
+            if missing:
+                raise RuntimeError(f"AOT package expects weights the block lacks: {sorted(missing)[:5]}")
+            self._constants = {name: state[name] for name in fqns}
+        return self._constants
+
+    def __call__(self, *args, **kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden is None or not (BATCH_RANGE[0] <= hidden.shape[0] <= BATCH_RANGE[1]
+                                  and TOKEN_RANGE[0] <= hidden.shape[1] <= TOKEN_RANGE[1]):
+            return self.eager_forward(*args, **kwargs)
+        return self.runner(self, args, kwargs)
+
+
+def apply_aot_packages(transformer: nn.Module, package_dir: str | os.PathLike) -> dict:
+    """Run every block whose kind has a package in `package_dir` through it; returns {kind: blocks patched}."""
+    package_dir = Path(package_dir)
+    patched = {}
+    blocks = blocks_of(transformer)
+    for kind, indices in block_groups(transformer).items():
+        path = package_dir / f"{kind}.pt2"
+        if not path.is_file():
+            continue
+        runner = _SharedRunner(path)
+        for index in indices:
+            block = blocks[index]
+            eager = block.forward
+            block.forward = _AotBlock(block, runner, eager)
+        patched[kind] = len(indices)
+    return patched
+
+
+def remove_aot(transformer: nn.Module) -> None:
+    for block in blocks_of(transformer):
+        if isinstance(block.__dict__.get("forward"), _AotBlock):
+            del block.forward
+
+
+# ------------------------------------------------------------------------------------------- CUDA graphs
+
+
+class CudaGraphTransformer:
+    """Capture the transformer's forward in one CUDA graph per input shape and replay it (CUDA only).
+
+    Installed with `install(transformer)`; the pipeline keeps calling `transformer(...)` as before. The first
+    call at a new shape runs eagerly (warm-up, compiles if compiled), the second captures, later calls replay.
+    Outputs are copied out of the graph's static buffers.
+    """
+
+    TENSOR_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+
+    def __init__(self, transformer: nn.Module):
+        self.transformer = transformer
+        self.forward = transformer.forward
+        self.graphs: dict[tuple, tuple] = {}
+        self.seen: set[tuple] = set()
+        self.pool = None
+
+    @classmethod
+    def install(cls, transformer: nn.Module) -> CudaGraphTransformer:
+        wrapper = cls(transformer)
+        transformer.forward = wrapper
+        return wrapper
+
+    def uninstall(self) -> None:
+        if self.transformer.__dict__.get("forward") is self:
+            del self.transformer.forward
+
+    def __call__(self, *args, **kwargs):
+        tensors = {name: kwargs.get(name) for name in self.TENSOR_INPUTS}
+        if args or any(not isinstance(t, torch.Tensor) or t.device.type != "cuda" for t in tensors.values()) \
+                or kwargs.get("return_dict", True) or torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        key = tuple((name, tuple(t.shape), t.dtype) for name, t in tensors.items())
+        rest = {k: v for k, v in kwargs.items() if k not in self.TENSOR_INPUTS}
+        if key not in self.graphs:
+            if key not in self.seen:
+                self.seen.add(key)
+                return self.forward(**kwargs)
+            self.graphs[key] = self._capture(tensors, rest)
+        graph, static_in, static_out = self.graphs[key]
+        for name, tensor in tensors.items():
+            static_in[name].copy_(tensor)
+        graph.replay()
+        return (static_out.clone(),)
+
+    def _capture(self, tensors: dict, rest: dict):
+        static_in = {name: t.clone() for name, t in tensors.items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.forward(**static_in, **rest)  # one more warm-up on the side stream, as CUDA graphs need
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_out = self.forward(**static_in, **rest)[0]
+        return graph, static_in, static_out

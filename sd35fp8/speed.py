@@ -1,0 +1,150 @@
+"""The speed pieces a transformer can run with, each with a switch, and the record of which ones ran.
+
+`load_pipeline(...)` and `with_transformer(...)` take these options as keyword arguments (see `SpeedOptions`);
+"auto" means the fastest configuration measured on that hardware (bench/results/gpu_h200_speed.json), and
+every piece is off on the CPU unless asked for. `prepare_transformer` applies them in a fixed order: fused
+projections -> attention backend -> compilation (regional / full / AOTInductor) -> CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .attention import ATTENTION_BACKENDS, ATTENTION_LABELS, FALLBACKS, attention_of, cudnn_fp8_available, set_attention
+from .compile import COMPILE_CHOICES, CudaGraphTransformer, apply_aot_packages, aot_compile_blocks, compile_transformer, \
+    configure_compile_cache
+from .fp8 import fuse_projections, projections_fused
+from .settings import SPEED
+
+# What "auto" picks on a CUDA GPU, from the H200 measurements (bench/NOTES.md). Attention: FP8 attention only
+# where it measured faster than 16-bit cuDNN at head_dim 64 (set from the benchmark; see NOTES).
+AUTO_ATTENTION_FP8_MIN_CAPABILITY: tuple[int, int] | None = None  # None: FP8 attention is never auto-selected
+AUTO_CUDA_GRAPHS = False  # measured: no gain once compiled (launches hide behind long kernels)
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """Switches of the speed pieces. `True`/`"auto"`/`False` as documented per field."""
+
+    fuse_projections: bool | str = "auto"  # concatenate q/k/v (and add_q/k/v) into one GEMM; auto: on CUDA
+    attention: str = "auto"  # "sdpa" | "fp8_cudnn" | "fp8_reference"; auto: fastest measured here (else sdpa)
+    compile: bool | str = False  # False/"off" | True/"regional" | "full" | "aot" | "auto" (regional on CUDA)
+    compile_mode: str | None = None  # inductor mode, e.g. "max-autotune-no-cudagraphs"
+    compile_dynamic: bool = True  # symbolic token/batch dims: a new size or batch does not recompile
+    compile_cache: str | bool | None = "auto"  # folder for inductor/Triton caches; auto: SPEED.compile_cache_dir
+    cuda_graphs: bool | str = "auto"  # capture whole steps; auto: what measured faster
+    aot_dir: str | None = None  # AOTInductor packages (compile="aot"); None: under the compile cache
+
+    def __post_init__(self):
+        if self.attention != "auto" and self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention {self.attention!r}; choose auto or one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.compile not in (True, False, "auto") and self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"unknown compile {self.compile!r}; choose one of auto, {', '.join(COMPILE_CHOICES)}")
+
+    def resolved(self, device: torch.device) -> SpeedOptions:
+        """Every "auto" replaced by what it means on `device`."""
+        cuda = torch.device(device).type == "cuda"
+        fuse = cuda if self.fuse_projections == "auto" else bool(self.fuse_projections)
+        attention = self.attention
+        if attention == "auto":
+            attention = "sdpa"
+            if cuda and AUTO_ATTENTION_FP8_MIN_CAPABILITY is not None \
+                    and torch.cuda.get_device_capability(device) >= AUTO_ATTENTION_FP8_MIN_CAPABILITY \
+                    and cudnn_fp8_available() is None:
+                attention = "fp8_cudnn"
+        compile_choice = {True: "regional", False: "off", "auto": "regional" if cuda else "off"}.get(
+            self.compile, self.compile)
+        graphs = (cuda and AUTO_CUDA_GRAPHS and compile_choice != "aot") if self.cuda_graphs == "auto" \
+            else bool(self.cuda_graphs) and cuda
+        cache = self.compile_cache
+        if cache == "auto" or cache is True:
+            cache = SPEED.compile_cache_dir if compile_choice != "off" else None
+        return replace(self, fuse_projections=fuse, attention=attention, compile=compile_choice, cuda_graphs=graphs,
+                       compile_cache=cache or None)
+
+
+def aot_fingerprint(transformer: torch.nn.Module, device: torch.device) -> str:
+    """Folder name for AOTInductor packages of this transformer's block code, dtypes, FP8 modes and device."""
+    from .fp8 import fp8_path_of
+
+    config = dict(getattr(transformer, "config", {}))
+    dtypes = sorted({str(p.dtype) for p in transformer.parameters()})
+    capability = torch.cuda.get_device_capability(device) if torch.device(device).type == "cuda" else "cpu"
+    text = json.dumps([config, dtypes, fp8_path_of(transformer), projections_fused(transformer), str(capability),
+                       torch.__version__], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def prepare_transformer(transformer: torch.nn.Module, device: torch.device, options: SpeedOptions,
+                        run_once=None) -> dict:
+    """Apply the (resolved) speed options to a transformer already on `device`; returns what ran.
+
+    `run_once()` must run the pipeline once (one step at a representative size); only compile="aot" needs it, to
+    capture the blocks' inputs for export.
+    """
+    pieces: dict[str, object] = {}
+    if options.fuse_projections:
+        fuse_projections(transformer)
+    pieces["fused_projections"] = projections_fused(transformer)
+    backend = options.attention
+    if backend == "fp8_cudnn":
+        reason = cudnn_fp8_available()
+        if reason is not None:
+            pieces["attention_fallback"] = f"fp8_cudnn unavailable ({reason}); 16-bit sdpa instead"
+            backend = "sdpa"
+    if options.compile == "aot" and backend != "sdpa":
+        pieces["attention_fallback"] = f"{backend} is a Python custom op, which AOTInductor packages cannot call; sdpa"
+        backend = "sdpa"
+    set_attention(transformer, backend)
+    pieces["attention"] = attention_of(transformer)
+    cache = configure_compile_cache(options.compile_cache) if options.compile != "off" else {"cache_dir": None}
+    pieces["compile_cache"] = cache
+    if options.compile in ("regional", "full"):
+        pieces["compile"] = compile_transformer(transformer, options.compile, mode=options.compile_mode,
+                                                dynamic=options.compile_dynamic)
+    elif options.compile == "aot":
+        if run_once is None:
+            raise ValueError("compile='aot' needs run_once to capture the blocks' inputs")
+        root = Path(options.aot_dir or Path(cache.get("cache_dir") or SPEED.compile_cache_dir) / "aot")
+        folder = root / aot_fingerprint(transformer, device)
+        built = {}
+        if not any(folder.glob("*.pt2")):
+            built = aot_compile_blocks(transformer, run_once, folder, dynamic=options.compile_dynamic)
+        patched = apply_aot_packages(transformer, folder)
+        pieces["compile"] = f"aot: {sum(patched.values())} blocks through {len(patched)} AOTInductor packages"
+        pieces["aot"] = {"folder": str(folder), "built": built, "loaded_from_disk": not built}
+    else:
+        pieces["compile"] = "off"
+    pieces["cuda_graphs"] = False
+    if options.cuda_graphs:
+        CudaGraphTransformer.install(transformer)
+        pieces["cuda_graphs"] = True
+    return pieces
+
+
+def describe_pieces(pieces: dict) -> str:
+    """One line for the app: which speed pieces this pipeline runs."""
+    parts = []
+    if pieces.get("fp8_path"):
+        parts.append(f"FP8 {pieces['fp8_path']}")
+    if pieces.get("fused_projections"):
+        parts.append(f"fused q/k/v in {pieces['fused_projections']} attentions")
+    if pieces.get("attention"):
+        parts.append(ATTENTION_LABELS.get(pieces["attention"], str(pieces["attention"])))
+    if pieces.get("compile") and pieces["compile"] != "off":
+        cache = pieces.get("compile_cache") or {}
+        parts.append(f"torch.compile {pieces['compile']}" + (" (warm cache)" if cache.get("warm") else ""))
+    if pieces.get("cuda_graphs"):
+        parts.append("CUDA graphs")
+    if pieces.get("text_encoders") and pieces["text_encoders"] != "gpu":
+        parts.append(str(pieces["text_encoders"]))
+    if pieces.get("prompt_cache"):
+        parts.append(f"prompt cache ({pieces['prompt_cache']})")
+    if FALLBACKS:
+        parts.append(f"FP8 attention fell back on {len(FALLBACKS)} shape(s)")
+    return " · ".join(parts) if parts else "no speed pieces"

@@ -1,0 +1,145 @@
+"""Compilation paths on the CPU with the tiny model: regional compile without recompiles across sizes, the
+compile cache setting, the AOTInductor package path (dequant FP8) and the ZeroGPU `spaces` path."""
+
+import contextlib
+import types
+import unittest.mock
+
+import numpy as np
+import pytest
+import torch
+
+from sd35fp8.compile import CudaGraphTransformer, block_groups, compile_counters, compile_transformer, \
+    configure_compile_cache
+from sd35fp8.generate import generate
+from sd35fp8.loading import load_pipeline
+from sd35fp8.metrics import ssim
+from sd35fp8.request import GenerationRequest
+from sd35fp8.tiny import build_tiny_pipeline
+
+
+def run(transformer, side):
+    x = torch.randn(2, 16, side, side)
+    with torch.no_grad():
+        return transformer(hidden_states=x, encoder_hidden_states=torch.randn(2, 333, 64),
+                           pooled_projections=torch.randn(2, 64), timestep=torch.tensor([500.0, 500.0]),
+                           return_dict=False)[0]
+
+
+def test_regional_compile_one_graph_per_block_kind_and_no_recompiles_across_sizes():
+    torch._dynamo.reset()
+    transformer = build_tiny_pipeline().transformer
+    assert block_groups(transformer) == {"block": [0], "block_last": [1]}
+    description = compile_transformer(transformer, "regional", backend="eager")  # dynamo only: fast on CI
+    assert description.startswith("regional: 2 blocks, 2 kinds")
+    before = compile_counters()
+    for side in (16, 24, 8, 32):  # four image sizes
+        run(transformer, side)
+    after = compile_counters()
+    assert after["unique_graphs"] - before["unique_graphs"] == 2 and after["recompiles"] == before["recompiles"]
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="unknown compile"):
+        compile_transformer(transformer, "everything")
+
+
+def test_compile_cache_setting(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    info = configure_compile_cache(tmp_path / "cache")
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor") and not info["warm"]
+    (tmp_path / "cache" / "inductor" / "xy").mkdir()
+    (tmp_path / "cache" / "inductor" / "xy" / "kernel.py").write_text("# compiled")
+    assert configure_compile_cache(tmp_path / "cache")["warm"]
+    assert configure_compile_cache(None) == {"cache_dir": None, "warm": False}
+
+
+def test_cuda_graphs_pass_through_off_cuda():
+    transformer = build_tiny_pipeline().transformer
+    expected = run(transformer, 8)
+    torch.manual_seed(0)
+    wrapper = CudaGraphTransformer.install(transformer)
+    torch.manual_seed(0)
+    assert wrapper.graphs == {} and run(transformer, 8).shape == expected.shape
+    wrapper.uninstall()
+    assert "forward" not in transformer.__dict__
+
+
+def test_aot_inductor_package_of_the_tiny_fp8_model(tmp_path):
+    """export + torch._inductor.aoti_compile_and_package per block kind (dequant FP8 path), then reload."""
+    request = GenerationRequest("a cat", steps=2, width=64, height=64, seed=1)
+    eager = generate(load_pipeline("tiny", "fp8", device="cpu"), request)
+    loaded = load_pipeline("tiny", "fp8", device="cpu", compile="aot", aot_dir=str(tmp_path))
+    info = loaded.pieces["aot"]
+    assert loaded.pieces["compile"] == "aot: 2 blocks through 2 AOTInductor packages" and set(info["built"]) == {
+        "block", "block_last"}
+    result = generate(loaded, request)
+    assert result.ok and ssim(result.image, eager.image) > 0.99
+    assert generate(loaded, GenerationRequest("a cat", steps=1, width=96, height=128)).ok  # another size, no rebuild
+    reloaded = load_pipeline("tiny", "fp8", device="cpu", compile="aot", aot_dir=str(tmp_path))
+    assert reloaded.pieces["aot"]["loaded_from_disk"]
+    assert np.array_equal(np.asarray(generate(reloaded, request).image), np.asarray(result.image))
+
+
+class StandInSpaces:
+    """The four `spaces` AOT functions zerogpu_compile uses, with spaces' semantics. The real ones cannot be imported
+    here: importing spaces.zero.torch patches CUDA torch for ZeroGPU and fails on a CPU build of torch."""
+
+    def __init__(self, folder):
+        self.folder, self.calls = folder, []
+
+    @contextlib.contextmanager
+    def aoti_capture(self, module):
+        class Captured(Exception):
+            pass
+
+        call = types.SimpleNamespace(args=(), kwargs={})
+
+        def capture(*args, **kwargs):
+            call.args, call.kwargs = args, kwargs
+            raise Captured
+
+        self.calls.append("aoti_capture")
+        with unittest.mock.patch.object(module, "forward", new=capture):
+            try:
+                yield call
+            except Captured:
+                pass
+
+    def aoti_compile(self, exported):
+        self.calls.append("aoti_compile")
+        path = self.folder / f"{len(self.calls)}.pt2"
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(path),
+                                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
+        return types.SimpleNamespace(archive_file=str(path))
+
+    class LazyAOTIModel:
+        def __init__(self, archive):
+            self.runner = torch._inductor.aoti_load_package(archive)
+
+    def aoti_patch(self, module, lazy):
+        self.calls.append("aoti_patch")
+        weights = module.state_dict()
+
+        def forward(*args, **kwargs):
+            lazy.runner.load_constants({k: weights[k] for k in lazy.runner.get_constant_fqns()},
+                                       check_full_update=True, user_managed=True)
+            return lazy.runner(*args, **kwargs)
+
+        module.forward = forward
+
+
+def test_zerogpu_path_compiles_blocks_ahead_of_time(tmp_path):
+    """capture -> torch.export -> aoti_compile -> every block of the kind runs it with its own weights."""
+    from sd35fp8.zerogpu import zerogpu_compile
+
+    request = GenerationRequest("a cat", steps=2, width=64, height=64, seed=2)
+    loaded = load_pipeline("tiny", "bf16", device="cpu")
+    eager = generate(loaded, request)
+    spaces = StandInSpaces(tmp_path)
+    report = zerogpu_compile(loaded, kinds=["block"], spaces_module=spaces)  # one kind keeps the test short
+    assert spaces.calls == ["aoti_capture", "aoti_compile", "aoti_patch"]
+    assert report["kinds"]["block"]["blocks"] == 1 and loaded.pieces["compile"].startswith("aot (spaces)")
+    result = generate(loaded, request)
+    assert result.ok and ssim(result.image, eager.image) > 0.99

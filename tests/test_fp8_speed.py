@@ -1,0 +1,259 @@
+"""Speed pieces, checked for numerics on the CPU against the 16-bit layers: in-memory FP8 quantization equal to
+convert's, fused projections, tensor-wise FP8, the FP8 capability probe, FP8 attention, prompt cache,
+on-demand text encoders, VAE tiling and ZeroGPU durations."""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sd35fp8 import fp8
+from sd35fp8.attention import JointAttention, fp8_attention, set_attention
+from sd35fp8.fp8 import Fp8Linear, apply_fp8_path, fuse_projections, quantize_linears, quanto_quantize
+from sd35fp8.generate import generate
+from sd35fp8.loading import load_pipeline, load_transformer, with_transformer
+from sd35fp8.metrics import relative_error
+from sd35fp8.prompts import OnDemandEncoders, PromptCache, PromptEmbeddings
+from sd35fp8.request import GenerationRequest
+from sd35fp8.tiny import build_tiny_pipeline
+
+
+def tiny_transformer(dtype=torch.bfloat16):
+    return build_tiny_pipeline(dtype=dtype).transformer
+
+
+def step(transformer, tokens_side=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    dtype = next(transformer.parameters()).dtype
+    x = torch.randn(2, 16, tokens_side, tokens_side, generator=generator).to(dtype)
+    text = torch.randn(2, 333, 64, generator=generator).to(dtype)
+    pooled = torch.randn(2, 64, generator=generator).to(dtype)
+    with torch.no_grad():
+        return transformer(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
+                           timestep=torch.tensor([500.0, 500.0]), return_dict=False)[0].float()
+
+
+def test_in_memory_quantization_is_bit_identical_to_converts():
+    reference = tiny_transformer()
+    ours = copy.deepcopy(reference)
+    meta = copy.deepcopy(reference).to("meta")
+    assert set(fp8.replace_with_quanto_layers(meta)) == set(fp8.convert_linear_names(reference))
+    quanto_quantize(reference)
+    apply_fp8_path(reference, "dequant")
+    count = quantize_linears(ours, "dequant")
+    theirs = {n: m for n, m in reference.named_modules() if isinstance(m, Fp8Linear)}
+    mine = {n: m for n, m in ours.named_modules() if isinstance(m, Fp8Linear)}
+    assert count == len(mine) and set(mine) <= set(theirs)  # quanto's own quantize() also takes the conv layer
+    for name, layer in mine.items():
+        assert torch.equal(layer.weight.view(torch.uint8), theirs[name].weight.view(torch.uint8)), name
+        assert torch.equal(layer.weight_scale, theirs[name].weight_scale), name
+
+
+@pytest.mark.parametrize("mode", ["scaled_mm", "scaled_mm_tensorwise", "dequant"])
+def test_fused_projections_equal_separate_ones(mode):
+    torch.manual_seed(0)
+    layers = [Fp8Linear.from_linear(nn.Linear(64, 32, dtype=torch.bfloat16), mode) for _ in range(3)]
+    fused = Fp8Linear.concat(layers)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    separate = torch.cat([layer(x) for layer in layers], dim=-1)
+    assert fused.mode == mode and fused.out_features == 96
+    assert relative_error(fused(x), separate) < 1e-2
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_fused_transformer_matches_unfused_16_bit_layer(precision):
+    reference = tiny_transformer()
+    model = copy.deepcopy(reference)
+    if precision == "fp8":
+        quantize_linears(model, "scaled_mm")
+    expected = step(model)
+    assert fuse_projections(model) == 2  # two joint attentions in the tiny model
+    set_attention(model, "sdpa")
+    assert model.transformer_blocks[0].attn.to_q is None and model.transformer_blocks[0].attn.to_qkv is not None
+    out = step(model)
+    assert relative_error(out, expected) < 2e-2
+    assert relative_error(out, step(reference)) < (2e-2 if precision == "bf16" else 0.1)
+
+
+def test_processor_applies_sd35_qk_norms_like_diffusers():
+    """diffusers' FusedJointAttnProcessor2_0 skips q/k RMS norms; ours must match the unfused original."""
+    model = tiny_transformer(torch.float32)
+    for block in model.transformer_blocks:  # make the norms matter
+        for norm in (block.attn.norm_q, block.attn.norm_k, block.attn.norm_added_q, block.attn.norm_added_k):
+            if norm is not None:
+                norm.weight.data.uniform_(0.2, 3.0)
+    expected = step(model)
+    set_attention(model, "sdpa")
+    fuse_projections(model)
+    assert relative_error(step(model), expected) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["scaled_mm_tensorwise", "scaled_mm"])
+def test_fp8_modes_match_the_16_bit_layer(mode):
+    torch.manual_seed(1)
+    linear = nn.Linear(128, 64, dtype=torch.bfloat16)
+    layer = Fp8Linear.from_linear(linear, mode)
+    x = torch.randn(3, 9, 128, dtype=torch.bfloat16)
+    assert layer(x).shape == (3, 9, 64)
+    assert relative_error(layer(x), linear(x)) < 0.05
+
+
+def test_probe_falls_back_to_tensorwise_then_dequant(monkeypatch):
+    real = torch._scaled_mm
+
+    def no_rowwise(a, b, *, scale_a, scale_b, **kwargs):
+        if scale_a.numel() > 1 or scale_b.numel() > 1:
+            raise RuntimeError("Invalid scaling configuration (row-wise scales are not supported on this GPU)")
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, **kwargs)
+
+    monkeypatch.setattr(fp8, "fp8_tensor_cores_available", lambda device=None: True)
+    monkeypatch.setattr(fp8, "_PROBES", {})
+    monkeypatch.setattr(torch, "_scaled_mm", no_rowwise)
+    probe = fp8.probe_scaled_mm("cpu")
+    assert probe["tensorwise"] == "ok" and probe["rowwise"].startswith("refused: RuntimeError")
+    assert fp8.select_fp8_path("cpu") == "scaled_mm_tensorwise"
+    loaded = load_pipeline("tiny", "fp8", device="cpu")
+    assert loaded.fp8_path == "scaled_mm_tensorwise" and fp8.fp8_path_of(loaded.pipe.transformer) == loaded.fp8_path
+    assert generate(loaded, GenerationRequest("a cat", steps=1, width=64, height=64)).ok
+
+    def nothing(*args, **kwargs):
+        raise RuntimeError("no FP8 GEMM here")
+
+    monkeypatch.setattr(fp8, "_PROBES", {})
+    monkeypatch.setattr(torch, "_scaled_mm", nothing)
+    assert fp8.select_fp8_path("cpu") == "dequant"
+
+
+def test_fp8_attention_matches_16_bit_attention():
+    torch.manual_seed(2)
+    batch, tokens, heads, dim = 2, 96, 2, 64
+    norm = nn.RMSNorm(dim, eps=1e-6)
+    norm.weight.data.uniform_(0.5, 2.0)
+    q = norm(torch.randn(batch, tokens, heads, dim) * 3)
+    k = norm(torch.randn(batch, tokens, heads, dim))
+    v = torch.randn(batch, tokens, heads, dim) * 5
+    from sd35fp8.attention import _rms_bound
+
+    bound = _rms_bound([norm], dim)
+    assert q.abs().max() <= bound and k.abs().max() <= bound
+    expected = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    out = fp8_attention(q, k, v, bound, bound, "reference")
+    assert out.shape == expected.shape
+    assert relative_error(out, expected) < 0.1  # four E4M3 roundings (q, k, P, v) and an E4M3 output
+
+
+def test_fp8_attention_in_the_tiny_transformer_and_its_switch():
+    model = tiny_transformer(torch.float32)
+    set_attention(model, "sdpa")
+    expected = step(model)
+    set_attention(model, "fp8_reference")
+    assert isinstance(model.transformer_blocks[0].attn.processor, JointAttention)
+    assert relative_error(step(model), expected) < 0.1
+    loaded = load_pipeline("tiny", "bf16", device="cpu", attention="fp8_reference")
+    assert loaded.pieces["attention"] == "fp8_reference"
+    assert load_pipeline("tiny", "bf16", device="cpu").pieces["attention"] == "sdpa"  # off by default
+
+
+def test_prompt_cache_bounds_and_lru():
+    def embeddings(size):
+        return PromptEmbeddings(torch.zeros(size, dtype=torch.uint8), torch.zeros(0), None, None)
+
+    cache = PromptCache(max_entries=2, max_bytes=100)
+    cache.put("a", embeddings(40))
+    cache.put("b", embeddings(40))
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("c", embeddings(40))  # over 100 bytes: b (least recent) goes
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
+    cache.put("d", embeddings(10))  # over 2 entries: a goes
+    assert len(cache) == 2 and cache.get("a") is None and cache.bytes == 50
+    cache.put("huge", embeddings(101))
+    assert cache.get("huge") is None
+
+
+def test_repeated_prompt_and_comparison_skip_the_text_encoders():
+    fp8_pipe = load_pipeline("tiny", "fp8", device="cpu")
+    base = with_transformer(fp8_pipe, load_transformer("tiny", "bf16"), "bf16")
+    calls = []
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        getattr(fp8_pipe.pipe, name).register_forward_hook(lambda *a, name=name: calls.append(name))
+    request = GenerationRequest("a red cat", steps=1, width=64, height=64, seed=3)
+    first = generate(fp8_pipe, request)
+    encoded = len(calls)
+    assert encoded > 0 and not first.prompt_cache_hit
+    second = generate(base, request)  # the other precision: same encoders, same cache
+    third = generate(fp8_pipe, request)
+    assert second.prompt_cache_hit and third.prompt_cache_hit and len(calls) == encoded
+    assert np.array_equal(np.asarray(first.image), np.asarray(third.image))
+    batch = generate(fp8_pipe, dataclasses.replace(request, batch_size=2))
+    assert len(batch.images) == 2 and batch.prompt_cache_hit
+
+
+def test_cached_embeddings_give_the_same_image_as_the_pipeline():
+    loaded = load_pipeline("tiny", "bf16", device="cpu", prompt_cache=False)
+    request = GenerationRequest("a photo of a dog", negative_prompt="blurry", steps=2, width=64, height=64, seed=5)
+    ours = generate(loaded, request).image
+    theirs = loaded.pipe(prompt=request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=2,
+                         guidance_scale=request.guidance, width=64, height=64,
+                         generator=torch.Generator("cpu").manual_seed(5), output_type="pil").images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_on_demand_encoders_move_weights_only_while_encoding():
+    pipe = build_tiny_pipeline()
+    reference = pipe.encode_prompt("a cat", None, None, device="cpu", do_classifier_free_guidance=False)[0]
+    placement = OnDemandEncoders(pipe, torch.device("cpu"), pin=False, hooks=True)  # copies to "cpu" stand in
+    masters = {name: p.data_ptr() for name, p in pipe.text_encoder_3.named_parameters()}
+    during = []
+    pipe.text_encoder_3.register_forward_pre_hook(  # runs after the placement's own pre-hook
+        lambda m, a: during.append({n: p.data_ptr() for n, p in m.named_parameters()}))
+    out = pipe.encode_prompt("a cat", None, None, device="cpu", do_classifier_free_guidance=False)[0]
+    assert torch.allclose(out, reference, atol=1e-5) and placement.uploads == 3  # CLIP-L, CLIP-G, T5, one at a time
+    assert all(during[0][name] != ptr for name, ptr in masters.items())  # ran on the uploaded copies
+    assert {n: p.data_ptr() for n, p in pipe.text_encoder_3.named_parameters()} == masters  # dropped after
+    assert "text encoders on demand" in placement.describe()
+    placement.remove()
+
+
+def test_vae_tiles_above_the_threshold(monkeypatch):
+    from sd35fp8 import settings
+
+    loaded = load_pipeline("tiny", "bf16", device="cpu")
+    request = GenerationRequest("a cat", steps=1, width=64, height=64)
+    assert not generate(loaded, request).vae_tiling
+    monkeypatch.setattr(settings, "SPEED", dataclasses.replace(settings.SPEED, vae_tiling_above_pixels=64 * 64 - 1))
+    result = generate(loaded, request)
+    assert result.vae_tiling and result.ok
+
+
+def test_gpu_duration_uses_measured_seconds_per_step():
+    from sd35fp8.zerogpu import gpu_duration, seconds_per_step
+
+    class Loaded:
+        step_seconds = {}
+
+    request = GenerationRequest("a cat", steps=28, width=1024, height=1024)
+    unmeasured = gpu_duration(request, [Loaded()], margin_s=10, max_s=300)
+    Loaded.step_seconds = {(1024, 1024, 1): 0.1}
+    assert seconds_per_step(Loaded(), 1024, 1024, 1) == (0.1, True)
+    measured = gpu_duration(request, [Loaded()], margin_s=10, max_s=300)
+    assert measured == int(-(-(10 + 28 * 0.1 + 3.0) // 1)) and measured < unmeasured
+    assert gpu_duration(request, [Loaded(), Loaded()], margin_s=10, max_s=300) > measured  # FP16 vs FP8: both
+    scaled, exact = seconds_per_step(Loaded(), 2048, 2048, 1)
+    assert not exact and scaled > 0.4
+    assert gpu_duration(dataclasses.replace(request, steps=100, width=2048, height=2048), [Loaded()], margin_s=10,
+                        max_s=60) == 60
+
+
+def test_loaded_pipeline_reports_its_pieces():
+    from sd35fp8.speed import describe_pieces
+
+    loaded = load_pipeline("tiny", "fp8", device="cpu", fuse_projections=True)
+    pieces = loaded.pieces
+    assert pieces["fp8_path"] == "dequant" and pieces["fused_projections"] == 2 and pieces["attention"] == "sdpa"
+    assert pieces["compile"] == "off" and pieces["cuda_graphs"] is False and pieces["text_encoders"] == "gpu"
+    line = describe_pieces(pieces)
+    assert "fused q/k/v in 2 attentions" in line and "prompt cache" in line
+    assert load_pipeline("tiny", "fp8", device="cpu").pieces["fused_projections"] == 0  # auto: off on the CPU
