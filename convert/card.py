@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard
 
+from sd35fp8.hub import model_card_data
 from sd35fp8.loading import format_bytes
+from sd35fp8.settings import CONVERSION
 
 from .quantize import ComponentResult
 from .verify import Verification
@@ -19,24 +21,39 @@ HARDWARE_NOTE = (
 )
 
 
-def base_card_metadata(source_path: Path) -> dict:
-    """License fields of the base model's card, to carry over (empty if it has no card)."""
-    readme = source_path / "README.md"
-    if not readme.is_file():
-        return {}
-    data = ModelCard.load(readme).data.to_dict()
-    return {key: data[key] for key in ("license", "license_name", "license_link") if key in data}
+DTYPE_NAME = str(CONVERSION.variant_dtype).removeprefix("torch.")
+T5_NOTE = f"""- **T5 encoder**: E4M3 with one scale per 128×128 block, in transformers' own FP8 checkpoint format
+  (`model.fp8*.safetensors`), because transformers cannot load quanto checkpoints; its config says
+  `dequantize: true`, so stock transformers expands it to 16-bit at load and needs no FP8 kernel download.
+  Its other tensors (embeddings, norms, `wo`) are stored in {DTYPE_NAME}, which transformers keeps whatever dtype
+  is asked for: hence the `text_encoder_3.to(dtype)` line above.
+"""
+TAGS = ["stable-diffusion-3.5", "fp8", "quanto", "text-to-image", "diffusers"]
 
 
-def render_card(base_id: str, load_id: str, results: list[ComponentResult], verification: Verification,
-                license_fields: dict, exclude: list[str]) -> str:
-    """The README.md text of the converted repo; `load_id` is the Hub id (or local folder) in the load snippet."""
-    data = ModelCardData(
-        base_model=base_id, base_model_relation="quantized", library_name="diffusers",
-        pipeline_tag="text-to-image",
-        tags=["stable-diffusion-3.5", "fp8", "quanto", "text-to-image", "diffusers"],
-        **license_fields,
-    )
+def load_snippet(load_id: str, fp8_t5: bool, absent: list[str]) -> str:
+    """The card's stock-diffusers load code; `fp8_t5`: T5 is stored FP8 and needs its dtype matched; `absent`:
+    components the pipeline lacks, which diffusers wants named as None."""
+    t5_line = (f"pipe.text_encoder_3.to(dtype)  # transformers keeps T5's 16-bit layers as stored ({DTYPE_NAME}): "
+               "match the dtype asked for\n") if fp8_t5 else ""
+    nones = "".join(f", {name}=None" for name in absent)
+    return f"""import torch
+from diffusers import StableDiffusion3Pipeline
+
+dtype = torch.{DTYPE_NAME}  # torch.float16 and torch.float32 work too
+pipe = StableDiffusion3Pipeline.from_pretrained({json.dumps(load_id)}, variant="fp8", dtype=dtype{nones})
+{t5_line}pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+image = pipe("a photo of an astronaut riding a horse on the moon", num_inference_steps=28).images[0]
+image.save("astronaut.png")
+"""
+
+
+def render_model_card(base_id: str, load_id: str, results: list[ComponentResult], verification: Verification,
+                      license_fields: dict, exclude: list[str], absent: list[str]) -> str:
+    """The README.md text of the converted repo; `load_id` is the Hub id (or local folder) in the load snippet,
+    `absent` the components it lacks (see `load_snippet`)."""
+    data = model_card_data(base_id, tags=TAGS, license_fields=license_fields)
+    fp8_t5 = any(r.plan.quantize and r.plan.component.library == "transformers" for r in results)
     rows = []
     for result in results:
         plan = result.plan
@@ -51,8 +68,10 @@ def render_card(base_id: str, load_id: str, results: list[ComponentResult], veri
                  f"{c['worst_dequant_error']:.1e})" if c.get("tensors_dequantized_on_load") else "")
               + (", forward pass finite" if c.get("probe_output_finite") else "")
               for name, c in verification.components.items()]
-    if verification.pipeline.get("loaded"):
-        checks.append("- the whole pipeline loads with stock diffusers (`variant=\"fp8\"`) and generates a finite image")
+    pipeline = verification.pipeline
+    if pipeline.get("loaded"):
+        checks.append(f"- the whole pipeline loads with stock diffusers exactly as above (`dtype=torch.{pipeline['dtype']}`) "
+                      f"and generates a finite {pipeline['size']}×{pipeline['size']} image in {pipeline['steps']} steps")
     image_lines = ""
     if verification.images:
         image_lines = (
@@ -73,14 +92,7 @@ Total weights: **{format_bytes(total_before)} → {format_bytes(total_after)}**.
 ## Load it (stock diffusers)
 
 ```python
-import torch
-from diffusers import StableDiffusion3Pipeline
-
-pipe = StableDiffusion3Pipeline.from_pretrained("{load_id}", variant="fp8", dtype=torch.bfloat16)
-pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-image = pipe("a photo of an astronaut riding a horse on the moon", num_inference_steps=28).images[0]
-image.save("astronaut.png")
-```
+{load_snippet(load_id, fp8_t5, absent)}```
 
 Needs `pip install diffusers transformers accelerate optimum-quanto`.
 
@@ -92,10 +104,7 @@ Needs `pip install diffusers transformers accelerate optimum-quanto`.
 
 - **transformer**: optimum-quanto `qfloat8`, one scale per output channel, stored through diffusers'
   `QuantoConfig` (`diffusion_pytorch_model.fp8*.safetensors`).{exclude_line}
-- **T5 encoder**: E4M3 with one scale per 128×128 block, in transformers' own FP8 checkpoint format
-  (`model.fp8*.safetensors`), because transformers cannot load quanto checkpoints; its config says
-  `dequantize: true`, so stock transformers expands it to 16-bit at load and needs no FP8 kernel download.
-- Only safetensors files; no pickle.
+{T5_NOTE if fp8_t5 else ""}- Only safetensors files; no pickle.
 
 ## Verification (run before upload)
 

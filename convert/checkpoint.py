@@ -2,27 +2,44 @@
 
 Reading goes through plain file reads (no mmap): a memory map of a 10 GB shard would count every page
 touched towards the process's resident memory, which is what the low-memory target measures.
+
+Every file is checked against its own header before any tensor is read (`SafetensorsReader`), as strictly
+as the safetensors library itself checks it: the header is a JSON object of known dtypes and shapes whose
+byte ranges tile the data exactly, and the file is exactly as long as the header says. Every read checks
+that it got all the bytes it asked for.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import math
+import re
 import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-_DTYPES = {
+from sd35fp8.errors import BadInput
+from sd35fp8.settings import CONVERSION
+
+DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
 }
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 WEIGHT_STEMS = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+MAX_HEADER_BYTES = 100_000_000  # what the safetensors library accepts
+METADATA = {"format": "pt"}
+
+
+class CheckpointError(BadInput):
+    """A weight file or index cannot be used; the message names the file and says what to do."""
 
 
 def release_freed_memory_promptly() -> None:
@@ -39,13 +56,37 @@ def release_freed_memory_promptly() -> None:
             pass
 
 
-class CheckpointError(ValueError):
-    """A component folder holds no usable safetensors weights."""
+def _damaged(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {problem}. The file is damaged or not a safetensors file: download or save it again.")
+
+
+def read_json_object(path: Path, what: str = "file") -> dict:
+    """The JSON object in `path`, or CheckpointError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{path}: this {what} is not valid JSON. Download or save it again.") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: this {what} holds JSON but not an object ({{...}}). Download or save it again.")
+    return data
 
 
 def shard_names(index: Path) -> list[str]:
-    """The shard files a `*.safetensors.index.json` names."""
-    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    """The shard files a `*.safetensors.index.json` names: plain file names next to it, never paths."""
+    weight_map = read_json_object(index, "index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no 'weight_map' object naming the shards. Download or save it again.")
+    names = set()
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
+            raise CheckpointError(f"{index}: tensor {tensor!r} is mapped to {shard!r}, which is not a file in this "
+                                  "folder. An index may only name shards next to it.")
+        names.add(shard)
+    return sorted(names)
+
+
+def _index_map(index: Path) -> dict[str, str]:
+    return read_json_object(index, "index")["weight_map"]
 
 
 def no_weights_error(component: str, stem: str, pickle_only: bool) -> CheckpointError:
@@ -62,31 +103,54 @@ def weight_files(folder: Path, library: str) -> list[Path]:
     stem = WEIGHT_STEMS[library]
     single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        missing = [name for name in shard_names(index) if not (folder / name).is_file()]
+        names = shard_names(index)
+        missing = [name for name in names if not (folder / name).is_file()]
         if missing:
-            raise CheckpointError(f"{folder.name}: the index names shards that are missing: {', '.join(missing)}")
-        return [folder / name for name in shard_names(index)]
+            raise CheckpointError(f"{index}: names shards that are missing: {', '.join(missing)}")
+        return [folder / name for name in names]
     if single.is_file():
         return [single]
     raise no_weights_error(folder.name, stem, any(path.suffix in PICKLE_SUFFIXES for path in folder.iterdir()))
 
 
 class SafetensorsReader:
-    """Random access to the tensors of one or more safetensors files, reading each tensor from disk on demand."""
+    """Random access to the tensors of one or more checked safetensors files, reading each from disk on demand.
 
-    def __init__(self, files: list[Path]):
+    `index`, if given, is the `*.safetensors.index.json` the files come from: every tensor it names must be in
+    the shard it names, and every tensor of the shards must be named.
+    """
+
+    def __init__(self, files: list[Path], index: Path | None = None):
         self._entries: dict[str, tuple[Path, int, torch.dtype, list[int], int]] = {}
         for path in files:
-            with open(path, "rb") as handle:
-                (header_len,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(header_len))
-            header.pop("__metadata__", None)
-            for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-                start, end = info["data_offsets"]
-                self._entries[name] = (path, 8 + header_len + start, _DTYPES[info["dtype"]], info["shape"], end - start)
+            for name, entry in _read_header(Path(path)).items():
+                if name in self._entries:
+                    raise CheckpointError(f"{path}: tensor {name!r} is also in {self._entries[name][0]}; a checkpoint "
+                                          "may hold each tensor once. Download or save it again.")
+                self._entries[name] = entry
+        if index is not None:
+            self._check_index(index)
+
+    def _check_index(self, index: Path) -> None:
+        weight_map = _index_map(index)
+        for name, shard in weight_map.items():
+            if name not in self._entries:
+                raise CheckpointError(f"{index}: names tensor {name!r} in {shard}, which does not hold it. "
+                                      "Download or save the checkpoint again.")
+            if self._entries[name][0].name != shard:
+                raise CheckpointError(f"{index}: names tensor {name!r} in {shard}, but it is in "
+                                      f"{self._entries[name][0].name}. Download or save the checkpoint again.")
+        unlisted = [name for name in self._entries if name not in weight_map]
+        if unlisted:
+            raise CheckpointError(f"{index}: does not name tensor {unlisted[0]!r} of {self._entries[unlisted[0]][0].name}"
+                                  f"{f' (and {len(unlisted) - 1} more)' if len(unlisted) > 1 else ''}. "
+                                  "Download or save the checkpoint again.")
 
     def keys(self) -> list[str]:
         return list(self._entries)
+
+    def file_of(self, name: str) -> Path:
+        return self._entries[name][0]
 
     def nbytes(self, name: str | None = None) -> int:
         if name is not None:
@@ -96,22 +160,130 @@ class SafetensorsReader:
     def dtype(self, name: str) -> torch.dtype:
         return self._entries[name][2]
 
-    def shape(self, name: str) -> list[int]:
-        return self._entries[name][3]
-
     def read(self, name: str) -> torch.Tensor:
+        """The tensor `name`, read from disk (CheckpointError if the file has become shorter)."""
         path, offset, dtype, shape, size = self._entries[name]
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
         buffer = bytearray(size)
         with open(path, "rb") as handle:
             handle.seek(offset)
-            handle.readinto(buffer)
-        if size == 0:
-            return torch.empty(shape, dtype=dtype)
+            got = handle.readinto(buffer)
+        if got != size:
+            raise _damaged(path, f"tensor {name!r} needs {size} bytes at offset {offset} but only {got} could be read "
+                                 "(the file is shorter than when it was checked)")
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._entries:
             yield name, self.read(name)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(key for key in keys if keys.count(key) > 1)
+        raise ValueError(f"the key {duplicate!r} appears twice")
+    return dict(pairs)
+
+
+def read_header_bytes(path: Path) -> bytes:
+    """The first 8 + header-length bytes of a checked safetensors file (what a byte-identical copy starts with)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return struct.pack("<Q", length) + handle.read(length)
+
+
+def _read_header(path: Path) -> dict[str, tuple[Path, int, torch.dtype, list[int], int]]:
+    """Check `path` against its header; its tensors as name -> (path, file offset, dtype, shape, bytes)."""
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise _damaged(path, f"only {file_size} bytes long, shorter than a safetensors header")
+            (length,) = struct.unpack("<Q", prefix)
+            if length < 2 or length > min(MAX_HEADER_BYTES, file_size - 8):
+                raise _damaged(path, f"its header length field says {length} bytes, but the file holds "
+                                     f"{file_size - 8} after it (and a header is 2 to {MAX_HEADER_BYTES} bytes)")
+            raw = handle.read(length)
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a safetensors file.") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing (a link pointing nowhere?). Download or save it again.") from None
+    except PermissionError:
+        raise CheckpointError(f"{path} cannot be read (permission denied): make it readable and run this again.") from None
+    if len(raw) != length:
+        raise _damaged(path, "the header could not be read completely")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise _damaged(path, f"its header is not valid JSON ({str(error)[:80]})") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "its header is JSON but not an object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _damaged(path, "its __metadata__ is not an object of strings")
+    data_start, data_size = 8 + length, file_size - 8 - length
+    entries, ranges = {}, []
+    for name, info in header.items():
+        dtype, shape, (start, end) = _tensor_info(path, name, info)
+        expected = math.prod(shape) * dtype.itemsize
+        if end - start != expected:
+            raise _damaged(path, f"tensor {name!r} ({DTYPE_NAMES[dtype]} {shape}) needs {expected} bytes but its "
+                                 f"offsets span {end - start}")
+        entries[name] = (path, data_start + start, dtype, shape, expected)
+        ranges.append((start, end, name))
+    position = 0
+    for start, end, name in sorted(ranges):
+        if start != position:
+            problem = "overlaps the tensor before it" if start < position else f"leaves a gap of {start - position} bytes"
+            raise _damaged(path, f"tensor {name!r} {problem} (offsets {start}..{end})")
+        position = end
+    if position > data_size:
+        raise _damaged(path, f"truncated: its header describes {position} bytes of tensor data but only "
+                             f"{data_size} are there ({position - data_size} missing)")
+    if position < data_size:
+        raise _damaged(path, f"{data_size - position} bytes longer than its header describes")
+    return {name: entries[name] for _, _, name in sorted(ranges)}
+
+
+def _tensor_info(path: Path, name: str, info) -> tuple[torch.dtype, list[int], tuple[int, int]]:
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(info, dict):
+        raise _damaged(path, f"the header entry of {name!r} is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPES:
+        raise _damaged(path, f"tensor {name!r} has dtype {dtype!r}, which this tool does not know "
+                             f"(known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(whole(dim) for dim in shape):
+        raise _damaged(path, f"tensor {name!r} has shape {shape!r}, not a list of whole numbers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(whole(v) for v in offsets)
+            and offsets[0] <= offsets[1]):
+        raise _damaged(path, f"tensor {name!r} has data_offsets {offsets!r}, not [start, end] with start <= end")
+    return DTYPES[dtype], shape, (offsets[0], offsets[1])
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` to a new file `path` in the safetensors format, tensor by tensor (no second copy in RAM)."""
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))  # keeps every tensor aligned
+    header: dict = {"__metadata__": dict(metadata or METADATA)}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "xb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        for name in order:
+            flat = tensors[name].detach().contiguous().reshape(-1)
+            if flat.numel():
+                handle.write(memoryview(flat.view(torch.uint8).numpy()))
 
 
 class ShardedWriter:
@@ -138,7 +310,7 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         path = self.folder / f"{self.stem}.{self.variant}.part{len(self._shards) + 1}.safetensors"
-        save_file(self._pending, path, metadata={"format": "pt"})
+        write_safetensors(path, self._pending)
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -162,11 +334,18 @@ class ShardedWriter:
         return files + [index]
 
 
-def parse_size(text: str) -> int:
-    """'5GB' -> 5_000_000_000 (decimal units, as diffusers' max_shard_size)."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    upper = text.strip().upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if upper.endswith(unit):
-            return int(float(upper[: -len(unit)]) * units[unit])
-    return int(upper)
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([KMG]I?B|B)?", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str, setting: str = "--max-shard-size") -> int:
+    """'5GB' -> 5_000_000_000 (decimal units, as diffusers' max_shard_size; KiB/MiB/GiB binary); at least
+    `CONVERSION.min_shard_bytes`. BadInput naming `setting` otherwise."""
+    match = _SIZE.fullmatch(str(text).strip())
+    if not match:
+        raise BadInput(f"{setting} {text!r} is not a size: use a number with an optional unit, e.g. 5GB, 500MB, 2GiB.")
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    if size < CONVERSION.min_shard_bytes:
+        raise BadInput(f"{setting} {text!r} is too small: use at least {CONVERSION.min_shard_bytes // 1000}KB "
+                       "(the default, 5GB, suits the Hub).")
+    return size

@@ -1,36 +1,54 @@
-"""Find the base pipeline (a local folder or a Hub repo), check that it is an SD3 pipeline we can read."""
+"""Find the base pipeline (a local folder or a Hub repo) and check it before any work: an SD3 pipeline whose
+index, configs and safetensors files are all readable and consistent, with nothing that could be pickle."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .checkpoint import WEIGHT_STEMS, CheckpointError, no_weights_error, shard_names, weight_files
+from sd35fp8.errors import BadInput
+from sd35fp8.hub import hub_errors
+
+from .checkpoint import (
+    PICKLE_SUFFIXES, WEIGHT_STEMS, CheckpointError, SafetensorsReader, no_weights_error, read_json_object, shard_names,
+    weight_files,
+)
 
 SD3_PIPELINES = {"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"}
 MODEL_LIBRARIES = {"diffusers", "transformers"}
 NOT_MODELS = ("Tokenizer", "TokenizerFast", "Scheduler")
 NEVER_DOWNLOAD = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "*.msgpack", "*.onnx", "*.onnx_data", "*.gguf"]
+NEVER_COPY = tuple(pattern.removeprefix("*") for pattern in NEVER_DOWNLOAD)  # suffixes
+REPORT_NAME = "fp8_conversion.json"  # what the converter writes next to a verified variant
+_COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+_CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 
 
-class SourceError(ValueError):
+class SourceError(BadInput):
     """The source cannot be converted; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
 class Component:
     name: str
-    library: str  # "diffusers" or "transformers"
+    library: str  # "diffusers" or "transformers" for models and tokenizers; "diffusers" for schedulers
     class_name: str
     folder: Path
     weight_bytes: int = 0  # size of its safetensors weight files (0 for tokenizers and schedulers)
+    files: tuple[Path, ...] = ()  # every file a copy of it holds, relative to `folder`
 
     @property
     def is_model(self) -> bool:
         """True for components with weights (not tokenizers or schedulers)."""
         return self.library in MODEL_LIBRARIES and not self.class_name.endswith(NOT_MODELS)
+
+    def config(self) -> dict:
+        """Its config.json (checked to be a JSON object when the source was inspected)."""
+        return read_json_object(self.folder / "config.json", "config")
 
 
 @dataclass(frozen=True)
@@ -42,17 +60,16 @@ class Source:
     pipeline_class: str
     components: dict[str, Component]
     revision: str | None = None
-
-    @property
-    def is_hub(self) -> bool:
-        return not Path(self.spec).exists()
+    is_hub: bool = False
+    real_paths: frozenset[Path] = field(default=frozenset(), repr=False)  # every folder and file it is made of, resolved
+    top_files: tuple[Path, ...] = ()  # the files next to model_index.json that a copy keeps
 
 
 def _read_model_index(folder: Path, spec: str) -> dict:
     index = folder / "model_index.json"
     if not index.is_file():
         raise SourceError(f"{spec}: no model_index.json, so this is not a diffusers pipeline folder.")
-    return json.loads(index.read_text())
+    return read_json_object(index, "pipeline index")
 
 
 def _check_sd3(model_index: dict, spec: str) -> str:
@@ -65,35 +82,105 @@ def _check_sd3(model_index: dict, spec: str) -> str:
     return class_name
 
 
-def _local_weight_bytes(component: Component) -> int:
-    return sum(path.stat().st_size for path in weight_files(component.folder, component.library))
+def listed_components(model_index: dict, spec: str) -> dict[str, tuple[str, str]]:
+    """name -> (library, class) of every component model_index.json lists (those set to null left out)."""
+    components = {}
+    for name, value in model_index.items():
+        if name.startswith("_"):
+            continue
+        if not (isinstance(value, list) and len(value) == 2):
+            raise SourceError(f"{spec}: model_index.json entry {name!r} is {value!r}, not [library, class].")
+        if value == [None, None] or value[0] is None:
+            continue
+        library, class_name = value
+        if not _COMPONENT_NAME.fullmatch(name) or name in (".", ".."):
+            raise SourceError(f"{spec}: model_index.json lists a component named {name!r}; a component is a folder "
+                              "next to model_index.json, so its name must be a plain folder name.")
+        if not (isinstance(library, str) and isinstance(class_name, str) and _CLASS_NAME.fullmatch(class_name)):
+            raise SourceError(f"{spec}: model_index.json entry {name!r} is {value!r}, not [library, class].")
+        components[name] = (library, class_name)
+    return components
+
+
+def _component_files(component: Component, source_root: Path, spec: str, seen: set[Path]) -> tuple[Path, ...]:
+    """The files of a component folder (links followed, loops refused), relative to it; real paths go to `seen`."""
+    files = []
+    for root, dirs, names in os.walk(component.folder, followlinks=True):
+        here = Path(root)
+        real = here.resolve()
+        above = [source_root] + [parent for parent in here.parents if parent.is_relative_to(component.folder)]
+        if any(real == parent.resolve() for parent in above):
+            raise SourceError(f"{spec}: {here} links back to {real}, a folder that holds it (a symbolic link loop): "
+                              "remove the link.")
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            path = here / name
+            if name.startswith(".") or name.endswith(NEVER_COPY) or name == "README.md":
+                continue
+            if not path.exists():
+                raise SourceError(f"{spec}: {path} is a link pointing nowhere: remove it or restore its target.")
+            if not path.is_file():
+                raise SourceError(f"{spec}: {path} is not a regular file (a pipe or device?): remove it.")
+            seen.add(path.resolve())
+            files.append(path.relative_to(component.folder))
+    return tuple(files)
+
+
+def _check_component(component: Component, spec: str, local: bool) -> Component:
+    """Check a model component's config and (when `local`) every safetensors file it holds against its header."""
+    config = component.config()
+    if config.get("quantization_config"):
+        raise SourceError(f"{spec}: {component.name} is already quantized (its config.json has a quantization_config): "
+                          "convert the 16-bit base pipeline instead.")
+    if not local:
+        return component
+    files = weight_files(component.folder, component.library)
+    stem = WEIGHT_STEMS[component.library]
+    index = component.folder / f"{stem}.safetensors.index.json"
+    SafetensorsReader(files, index if index.is_file() else None)
+    for extra in component.files:  # other safetensors files are copied too, so they are checked too
+        path = component.folder / extra
+        if path.suffix == ".safetensors" and path not in files:
+            SafetensorsReader([path])
+    return replace(component, weight_bytes=sum(path.stat().st_size for path in files))
 
 
 def inspect_folder(folder: Path, spec: str | None = None, revision: str | None = None,
-                   weight_bytes: Callable[[Component], int] = _local_weight_bytes) -> Source:
-    """Check a diffusers folder: SD3 pipeline, every listed component present, weights in safetensors.
+                   remote_weight_bytes: Callable[[Component], int] | None = None, is_hub: bool = False) -> Source:
+    """Check a diffusers folder: SD3 pipeline, every listed component present, weights in checked safetensors.
 
-    `weight_bytes(component)` sizes (and so checks) a component's weights; by default from the files on disk.
+    With `remote_weight_bytes` (a dry run on a Hub repo whose weights were not downloaded) the weights are only
+    sized by that function, not checked.
     """
     spec = spec or str(folder)
+    folder = Path(folder).resolve()
     model_index = _read_model_index(folder, spec)
     pipeline_class = _check_sd3(model_index, spec)
+    seen = {folder}
     components = {}
-    for name, value in model_index.items():
-        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
-            continue
-        component = Component(name, value[0], value[1], folder / name)
+    for name, (library, class_name) in listed_components(model_index, spec).items():
+        component = Component(name, library, class_name, folder / name)
         if not component.folder.is_dir():
             raise SourceError(f"{spec}: model_index.json lists '{name}' but its folder is missing.")
+        component = replace(component, files=_component_files(component, folder, spec, seen))
         if component.is_model:
             try:
-                component = replace(component, weight_bytes=weight_bytes(component))
+                component = _check_component(component, spec, remote_weight_bytes is None)
+                if remote_weight_bytes is not None:
+                    component = replace(component, weight_bytes=remote_weight_bytes(component))
             except CheckpointError as error:
                 raise SourceError(f"{spec}: {error}") from None
         components[name] = component
     if "transformer" not in components:
         raise SourceError(f"{spec}: the pipeline has no transformer folder.")
-    return Source(spec, folder, pipeline_class, components, revision)
+    top_files = tuple(
+        path for path in sorted(folder.iterdir())
+        if path.is_file() and not path.name.startswith(".") and path.name not in ("README.md", REPORT_NAME)
+        and not path.name.endswith(NEVER_COPY + (".safetensors",))
+    )
+    seen.update(path.resolve() for path in top_files + (folder / "model_index.json", folder / "README.md"))
+    return Source(spec, folder, pipeline_class, components, revision, is_hub, frozenset(seen), top_files)
 
 
 def resolve(spec: str, revision: str | None = None, weights: bool = True) -> Source:
@@ -105,11 +192,14 @@ def resolve(spec: str, revision: str | None = None, weights: bool = True) -> Sou
     if folder.exists():
         if not folder.is_dir():
             raise SourceError(f"{spec} is a file; give the pipeline's folder (the one holding model_index.json).")
+        if revision:
+            raise SourceError(f"--revision {revision} applies to Hub repos, but {spec} is a local folder: drop it.")
         return inspect_folder(folder, spec)
     local = _download(spec, revision, weights)
     if weights:
-        return inspect_folder(local, spec, revision)
-    return inspect_folder(local, spec, revision, weight_bytes=lambda c: _remote_weight_bytes(spec, revision, c))
+        return inspect_folder(local, spec, revision, is_hub=True)
+    return inspect_folder(local, spec, revision, remote_weight_bytes=lambda c: _remote_weight_bytes(spec, revision, c),
+                          is_hub=True)
 
 
 def _remote_weight_bytes(repo_id: str, revision: str | None, component: Component) -> int:
@@ -118,7 +208,8 @@ def _remote_weight_bytes(repo_id: str, revision: str | None, component: Componen
     from huggingface_hub.errors import EntryNotFoundError
 
     def size(filename: str) -> int:
-        return get_hf_file_metadata(hf_hub_url(repo_id, f"{component.name}/{filename}", revision=revision)).size
+        with hub_errors(f"size {repo_id}/{component.name}/{filename}", repo_id):
+            return get_hf_file_metadata(hf_hub_url(repo_id, f"{component.name}/{filename}", revision=revision)).size
 
     stem = WEIGHT_STEMS[component.library]
     index = component.folder / f"{stem}.safetensors.index.json"
@@ -144,14 +235,15 @@ def _download(repo_id: str, revision: str | None, weights: bool) -> Path:
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        index_path = hf_hub_download(repo_id, "model_index.json", revision=revision)
-        model_index = json.loads(Path(index_path).read_text())
-        _check_sd3(model_index, where)
-        folders = [name for name, value in model_index.items()
-                   if not name.startswith("_") and isinstance(value, list) and value[0] is not None]
-        files = ["*"] if weights else ["*.json", "*.txt", "*.model"]  # a dry run reads configs and tokenizers only
-        patterns = ["model_index.json", "README.md", "LICENSE*"] + [f"{name}/{f}" for name in folders for f in files]
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=NEVER_DOWNLOAD))
+        with hub_errors(f"download {where}", repo_id):
+            index_path = hf_hub_download(repo_id, "model_index.json", revision=revision)
+            model_index = read_json_object(Path(index_path), "pipeline index")
+            _check_sd3(model_index, where)
+            folders = list(listed_components(model_index, where))
+            files = ["*"] if weights else ["*.json", "*.txt", "*.model"]  # a dry run reads configs and tokenizers only
+            patterns = ["model_index.json", "README.md", "LICENSE*"] + [f"{name}/{f}" for name in folders for f in files]
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                          ignore_patterns=NEVER_DOWNLOAD))
     except GatedRepoError:
         raise SourceError(
             f"{repo_id} is gated: accept its license at https://huggingface.co/{repo_id}, then set HF_TOKEN "

@@ -6,13 +6,15 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from safetensors import safe_open
 
-from convert import cli, quantize
-from convert.checkpoint import SafetensorsReader, ShardedWriter
+from convert import cli, verify
+from convert.checkpoint import SafetensorsReader, ShardedWriter, parse_size, write_safetensors
 from convert.publish import PublishError, push
+from sd35fp8.errors import BadInput
 from sd35fp8.loading import load_pipeline
 
 SIXTEEN_BIT = ["text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"]
@@ -189,9 +191,18 @@ def test_existing_output_is_kept_without_overwrite(tiny_base_no_t5, tmp_path, ca
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     assert_fails(capsys, [tiny_base_no_t5, "--out", out], "--overwrite")
+    assert_fails(capsys, [tiny_base_no_t5, "--out", out, "--overwrite"], "only replaces a folder written by this tool")
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_overwrite_replaces_an_earlier_output(tiny_base_no_t5, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_convert(tiny_base_no_t5, "--out", out, "--device", "cpu") == 0
+    (out / "stale.txt").write_text("from the earlier run")
+    assert_fails(capsys, [tiny_base_no_t5, "--out", out], "--overwrite")
     assert run_convert(tiny_base_no_t5, "--out", out, "--overwrite", "--device", "cpu") == 0
-    assert not (out / "precious.txt").exists() and (out / "fp8_conversion.json").is_file()
+    assert not (out / "stale.txt").exists() and (out / "fp8_conversion.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no work folder or old output left
 
 
 def test_push_without_token_stops_before_any_work(tiny_base_no_t5, tmp_path, capsys, monkeypatch):
@@ -204,26 +215,35 @@ def test_push_without_token_stops_before_any_work(tiny_base_no_t5, tmp_path, cap
 
 
 def test_failed_verification_leaves_nothing_and_pushes_nothing(tiny_base_no_t5, tmp_path, capsys, monkeypatch):
-    real_digest = quantize.tensor_digest
-    calls = iter(range(10**6))
-    monkeypatch.setattr(quantize, "tensor_digest", lambda t: "corrupt" if next(calls) == 7 else real_digest(t))
+    real_reload = verify._reload
+
+    def reload_with_one_tensor_changed(*args, **kwargs):
+        model = real_reload(*args, **kwargs)
+        with torch.no_grad():
+            model.proj_out.bias.add_(1)
+        return model
+
+    monkeypatch.setattr(verify, "_reload", reload_with_one_tensor_changed)
     monkeypatch.setenv("HF_TOKEN", "hf_dummy_token_for_tests")
     pushed = []
     monkeypatch.setattr(cli, "push", lambda *a, **k: pushed.append(a))
     out = tmp_path / "o"
-    assert_fails(capsys, [tiny_base_no_t5, "--out", out, "--device", "cpu", "--push-to", "me/x", "--base-id", "me/b"],
-                 "reloads with different values", out=out)
+    assert run_convert(tiny_base_no_t5, "--out", out, "--device", "cpu", "--push-to", "me/x", "--base-id", "me/b") == 1
+    err = capsys.readouterr().err
+    assert "error: transformer: 'proj_out.bias' reloads with different values" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".o.*"))
     assert not pushed
 
 
-def test_interrupted_run_leaves_no_folder(tiny_base_no_t5, tmp_path, monkeypatch):
+def test_interrupted_run_leaves_no_folder(tiny_base_no_t5, tmp_path, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "verify_pipeline", interrupt)
     out = tmp_path / "o"
     assert run_convert(tiny_base_no_t5, "--out", out, "--device", "cpu") == 130
-    assert not out.exists() and not list(tmp_path.glob(".o.partial*"))
+    assert "error: interrupted (SIGINT): nothing was written" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".o.*"))
 
 
 def test_push_refuses_unverified_folder(tiny_base, monkeypatch):
@@ -274,3 +294,145 @@ def test_t5_stays_fp8_on_fp8_gpus_and_matches_stock_dequantized(converted, monke
     ids = torch.tensor([[5, 6, 7, 1]])
     ours, theirs = t5(ids).last_hidden_state.float(), stock(ids).last_hidden_state.float()
     assert ((ours - theirs).norm() / theirs.norm()) < 0.02
+
+
+def test_writer_round_trips_every_dtype_through_stock_safetensors(tmp_path):
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16), "f32": torch.randn(7), "fp8": torch.randn(4, 4).to(torch.float8_e4m3fn),
+        "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5, dtype=torch.float16),
+        "empty": torch.zeros(0, 3), "i64": torch.arange(5), "strided": torch.randn(4, 6)[:, ::2],
+    }
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, tensors)
+
+    def same(a, b):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                         b.contiguous().reshape(-1).view(torch.uint8))
+
+    with safe_open(path, "pt") as f:
+        assert set(f.keys()) == set(tensors) and f.metadata() == {"format": "pt"}
+        assert all(same(f.get_tensor(name), tensor) for name, tensor in tensors.items())
+    assert all(same(tensor, tensors[name]) for name, tensor in SafetensorsReader([path]))
+    with pytest.raises(FileExistsError):  # never writes over a file
+        write_safetensors(path, tensors)
+
+
+@pytest.mark.parametrize(("text", "size"), [("5GB", 5 * 10**9), ("200KB", 200_000), ("1.5 MiB", 1_572_864),
+                                            ("2gib", 2 * 2**30), ("100000", 100_000)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["abc", "", "0", "-5", "-5GB", "1KB", "99999", "1e9", "5 TB", "GB", "nan"])
+def test_parse_size_refuses_nonsense_and_tiny_sizes(text):
+    with pytest.raises(BadInput, match=r"^--max-shard-size"):
+        parse_size(text)
+
+
+# ------------------------------------------------------------------------------- stock diffusers, any dtype
+
+SOURCES = {"fp16": (torch.float16, None), "bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
+           "mixed": (torch.bfloat16, torch.float16)}  # mixed: T5 stored fp16, the rest bf16
+REQUESTED = ["bfloat16", "float16", "float32"]
+
+
+@pytest.fixture(scope="module")
+def converted_from(tiny_source, tmp_path_factory):
+    """Factory: the converted variant of a tiny source of one of the SOURCES kinds (converted once)."""
+    outputs = {}
+
+    def convert(kind):
+        if kind not in outputs:
+            out = tmp_path_factory.mktemp("variants") / "fp8"
+            assert run_convert(tiny_source(*SOURCES[kind]), "--out", out, "--device", "cpu") == 0
+            outputs[kind] = out
+        return outputs[kind]
+
+    return convert
+
+
+def card_snippet(folder: Path, dtype: str = "bfloat16", steps: str = "num_inference_steps=2, height=64, width=64") -> str:
+    """The model card's load snippet, with the dtype (and, for speed, the steps and size) changed as a user would."""
+    snippet = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    assert "dtype = torch.bfloat16" in snippet and "num_inference_steps=28" in snippet
+    return snippet.replace("dtype = torch.bfloat16", f"dtype = torch.{dtype}").replace("num_inference_steps=28", steps)
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_card_snippet_loads_in_stock_diffusers_for_every_source_and_dtype(converted_from, kind, tmp_path, monkeypatch):
+    """The card's snippet works for fp16, bf16, fp32 and mixed sources and bf16/fp16/fp32 requests (issue 8, item 2)."""
+    out = converted_from(kind)
+    monkeypatch.chdir(tmp_path)
+    for dtype in REQUESTED:
+        namespace = {}
+        exec(card_snippet(out, dtype), namespace)  # noqa: S102 - the card's own snippet, as a user runs it
+        assert {p.dtype for p in namespace["pipe"].text_encoder_3.parameters()} == {getattr(torch, dtype)}, dtype
+        image = numpy.asarray(namespace["image"], dtype="float32")
+        assert numpy.isfinite(image).all() and image.std() > 0, dtype
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_readme_one_liner_works_for_every_source(converted_from, kind):
+    """README's own snippet (no dtype line for T5) works as written, in the card's dtype, whatever the source stored."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(converted_from(kind)), variant="fp8", dtype=torch.bfloat16)
+    assert {p.dtype for p in pipe.text_encoder_3.parameters()} == {torch.bfloat16}
+    images = pipe("a photo of a cat", num_inference_steps=1, height=64, width=64, output_type="np").images
+    assert numpy.isfinite(images).all()
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["dequantized", "kept-fp8"])
+def test_project_loader_t5_computes_in_the_dtype_asked(converted_from, monkeypatch, gpu):
+    """`_fp8_text_encoders` gives a T5 computing in the dtype asked for, from an fp16 source, whether transformers
+    keeps it FP8 (SM >= 8.9) or dequantizes it (CPU, older GPUs)."""
+    from sd35fp8 import loading
+
+    out = converted_from("fp16")
+    index = json.loads((out / "model_index.json").read_text())
+    if gpu:  # transformers keeps FP8 only where CUDA exists
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t5 = loading._fp8_text_encoders(str(out), index, dtype, None)["text_encoder_3"]
+        wanted = {dtype, torch.float32} if dtype == torch.float16 else {dtype}  # T5 keeps `wo` fp32 under fp16
+        assert {p.dtype for p in t5.parameters()} <= wanted, dtype
+        assert t5(torch.tensor([[5, 6, 7, 1]])).last_hidden_state.isfinite().all()
+
+
+def test_verification_loads_as_the_card_says(converted):
+    report = json.loads((converted / "fp8_conversion.json").read_text())["verification"]["pipeline"]
+    assert report["dtype"] == "bfloat16" and report["steps"] == 2 and report["size"] == 64
+    assert 'variant="fp8"' in card_snippet(converted)
+    assert "stock diffusers exactly as above (`dtype=torch.bfloat16`)" in (converted / "README.md").read_text()
+
+
+def test_card_of_a_pipeline_without_t5_names_it_absent(tiny_base_no_t5, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert run_convert(tiny_base_no_t5, "--out", out, "--device", "cpu") == 0
+    snippet = card_snippet(out)
+    assert "text_encoder_3=None, tokenizer_3=None" in snippet and "text_encoder_3.to" not in snippet
+    monkeypatch.chdir(tmp_path)
+    exec(snippet, {})  # noqa: S102
+
+
+def test_verification_sizes_follow_the_model(tmp_path, capsys):
+    """A transformer with a small positional embedding: verification picks sizes it takes (issue 8, item 3)."""
+    from diffusers import SD3Transformer2DModel
+
+    from sd35fp8.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(with_t5=False, dtype=torch.bfloat16)
+    pipe.transformer = SD3Transformer2DModel(
+        sample_size=4, patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=4,
+    ).to(torch.bfloat16).eval()
+    pipe.save_pretrained(tmp_path / "src")  # takes 16 to 64 px: patch 2 x VAE scale 8, up to 4 patches
+    out = tmp_path / "out"
+    assert_fails(capsys, [tmp_path / "src", "--out", out, "--verify-size", 128], "--verify-size 128",
+                 "multiples of 16 from 16 to 64", out=out)
+    assert run_convert(tmp_path / "src", "--out", out, "--device", "cpu", "--verify-images", 1, "--verify-steps", 1) == 0
+    report = json.loads((out / "fp8_conversion.json").read_text())["verification"]
+    assert report["pipeline"]["size"] == 64 and len(report["images"]) == 1
+    assert "64x64 image in 2 steps (about" in capsys.readouterr().out
