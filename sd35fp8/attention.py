@@ -93,9 +93,12 @@ class _CudnnGraphs:
         q, k, v = (graph.tensor(name=n, dim=dims, stride=strides, data_type=e4m3) for n in ("q", "k", "v"))
         scalar = dict(dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=fp32)
         dq, dk, dv, ds, ss, so = (graph.tensor(name=n, **scalar) for n in ("dq", "dk", "dv", "ds", "ss", "so"))
-        out, _, amax_s, amax_o = graph.sdpa_fp8(q=q, k=k, v=v, descale_q=dq, descale_k=dk, descale_v=dv,
-                                                descale_s=ds, scale_s=ss, scale_o=so, is_inference=True,
-                                                attn_scale=attn_scale, use_causal_mask=False, name="sdpa_fp8")
+        common = dict(q=q, k=k, v=v, descale_q=dq, descale_k=dk, descale_v=dv, descale_s=ds, scale_s=ss,
+                      scale_o=so, attn_scale=attn_scale, use_causal_mask=False, name="sdpa_fp8")
+        try:  # newer frontends name the inference switch generate_stats, older ones is_inference
+            out, _, amax_s, amax_o = graph.sdpa_fp8(**common, generate_stats=False)
+        except TypeError:
+            out, _, amax_s, amax_o = graph.sdpa_fp8(**common, is_inference=True)
         out.set_output(True).set_dim(dims).set_stride(strides).set_data_type(e4m3)
         for amax in (amax_s, amax_o):
             amax.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(fp32)

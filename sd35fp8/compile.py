@@ -29,6 +29,9 @@ import torch
 from torch import nn
 
 COMPILE_CHOICES = ("off", "regional", "full", "aot")
+# Cache folders the user set before this process imported us win; inductor writes its default into the
+# environment at its first compile, which must not stop `configure_compile_cache` from choosing the folder.
+_USER_CACHE_ENV = {name: os.environ.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
 TOKEN_RANGE = (16, 16384)  # image tokens of a 64..2048 px side at VAE factor 8, patch 2
 BATCH_RANGE = (2, 16)  # CFG doubles the batch; batch 1 (no CFG) runs the blocks eagerly on the AOT path
 
@@ -38,14 +41,15 @@ BATCH_RANGE = (2, 16)  # CFG doubles the batch; batch 1 (no CFG) runs the blocks
 
 def configure_compile_cache(cache_dir: str | os.PathLike | None) -> dict:
     """Keep inductor's and Triton's caches under `cache_dir` (created if needed); returns what was set and whether
-    the folder already held compiled artifacts (a warm cache). Environment variables already set win."""
+    the folder already held compiled artifacts (a warm cache). TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR set in
+    the environment before the project was imported win."""
     if not cache_dir:
         return {"cache_dir": None, "warm": False}
     root = Path(cache_dir).expanduser().resolve()
     inductor, triton = root / "inductor", root / "triton"
     inductor.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(triton))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _USER_CACHE_ENV["TORCHINDUCTOR_CACHE_DIR"] or str(inductor)
+    os.environ["TRITON_CACHE_DIR"] = _USER_CACHE_ENV["TRITON_CACHE_DIR"] or str(triton)
     from torch._inductor import config as inductor_config
     from torch._functorch import config as functorch_config
 

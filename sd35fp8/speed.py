@@ -36,6 +36,7 @@ class SpeedOptions:
     compile: bool | str = False  # False/"off" | True/"regional" | "full" | "aot" | "auto" (regional on CUDA)
     compile_mode: str | None = None  # inductor mode, e.g. "max-autotune-no-cudagraphs"
     compile_dynamic: bool = True  # symbolic token/batch dims: a new size or batch does not recompile
+    compile_backend: str = "inductor"  # "eager" / "aot_eager" trace without generating kernels (tests, dry runs)
     compile_cache: str | bool | None = "auto"  # folder for inductor/Triton caches; auto: SPEED.compile_cache_dir
     cuda_graphs: bool | str = "auto"  # capture whole steps; auto: what measured faster
     aot_dir: str | None = None  # AOTInductor packages (compile="aot"); None: under the compile cache
@@ -106,7 +107,7 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
     pieces["compile_cache"] = cache
     if options.compile in ("regional", "full"):
         pieces["compile"] = compile_transformer(transformer, options.compile, mode=options.compile_mode,
-                                                dynamic=options.compile_dynamic)
+                                                dynamic=options.compile_dynamic, backend=options.compile_backend)
     elif options.compile == "aot":
         if run_once is None:
             raise ValueError("compile='aot' needs run_once to capture the blocks' inputs")

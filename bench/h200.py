@@ -1,0 +1,654 @@
+"""H200 benchmark of the FP8 speed pieces (issues 10 and 11), full-size SD3.5 Large / Medium with RANDOM weights.
+
+Every configuration goes through the project's own path: `sd35fp8.loading.load_pipeline(pipeline_object, ...)`
+with its speed options, then `sd35fp8.generate.generate`. The pipelines are built in memory from the published
+configs (bench/configs/) with the libraries' random init, on the GPU; for "fp8", `load_pipeline` quantizes the
+16-bit transformer and T5 in memory with the converter's arithmetic (`Fp8Linear.from_linear` is bit-identical
+to quanto's qfloat8 that `python -m convert` writes, tests/test_fp8_speed.py), so no checkpoint is written.
+
+Writes, as it goes, under --out: gpu_h200_speed.json (issue 10 rows), gpu_h200_everywhere.json (issue 11 rows),
+gpu_h200_checks.json (environment, attention micro-benchmark, kernel profiles), inductor_fp8_kernels.txt (the
+generated kernels that write FP8, to check what the activation quantization fused into).
+
+    python -m bench.h200 --out /tmp/h200 --deadline-s 540                       # on the H200
+    python -m bench.h200 --tiny --out /tmp/h200-tiny                            # CPU dry run, tiny shapes
+    python -m bench.h200 --plan large:bf16_eager,fp8_best --out ...            # a subset
+
+Configurations (priority order of the default plan; each is skipped if the deadline would not allow it):
+see PLANS and CONFIGS below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from bench.runner import (RANDOM_WEIGHTS_NOTE, Deadline, Rows, Stages, cuda_median_ms, environment, gb, log,
+                          print_table, rounded, write_json)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "bench" / "configs"
+MODEL_DIRS = {"large": "sd35_large", "medium": "sd35_medium"}
+PROMPT = "a photo of an astronaut riding a horse on the moon"
+SECOND_SIZE = (768, 1344)  # width, height: another size the app allows
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    precision: str  # "bf16" | "fp8"
+    options: dict = field(default_factory=dict)  # load_pipeline keyword options
+    peer: bool = False  # torchao
+    issue: str = "speed"  # "speed" -> gpu_h200_speed.json, "everywhere" -> gpu_h200_everywhere.json, "both"
+    estimate: dict = field(default_factory=dict)  # model -> seconds
+    extra: tuple[str, ...] = ()  # "second_size", "profile", "kernels", "warm_child", "cudagraphs", "repeat_prompt"
+
+    @property
+    def compiled(self) -> bool:
+        return self.options.get("compile", False) not in (False, "off")
+
+
+FUSED = dict(fuse_projections=True, attention="sdpa")
+REGIONAL = dict(compile="regional")
+CONFIGS = {c.name: c for c in [
+    Config("bf16_eager", "bf16", dict(fuse_projections=False, attention="sdpa", compile=False),
+           estimate={"large": 25, "medium": 15}),
+    Config("fp8_best", "fp8", {**FUSED, **REGIONAL}, issue="both", estimate={"large": 75, "medium": 50},
+           extra=("second_size", "profile", "kernels")),
+    Config("fp8_warm_cache", "fp8", {**FUSED, **REGIONAL}, issue="everywhere", estimate={"large": 70, "medium": 50},
+           extra=("warm_child",)),
+    Config("bf16_compile_fused", "bf16", {**FUSED, **REGIONAL}, estimate={"large": 60, "medium": 40},
+           extra=("profile",)),
+    Config("fp8_fp8attn_compile", "fp8", {**REGIONAL, "fuse_projections": True, "attention": "fp8_cudnn"},
+           estimate={"large": 60, "medium": 45}, extra=("profile",)),
+    Config("torchao_fp8_compile", "bf16", {"fuse_projections": False, "attention": "sdpa", **REGIONAL}, peer=True,
+           estimate={"large": 75, "medium": 50}),
+    Config("fp8_eager", "fp8", dict(FUSED, compile=False), estimate={"large": 30, "medium": 20}),
+    Config("fp8_tensorwise_compile", "fp8", {**FUSED, **REGIONAL, "fp8_path": "scaled_mm_tensorwise"},
+           issue="everywhere", estimate={"large": 60, "medium": 45}),
+    Config("fp8_cudagraphs", "fp8", {**FUSED, **REGIONAL, "cuda_graphs": True}, estimate={"large": 25, "medium": 20},
+           extra=("reuse_best",)),
+    Config("fp8_16gb", "fp8", {**FUSED, **REGIONAL, "text_encoders": "on_demand"}, issue="everywhere",
+           estimate={"large": 30, "medium": 25}, extra=("reuse_best", "repeat_prompt")),
+    Config("fp8_compile_unfused", "fp8", {"fuse_projections": False, "attention": "sdpa", **REGIONAL},
+           estimate={"large": 60, "medium": 45}),
+    Config("fp8_aot", "fp8", {**FUSED, "compile": "aot"}, issue="everywhere", estimate={"large": 150, "medium": 110}),
+    Config("fp8_offload", "fp8", {**FUSED, **REGIONAL, "offload": True}, issue="everywhere",
+           estimate={"large": 45, "medium": 35}),
+    Config("fp8_max_autotune", "fp8", {**FUSED, **REGIONAL, "compile_mode": "max-autotune-no-cudagraphs"},
+           estimate={"large": 200, "medium": 150}),
+    Config("fp8_full_compile", "fp8", {**FUSED, "compile": "full"}, issue="everywhere",
+           estimate={"large": 200, "medium": 120}),
+]}
+PLANS = {
+    "large": ["bf16_eager", "fp8_best", "bf16_compile_fused", "fp8_fp8attn_compile", "torchao_fp8_compile",
+              "fp8_eager", "fp8_tensorwise_compile", "fp8_cudagraphs", "fp8_warm_cache", "fp8_16gb",
+              "fp8_compile_unfused", "fp8_aot", "fp8_offload", "fp8_max_autotune", "fp8_full_compile"],
+    "medium": ["bf16_eager", "fp8_best", "bf16_compile_fused", "torchao_fp8_compile", "fp8_fp8attn_compile",
+               "fp8_eager"],
+}
+BUILD_ESTIMATE = {"large": 45, "medium": 25, "tiny": 1}
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def component_configs(model: str) -> dict[str, dict]:
+    configs = {}
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "scheduler"):
+        filename = "scheduler_config.json" if name == "scheduler" else "config.json"
+        for folder in (CONFIG_DIR / MODEL_DIRS[model] / name, CONFIG_DIR / "sd35_common" / name):
+            if (folder / filename).is_file():
+                configs[name] = json.loads((folder / filename).read_text())
+                break
+        else:
+            raise FileNotFoundError(f"no {name}/{filename} under bench/configs")
+    return configs
+
+
+def build_components(torch, model: str, device) -> dict:
+    """Every component with the libraries' own random init, built on `device` in bf16 (tiny: sd35fp8.tiny)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from sd35fp8.tiny import _clip_tokenizer, _t5_tokenizer, build_tiny_pipeline
+
+    if model == "tiny":
+        pipe = build_tiny_pipeline(dtype=torch.bfloat16)
+        return dict(pipe.components)
+    configs = component_configs(model)
+    previous = torch.get_default_dtype()
+    torch.manual_seed(0)
+    try:
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device(device):
+            parts = dict(
+                transformer=SD3Transformer2DModel.from_config(configs["transformer"]),
+                vae=AutoencoderKL.from_config(configs["vae"]),
+                text_encoder=CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder"])),
+                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"])),
+                text_encoder_3=T5EncoderModel(T5Config.from_dict(configs["text_encoder_3"])),
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    for module in parts.values():
+        module.to(torch.bfloat16).eval().requires_grad_(False)
+    parts.update(scheduler=FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"]),
+                 tokenizer=_clip_tokenizer(), tokenizer_2=_clip_tokenizer(), tokenizer_3=_t5_tokenizer())
+    return parts
+
+
+def gpu_bytes(torch, modules) -> int:
+    """Bytes of the modules' tensors on the GPU (a tensor subclass, e.g. torchao's, counts its inner tensors)."""
+    seen, total = set(), 0
+
+    def leaves(tensor):
+        inner = getattr(tensor, "__tensor_flatten__", None)
+        if inner is not None and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            for name in inner()[0]:
+                yield from leaves(getattr(tensor, name))
+        else:
+            yield tensor
+
+    for module in modules:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            for leaf in leaves(tensor):
+                if leaf.device.type == "cuda" and leaf.data_ptr() not in seen:
+                    seen.add(leaf.data_ptr())
+                    total += leaf.numel() * leaf.element_size()
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+class ModelBench:
+    """Builds one model's components once and measures configurations on them, one row per configuration."""
+
+    def __init__(self, torch, args, model: str, device, env: dict, rows: dict, checks: dict, save_checks):
+        self.torch, self.args, self.model, self.device, self.env = torch, args, model, device, env
+        self.rows, self.checks, self.save_checks = rows, checks, save_checks
+        self.cuda = device.type == "cuda"
+        self.size = args.size
+        self.steps = args.steps
+        self.parts = build_components(torch, model, device)
+        self.t5_fp8 = None
+        self.reference_step = None
+        self.inputs = None
+        self.best = None  # the loaded fp8_best pipeline, reused by configs that only change placement/graphs
+        from sd35fp8.gpu import GpuSampler
+
+        self.sampler = GpuSampler(device.index or 0) if self.cuda else None
+
+    # -- pipelines
+    def pipeline(self, precision: str, peer: bool = False, own_copies: bool = False):
+        """A pipeline on the shared components with its own copy of the transformer (and of everything with
+        `own_copies`, for placements that move components around)."""
+        from diffusers import StableDiffusion3Pipeline
+
+        torch = self.torch
+        parts = dict(self.parts)
+        parts["transformer"] = copy.deepcopy(self.parts["transformer"])
+        parts["scheduler"] = self.parts["scheduler"].__class__.from_config(self.parts["scheduler"].config)
+        if precision == "fp8" and self.cuda:
+            if self.t5_fp8 is None:  # T5 in FP8 blocks, as convert writes it and load_pipeline keeps it on a GPU
+                from sd35fp8.loading import _quantize_text_encoders_like_convert
+
+                holder = type("Holder", (), {})()
+                holder.text_encoder_3 = copy.deepcopy(self.parts["text_encoder_3"])
+                _quantize_text_encoders_like_convert(holder)
+                self.t5_fp8 = holder.text_encoder_3
+            parts["text_encoder_3"] = self.t5_fp8
+        if peer:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+            quantize_(parts["transformer"], Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        if own_copies:
+            parts = {name: copy.deepcopy(part) if isinstance(part, torch.nn.Module) and name != "transformer" else part
+                     for name, part in parts.items()}
+        pipe = StableDiffusion3Pipeline(**parts)
+        if self.cuda:
+            torch.cuda.empty_cache()
+        return pipe
+
+    def request(self, **overrides):
+        from sd35fp8.request import GenerationRequest
+
+        settings = dict(prompt=PROMPT, seed=42, steps=self.steps, guidance=4.5, width=self.size, height=self.size)
+        return GenerationRequest(**(settings | overrides))
+
+    def step_inputs(self, pipe):
+        torch = self.torch
+        with torch.no_grad():
+            pe, npe, ppe, nppe = pipe.encode_prompt(prompt=PROMPT, prompt_2=None, prompt_3=None, device=self.device,
+                                                    do_classifier_free_guidance=True, negative_prompt="",
+                                                    max_sequence_length=256)
+        generator = torch.Generator().manual_seed(1234)
+        latents = torch.randn(1, pipe.transformer.config.in_channels, self.size // 8, self.size // 8,
+                              generator=generator)
+        return {"latents": latents.to(torch.bfloat16), "embeds": torch.cat([npe, pe]), "pooled": torch.cat([nppe, ppe])}
+
+    def transformer_step(self, pipe):
+        torch = self.torch
+        inputs = self.inputs
+        latents = inputs["latents"].to(self.device)
+        latent_input = torch.cat([latents] * 2)
+        timestep = torch.full((2,), 500.0, device=self.device)
+        with torch.no_grad():
+            return pipe.transformer(hidden_states=latent_input, timestep=timestep,
+                                    encoder_hidden_states=inputs["embeds"].to(self.device),
+                                    pooled_projections=inputs["pooled"].to(self.device), return_dict=False)[0]
+
+    def step_ms(self, pipe, iters: int) -> float | None:
+        if not self.cuda:
+            return None
+        return cuda_median_ms(self.torch, lambda: self.transformer_step(pipe), iters=iters, warmup=2)
+
+    def profile(self, pipe) -> dict:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch = self.torch
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            self.transformer_step(pipe)
+            torch.cuda.synchronize()
+        kernels = []
+        for event in prof.key_averages():
+            us = getattr(event, "self_device_time_total", 0) or 0
+            if us > 0:
+                kernels.append((event.key, us, event.count))
+        kernels.sort(key=lambda k: -k[1])
+
+        def family(name: str) -> str:
+            low = name.lower()
+            if "sdpa_fp8" in low or any(s in low for s in ("flash", "fmha", "attention", "sdpa", "cudnn")):
+                return "attention"
+            if low.startswith("triton_"):
+                return "fused elementwise/norm/quantize (triton)"
+            if any(s in low for s in ("gemm", "xmma", "cutlass", "nvjet", "scaled_mm", "sm90_", "matmul", "f8f8")):
+                return "matmul"
+            return "other"
+
+        families: dict[str, float] = {}
+        for name, us, _ in kernels:
+            families[family(name)] = families.get(family(name), 0) + us
+        quantize = [(n, us, c) for n, us, c in kernels if n.startswith("triton_") and any(
+            s in n for s in ("clamp", "to_copy", "abs", "amax", "div", "reciprocal"))]
+        return {
+            "step_gpu_ms": round(sum(us for _, us, _ in kernels) / 1000, 2),
+            "by_family_ms": {k: round(v / 1000, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+            "quantizing_triton_kernels_ms": round(sum(us for _, us, _ in quantize) / 1000, 2),
+            "top_kernels": [{"name": n[:160], "ms": round(us / 1000, 3), "calls": c} for n, us, c in kernels[:25]],
+        }
+
+    def own_peak(self, loaded, result) -> float | None:
+        """Peak VRAM of this pipeline alone: the generation's peak minus memory held by other pipelines' weights
+        that stayed allocated throughout (exact for allocated bytes)."""
+        if not self.cuda or result.peak_vram_bytes is None:
+            return None
+        return gb(result.peak_vram_bytes - self._foreign)
+
+    def _note_foreign(self, loaded):
+        torch = self.torch
+        torch.cuda.synchronize()
+        own = gpu_bytes(torch, [c for c in loaded.pipe.components.values() if isinstance(c, torch.nn.Module)])
+        self._foreign = torch.cuda.memory_allocated() - own
+
+    def timed_generation(self, loaded, **overrides):
+        from sd35fp8.generate import generate
+
+        if self.cuda:
+            self._note_foreign(loaded)
+        result = generate(loaded, self.request(**overrides), sampler=self.sampler)
+        gpu = result.gpu
+        energy = None if gpu is None or not getattr(gpu, "available", False) else getattr(gpu, "energy_j", None)
+        power = None if gpu is None or not getattr(gpu, "available", False) else getattr(gpu, "avg_power_w", None)
+        return result, energy, power
+
+    # -- one configuration
+    def run(self, config: Config) -> dict:
+        from sd35fp8.compile import CudaGraphTransformer, compile_counters
+        from sd35fp8.generate import generate
+        from sd35fp8.loading import load_pipeline
+        from sd35fp8.metrics import relative_error
+
+        torch = self.torch
+        args = self.args
+        row = {"model": self.model, "config": config.name, "precision": "fp8" if config.peer else config.precision,
+               "compiled": config.compiled, "peer": config.peer, "options": dict(config.options),
+               "width": self.size, "height": self.size, "steps": self.steps, "guidance": 4.5}
+        if "warm_child" in config.extra:  # measured in a fresh process, nothing to build here
+            row.update(self.warm_child(config))
+            row["fp8_path"] = "scaled_mm" if self.cuda else "dequant"
+            return row
+        options = dict(config.options)
+        if args.tiny and options.get("compile") in ("regional", "full"):
+            options.setdefault("compile_backend", "eager")  # dry run: trace, do not generate kernels
+        if args.tiny and options.get("compile_mode"):
+            options.pop("compile_mode")
+        if "reuse_best" in config.extra:
+            if self.best is None:
+                raise RuntimeError("needs fp8_best first")
+            loaded = self.best
+            if options.get("cuda_graphs"):
+                wrapper = CudaGraphTransformer.install(loaded.pipe.transformer) if self.cuda else None
+            if options.get("text_encoders") == "on_demand":
+                from sd35fp8.prompts import OnDemandEncoders, PromptCache
+
+                loaded.encoders = OnDemandEncoders(loaded.pipe, self.device)
+                loaded.prompt_cache = PromptCache()
+                loaded.pieces["text_encoders"] = loaded.encoders.describe()
+                if self.cuda:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+        else:
+            started = time.perf_counter()
+            pipe = self.pipeline(config.precision, config.peer, own_copies=bool(options.get("offload")))
+            row["build_s"] = round(time.perf_counter() - started, 2)
+            precision = "bf16" if config.peer else config.precision
+            loaded = load_pipeline(pipe, precision, device=self.device, dtype=torch.bfloat16, prompt_cache=False,
+                                   **options)
+        row["load_s"] = round(loaded.load_seconds, 2)
+        row["fp8_path"] = loaded.fp8_path if not config.peer else "torchao Float8DynamicActivationFloat8WeightConfig(PerRow)"
+        row["pieces"] = {k: v for k, v in loaded.pieces.items() if k != "compile_cache"}
+        cache = loaded.pieces.get("compile_cache") or {}
+        row["cache"] = None if not cache.get("cache_dir") else ("cold" if not self.args.cache_used else "partly warm")
+        row["cache_note"] = ("cold: first compilation of this process into a fresh cache folder" if row["cache"] == "cold"
+                             else "other configurations' kernels were already cached" if row["cache"] else None)
+        if cache.get("cache_dir"):
+            self.args.cache_used = True
+        counters_before = compile_counters()
+        # first image (compiles here for compiled configs), full size and steps
+        result, energy, power = self.timed_generation(loaded)
+        row["first_image_s"] = round(result.latency_s, 2)
+        row["compile_counters_after_first_image"] = {k: v - counters_before[k] for k, v in compile_counters().items()}
+        if "second_size" in config.extra:
+            before = compile_counters()
+            width, height = SECOND_SIZE if not args.tiny else (96, 128)
+            first_other = generate(loaded, self.request(width=width, height=height))
+            again = generate(loaded, self.request(width=width, height=height))
+            row["second_size"] = {"width": width, "height": height, "first_s": round(first_other.latency_s, 2),
+                                  "steady_s": round(again.latency_s, 2),
+                                  "extra_first_s": round(first_other.latency_s - again.latency_s, 2),
+                                  "compile_counters": {k: v - before[k] for k, v in compile_counters().items()}}
+        # single-step error against bf16 eager, identical inputs
+        if self.inputs is None:
+            self.inputs = self.step_inputs(loaded.pipe)
+        out = self.transformer_step(loaded.pipe).float()
+        if config.name == "bf16_eager":
+            self.reference_step = out.cpu()
+        elif self.reference_step is not None:
+            row["step_rel_error_vs_bf16"] = round(relative_error(out.cpu(), self.reference_step), 5)
+        row["step_output_finite"] = bool(torch.isfinite(out).all())
+        # transformer ms/step (CUDA events, median), then the timed end-to-end generation
+        row["transformer_ms_per_step"] = rounded(self.step_ms(loaded.pipe, args.step_iters), 2)
+        result, energy, power = self.timed_generation(loaded)
+        row.update(latency_s=round(result.latency_s, 3), generation_ms_per_step=round(1000 * result.seconds_per_step, 2),
+                   peak_vram_gb=self.own_peak(loaded, result), peak_vram_process_gb=gb(result.peak_vram_bytes),
+                   energy_per_image_j=rounded(energy, 1), avg_power_w=rounded(power, 1), image_finite=result.finite,
+                   encode_s=rounded(result.encode_s, 3))
+        if "repeat_prompt" in config.extra:
+            again, energy2, _ = self.timed_generation(loaded)  # the prompt cache now has it: encoders skipped
+            row["repeat_prompt"] = {"latency_s": round(again.latency_s, 3), "prompt_cache_hit": again.prompt_cache_hit,
+                                    "peak_vram_gb": self.own_peak(loaded, again), "encode_s": rounded(again.encode_s, 4)}
+        if self.cuda and "profile" in config.extra and not args.no_profile:
+            row["kernel_profile"] = self.profile(loaded.pipe)
+        if "kernels" in config.extra:
+            row["fp8_kernels_file"] = dump_fp8_kernels(args.out / "inductor_fp8_kernels.txt")
+        row["pieces_line"] = __import__("sd35fp8.speed", fromlist=["describe_pieces"]).describe_pieces(loaded.pieces)
+        # keep / release
+        if config.name == "fp8_best":
+            self.best = loaded
+        elif "reuse_best" in config.extra:
+            if options.get("cuda_graphs") and self.cuda:
+                wrapper.uninstall()
+            if options.get("text_encoders") == "on_demand":  # back on the GPU for the configurations after this
+                loaded.encoders.remove()
+                for module in loaded.encoders.modules:
+                    module.to(self.device)
+                loaded.encoders, loaded.prompt_cache = None, None
+        else:
+            del loaded
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+        return row
+
+    def warm_child(self, config: Config) -> dict:
+        """A fresh process with the same compile cache: first image from a warm cache, as after an app restart."""
+        out = self.args.out / f"child_{self.model}.json"
+        command = [sys.executable, "-m", "bench.h200", "--child", self.model, "--out", str(self.args.out),
+                   "--size", str(self.size), "--steps", str(self.steps)] + (["--tiny"] if self.args.tiny else [])
+        started = time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=self.args.child_timeout)
+        child = json.loads(out.read_text()) if out.is_file() else {}
+        child["process_s"] = round(time.perf_counter() - started, 1)
+        if done.returncode != 0:
+            child["error"] = done.stderr[-3000:]
+        return {"cache": "warm", "warm_child": child, "first_image_s": child.get("first_image_s"),
+                "latency_s": child.get("latency_s"), "transformer_ms_per_step": child.get("generation_ms_per_step")}
+
+
+def dump_fp8_kernels(path: Path) -> dict:
+    """Copy inductor's generated kernels that write float8 into one file; count what they fused."""
+    cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/nonexistent"))
+    kernels = []
+    for file in cache.rglob("*.py"):
+        try:
+            text = file.read_text(errors="replace")
+        except OSError:
+            continue
+        if "@triton.jit" in text and ("float8" in text or "fp8e4" in text):
+            kernels.append((file, text))
+    fused = {"layer_norm_or_rms_into_fp8": 0, "gelu_into_fp8": 0, "plain_quantize": 0}
+    with open(path, "w") as handle:
+        for file, text in kernels:
+            name = text.split("def triton_", 1)[1].split("(", 1)[0] if "def triton_" in text else file.name
+            if "rsqrt" in text:
+                fused["layer_norm_or_rms_into_fp8"] += 1
+            elif "tanh" in text or "erf" in text:
+                fused["gelu_into_fp8"] += 1
+            else:
+                fused["plain_quantize"] += 1
+            handle.write(f"# ===== {file.name}: triton_{name}\n{text[:6000]}\n\n")
+    return {"kernels_writing_fp8": len(kernels), **fused, "file": path.name}
+
+
+def attention_micro(torch, device, tiny: bool) -> dict:
+    """16-bit SDPA (PyTorch's pick, cuDNN on Hopper) vs cuDNN FP8 sdpa_fp8 at SD3.5's shapes: kernel time, time with
+    quantization, error against float32 attention."""
+    import torch.nn.functional as F
+
+    from sd35fp8.attention import FALLBACKS, cudnn_fp8_available, fp8_attention
+    from sd35fp8.metrics import relative_error
+
+    report = {"cudnn_frontend": cudnn_fp8_available() or "ok"}
+    shapes = {"large": (2, 38, 4429, 64), "medium": (2, 24, 4429, 64)} if not tiny else {"tiny": (2, 2, 80, 64)}
+    kernel = "cudnn" if device.type == "cuda" else "reference"
+    for name, (b, h, s, d) in shapes.items():
+        entry = {}
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = ((torch.randn(b, s, h, d, generator=generator)).to(device, torch.bfloat16) for _ in range(3))
+        q = F.rms_norm(q, (d,))
+        k = F.rms_norm(k, (d,))
+        bound = torch.tensor(8.0 * 1.01, device=device)
+        flops = 4 * b * h * s * s * d
+        reference = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        bf16 = lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))  # noqa: E731
+        entry["bf16_rel_error"] = round(relative_error(bf16().transpose(1, 2).float(), reference), 5)
+        fp8_out = fp8_attention(q, k, v, bound, bound, kernel)
+        entry["fp8_rel_error"] = round(relative_error(fp8_out.float(), reference), 5)
+        entry["fp8_fallback"] = dict(FALLBACKS) or None
+        if device.type == "cuda":
+            entry["bf16_sdpa_ms"] = round(cuda_median_ms(torch, bf16, iters=20), 4)
+            from sd35fp8.attention import _quantize_per_tensor
+
+            q8, qs = _quantize_per_tensor(q, bound)
+            k8, ks = _quantize_per_tensor(k, bound)
+            v8, vs = _quantize_per_tensor(v, None)
+            only = lambda: torch.ops.sd35fp8.sdpa_fp8(q8, k8, v8, 1 / qs, 1 / ks, 1 / vs, vs * 0.5,  # noqa: E731
+                                                      1 / d ** 0.5, "cudnn")
+            entry["fp8_kernel_ms"] = round(cuda_median_ms(torch, only, iters=20), 4)
+            compiled = torch.compile(lambda q, k, v: fp8_attention(q, k, v, bound, bound, "cudnn"), dynamic=False)
+            entry["fp8_with_quantize_compiled_ms"] = round(cuda_median_ms(torch, lambda: compiled(q, k, v), iters=20), 4)
+            for key in ("bf16_sdpa_ms", "fp8_kernel_ms", "fp8_with_quantize_compiled_ms"):
+                entry[key.replace("_ms", "_tflops")] = round(flops / entry[key] / 1e9, 1)
+        report[name] = entry
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU dry run with the tiny model")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--deadline-s", type=float, default=None)
+    parser.add_argument("--plan", default=None, help="model:config,config;model:... (default: PLANS for large,medium)")
+    parser.add_argument("--models", default=None, help="comma-separated models of the default plan")
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--step-iters", type=int, default=10)
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-micro", action="store_true")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-timeout", type=float, default=240)
+    parser.add_argument("--cache-used", action="store_true", help="the compile cache folder is not fresh")
+    args = parser.parse_args(argv)
+    args.size = args.size or (64 if args.tiny else 1024)
+    args.steps = args.steps or (3 if args.tiny else 28)
+    return args
+
+
+def plan_of(args) -> list[tuple[str, list[str]]]:
+    if args.plan:
+        plan = []
+        for part in args.plan.split(";"):
+            model, _, names = part.partition(":")
+            plan.append((model, names.split(",") if names else PLANS[model]))
+        return plan
+    models = args.models.split(",") if args.models else ["large", "medium"]
+    return [(m, PLANS[m]) for m in models]
+
+
+def child_main(args) -> int:
+    """Fresh process: load the FP8 pipeline with the same cache folder, time its first image (warm cache)."""
+    import torch
+
+    from sd35fp8.loading import load_pipeline
+
+    device = torch.device("cpu" if args.tiny else "cuda")
+    started = time.perf_counter()
+    bench = ModelBench(torch, args, "tiny" if args.tiny else args.child, device, {}, {}, {}, lambda: None)
+    pipe = bench.pipeline("fp8")
+    options = dict(CONFIGS["fp8_best"].options)
+    if args.tiny:
+        options["compile_backend"] = "eager"
+    loaded = load_pipeline(pipe, "fp8", device=device, dtype=torch.bfloat16, prompt_cache=False, **options)
+    built = time.perf_counter() - started
+    result, _, _ = bench.timed_generation(loaded)
+    second, _, _ = bench.timed_generation(loaded)
+    report = {"build_and_load_s": round(built, 1), "first_image_s": round(result.latency_s, 2),
+              "latency_s": round(second.latency_s, 3), "generation_ms_per_step": round(1000 * second.seconds_per_step, 2),
+              "cache_info": loaded.pieces.get("compile_cache")}
+    write_json(args.out / f"child_{args.child}.json", report)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        return child_main(args)
+    deadline = Deadline(args.deadline_s)
+    if "SD35FP8_COMPILE_CACHE" not in os.environ:
+        # a fresh cache folder (read by sd35fp8.settings at import): the first compiled config measures "cold",
+        # and the warm-cache child process started later inherits it
+        folder = args.out.resolve().parent / f"{args.out.name}-compile-cache"
+        args.cache_used = folder.exists() and any(folder.rglob("*.py"))
+        os.environ["SD35FP8_COMPILE_CACHE"] = str(folder)
+    import torch
+
+    # the project is imported now, once: the tree may change while a long run goes on
+    import sd35fp8.generate  # noqa: F401
+    import sd35fp8.loading  # noqa: F401
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda:0")
+    if device.type == "cpu" and not args.tiny:
+        raise SystemExit("full-size models need a GPU; use --tiny on the CPU")
+    env = environment(torch, device)
+    log(f"environment: {json.dumps(env)}")
+    common = {"gpu": env.get("gpu") or "cpu (tiny dry run)", "random_weights": True, "note": RANDOM_WEIGHTS_NOTE}
+    rows = {"speed": Rows(args.out / "gpu_h200_speed.json", common),
+            "everywhere": Rows(args.out / "gpu_h200_everywhere.json", common)}
+    checks = {"environment": env, "stages": {}}
+
+    def save_checks():
+        write_json(args.out / "gpu_h200_checks.json", checks)
+
+    save_checks()
+    current = {"model": None}
+
+    def record_failure(name, info):
+        model, _, config_name = name.partition("/")
+        config = CONFIGS.get(config_name)
+        targets = ["speed", "everywhere"] if config is None or config.issue == "both" else [config.issue]
+        for target in targets:
+            rows[target].add({"model": model, "config": config_name, **info})
+
+    stages = Stages(deadline, record_failure)
+    if not args.no_micro:
+        with stages.stage("checks/attention_micro", 25) as ok:
+            if ok:
+                checks["attention_micro"] = attention_micro(torch, device, args.tiny)
+                log(f"attention micro: {json.dumps(checks['attention_micro'])}")
+                save_checks()
+    for model, names in plan_of(args):
+        model_name = "tiny" if args.tiny else model
+        current["model"] = model_name
+        bench = None
+        with stages.stage(f"{model}/build", BUILD_ESTIMATE.get(model_name, 30)) as ok:
+            if ok:
+                started = time.perf_counter()
+                bench = ModelBench(torch, args, model_name, device, env, rows, checks, save_checks)
+                checks.setdefault("build_s", {})[model] = round(time.perf_counter() - started, 1)
+        if bench is None:
+            continue
+        for name in names:
+            config = CONFIGS[name]
+            estimate = config.estimate.get(model_name, 5 if args.tiny else 60)
+            with stages.stage(f"{model}/{name}", estimate) as ok:
+                if ok:
+                    row = bench.run(config)
+                    targets = ["speed", "everywhere"] if config.issue == "both" else [config.issue]
+                    for target in targets:
+                        rows[target].add(row)
+                    log(f"{model}/{name}: " + ", ".join(f"{k}={row.get(k)}" for k in (
+                        "first_image_s", "latency_s", "transformer_ms_per_step", "peak_vram_gb", "energy_per_image_j",
+                        "step_rel_error_vs_bf16", "fp8_path")))
+            checks["stages"] = stages.done
+            save_checks()
+        del bench
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    columns = ("model", "config", "first_image_s", "latency_s", "transformer_ms_per_step", "peak_vram_gb",
+               "energy_per_image_j", "step_rel_error_vs_bf16", "cache")
+    for target in ("speed", "everywhere"):
+        print(f"== {target}")
+        print_table(rows[target].rows, columns)
+    log(f"all done in {deadline.elapsed():.0f} s; stages: {json.dumps(stages.done)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

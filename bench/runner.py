@@ -1,0 +1,188 @@
+"""Benchmark plumbing shared by the GPU benchmarks: deadlines, JSON rows written as they come, logging, the
+environment record, timing helpers and polling a background run. No measurement lives here.
+
+Run benchmarks from the repository root as modules (`python -m bench.h200 ...`); nothing here edits sys.path.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+RANDOM_WEIGHTS_NOTE = ("random weights of the published shapes: speed and memory hold for the real model; images are "
+                       "noise, and error figures measure FP8 arithmetic on this network, not image quality")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Deadline:
+    """Seconds left of a run's budget; stages ask `allows(estimate)` before they start."""
+
+    def __init__(self, seconds: float | None):
+        self.start = time.monotonic()
+        self.seconds = seconds
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self) -> float:
+        return float("inf") if self.seconds is None else self.seconds - self.elapsed()
+
+    def allows(self, needed: float, reserve: float = 0.0) -> bool:
+        return self.left() >= needed + reserve
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+class Rows:
+    """A JSON file of result rows, rewritten after every row so that a killed run keeps what it measured."""
+
+    def __init__(self, path: Path, common: dict | None = None):
+        self.path, self.common, self.rows = path, dict(common or {}), []
+
+    def add(self, row: dict) -> dict:
+        row = {**row, **{k: v for k, v in self.common.items() if k not in row}}
+        self.rows.append(row)
+        write_json(self.path, self.rows)
+        return row
+
+
+class Stages:
+    """Runs named stages in order under a deadline; a stage that fails or does not fit is recorded, not fatal."""
+
+    def __init__(self, deadline: Deadline, record):
+        self.deadline, self.record = deadline, record
+        self.done: dict[str, str] = {}
+
+    @contextmanager
+    def stage(self, name: str, estimate_s: float, reserve_s: float = 0.0):
+        """`with stages.stage(...) as ok:` — the body runs only if `ok`; errors are logged and recorded."""
+        if not self.deadline.allows(estimate_s, reserve_s):
+            log(f"{name}: skipped ({self.deadline.left():.0f} s left, needs ~{estimate_s:.0f} s)")
+            self.done[name] = "skipped: device-time budget"
+            self.record(name, {"skipped": f"device-time budget ({self.deadline.left():.0f} s left, needed ~{estimate_s:.0f} s)"})
+            yield False
+            return
+        log(f"{name}: start ({self.deadline.left():.0f} s left)")
+        started = time.monotonic()
+        try:
+            yield True
+            self.done[name] = f"ok in {time.monotonic() - started:.0f} s"
+            log(f"{name}: done in {time.monotonic() - started:.1f} s")
+        except Exception as error:  # noqa: BLE001 - record and go on with the next stage
+            log(f"{name}: FAILED {type(error).__name__}: {error}")
+            traceback.print_exc()
+            self.done[name] = f"failed: {type(error).__name__}: {str(error)[:300]}"
+            self.record(name, {"error": f"{type(error).__name__}: {str(error)[:2000]}",
+                               "traceback": traceback.format_exc()[-3000:]})
+
+
+def gb(value) -> float | None:
+    return None if value is None else round(value / 1e9, 3)
+
+
+def rounded(value, digits: int = 3):
+    return None if value is None else round(value, digits)
+
+
+def environment(torch, device) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda}
+    for package in ("diffusers", "transformers", "optimum-quanto", "torchao", "nvidia-cudnn-frontend", "triton",
+                    "spaces"):
+        try:
+            info[package] = version(package)
+        except PackageNotFoundError:
+            info[package] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+                    sm_count=props.multi_processor_count, gpu_memory_gb=gb(props.total_memory),
+                    cudnn=torch.backends.cudnn.version())
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            info["driver"] = driver.decode() if isinstance(driver, bytes) else driver
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            info["power_limit_w"] = pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000
+        except Exception as error:  # noqa: BLE001 - report, don't fail
+            info["driver"] = f"unknown ({error})"
+    else:
+        info["gpu"] = None
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def cuda_median_ms(torch, fn, iters: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds of `fn()` over `iters` runs, timed with CUDA events after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def wall_median_s(torch, fn, iters: int = 3, warmup: int = 1, cuda: bool = True) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def poll(work: Path, seconds: float, out: Path | None, pattern: str = "*.json") -> int:
+    """Wait until a background run writes WORK/DONE (or `seconds` pass); copy its results and log tail to `out`."""
+    started = time.monotonic()
+    done = work / "DONE"
+    while time.monotonic() - started < seconds and not done.exists():
+        time.sleep(3)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for path in sorted(work.glob(pattern)):
+            shutil.copy2(path, out / path.name)
+        log_path = work / "log"
+        if log_path.exists():
+            (out / "log_tail.txt").write_bytes(log_path.read_bytes()[-400_000:])
+    print("DONE" if done.exists() else f"still running after {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def print_table(rows: list[dict], columns: tuple[str, ...]) -> None:
+    print(" | ".join(columns))
+    for row in rows:
+        if "skipped" in row or "error" in row:
+            print(f"{row.get('model')}/{row.get('config')} | {str(row.get('skipped') or row.get('error'))[:120]}")
+            continue
+        print(" | ".join(str(row.get(c, "-")) for c in columns))
+    sys.stdout.flush()
