@@ -52,7 +52,10 @@ def module_bytes(module: torch.nn.Module) -> int:
     """Bytes held by a module's parameters and buffers as stored (FP8 data counts one byte an element)."""
     seen, total = set(), 0
     for tensor in module.state_dict().values():
-        key = (tensor.device, tensor.untyped_storage().data_ptr()) if tensor.device.type != "meta" else id(tensor)
+        try:
+            key = (tensor.device, tensor.untyped_storage().data_ptr()) if tensor.device.type != "meta" else id(tensor)
+        except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses (torchao) have no plain storage
+            key = id(tensor)
         if key not in seen:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
@@ -150,6 +153,7 @@ def load_pipeline(
     text_encoders: str = "auto",
     prompt_cache: bool | object = True,
     aot_dir: str | None = None,
+    compile_backend: str = "inductor",
 ) -> LoadedPipeline:
     """Load an SD3 pipeline in `precision` ("fp8", "bf16", "fp16") from a Hub id, a folder, "tiny", or a
     `StableDiffusion3Pipeline` object (in memory; for "fp8" its 16-bit transformer is quantized exactly as
@@ -178,7 +182,7 @@ def load_pipeline(
         raise ValueError(f"unknown text_encoders {text_encoders!r}; choose auto, gpu or on_demand")
     options = SpeedOptions(fuse_projections=fuse_projections, attention=attention, compile=compile,
                            compile_mode=compile_mode, compile_cache=compile_cache, cuda_graphs=cuda_graphs,
-                           aot_dir=aot_dir)
+                           aot_dir=aot_dir, compile_backend=compile_backend)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or PRECISIONS[precision].dtype or torch.bfloat16
     options = options.resolved(device)
