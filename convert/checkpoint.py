@@ -152,10 +152,8 @@ class SafetensorsReader:
     def file_of(self, name: str) -> Path:
         return self._entries[name][0]
 
-    def nbytes(self, name: str | None = None) -> int:
-        if name is not None:
-            return self._entries[name][4]
-        return sum(entry[4] for entry in self._entries.values())
+    def nbytes(self, name: str) -> int:
+        return self._entries[name][4]
 
     def dtype(self, name: str) -> torch.dtype:
         return self._entries[name][2]
@@ -229,6 +227,9 @@ def _read_header(path: Path) -> dict[str, tuple[Path, int, torch.dtype, list[int
     for name, info in header.items():
         dtype, shape, (start, end) = _tensor_info(path, name, info)
         expected = math.prod(shape) * dtype.itemsize
+        if end > data_size:
+            raise _damaged(path, f"truncated: tensor {name!r} ends {end - data_size} bytes past the end of the file "
+                                 f"(offsets {start}..{end}, {data_size} bytes of tensor data)")
         if end - start != expected:
             raise _damaged(path, f"tensor {name!r} ({DTYPE_NAMES[dtype]} {shape}) needs {expected} bytes but its "
                                  f"offsets span {end - start}")
@@ -240,9 +241,6 @@ def _read_header(path: Path) -> dict[str, tuple[Path, int, torch.dtype, list[int
             problem = "overlaps the tensor before it" if start < position else f"leaves a gap of {start - position} bytes"
             raise _damaged(path, f"tensor {name!r} {problem} (offsets {start}..{end})")
         position = end
-    if position > data_size:
-        raise _damaged(path, f"truncated: its header describes {position} bytes of tensor data but only "
-                             f"{data_size} are there ({position - data_size} missing)")
     if position < data_size:
         raise _damaged(path, f"{data_size - position} bytes longer than its header describes")
     return {name: entries[name] for _, _, name in sorted(ranges)}

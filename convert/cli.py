@@ -26,12 +26,12 @@ from sd35fp8.settings import CONVERSION, LIMITS
 from .card import render_model_card
 from .checkpoint import parse_size
 from .output import (
-    Interrupted, WorkFolder, check_apart, check_free_space, check_out, disk_error, failed_step, last_signal, remove_leftovers,
-    signals_as_interrupt, step,
+    REPORT_NAME, Interrupted, WorkFolder, check_apart, check_free_space, check_out, disk_error, failed_step, last_signal,
+    remove_leftovers, signals_as_interrupt, step,
 )
 from .publish import push
 from .quantize import ComponentPlan, can_quantize, plan_component, unused_excludes, write_component
-from .source import REPORT_NAME, Source, resolve
+from .source import Source, SourceError, resolve
 from .verify import ImageSizes, absent_components, estimate_seconds, verify_component, verify_pipeline
 
 DEFAULT_COMPONENTS = ("transformer", "text_encoder_3")
@@ -127,6 +127,17 @@ def _plans(source: Source, components: list[str], exclude: list[str]) -> list[Co
     return plans
 
 
+def _licenses(source: Source) -> dict:
+    """The license fields of the source's model card, carried over to the variant's card."""
+    import yaml
+
+    try:
+        return license_fields(source.path)
+    except (yaml.YAMLError, ValueError) as error:
+        raise SourceError(f"{source.path / 'README.md'}: its metadata block (between the --- lines) is not valid YAML "
+                          f"({one_line(error)[:120]}): fix or remove it.") from None
+
+
 def _check_shards(plans: list[ComponentPlan], max_shard: int, text: str) -> None:
     for plan in plans:
         files = math.ceil(plan.bytes_after / max_shard) if plan.quantize else 0
@@ -188,14 +199,16 @@ def _convert(args: argparse.Namespace, run: _Run) -> int:
     device = _check_arguments(args)
     max_shard = parse_size(args.max_shard_size)
     with step("checking --out"):
+        local = Path(args.source).expanduser()
+        if args.out is not None and local.is_dir():  # the plainest case first: --out is, holds or is in the source
+            check_apart(Path(args.out).expanduser().resolve(), [local.resolve()], args.source)
         out = check_out(args.out, args.overwrite) if args.out is not None else None
     exclude = list(dict.fromkeys(name.strip() for item in args.exclude for name in item.split(",") if name.strip()))
     with step(f"reading the source {args.source}"):
         source = resolve(args.source, args.revision, weights=not args.dry_run)
     if out is not None:
         check_apart(out, source.real_paths, source.spec)
-    with step(f"reading the license of {source.path / 'README.md'}"):
-        licenses = license_fields(source.path)
+    licenses = _licenses(source)
     if args.push_to and not source.is_hub and not args.base_id:
         raise ConversionError("the source is a local folder: pass --base-id OWNER/NAME so the model card names its base model.")
     components = _names(args.components) if args.components is not None else [

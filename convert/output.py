@@ -24,8 +24,7 @@ from pathlib import Path
 from sd35fp8.errors import BadInput, Failure
 from sd35fp8.loading import format_bytes
 
-from .source import REPORT_NAME
-
+REPORT_NAME = "fp8_conversion.json"  # what the converter writes into a verified variant; marks its outputs
 HANDLED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
@@ -207,7 +206,7 @@ def signals_as_interrupt():
         yield _signals
         return
     previous = {signum: signal.signal(signum, _on_signal) for signum in HANDLED_SIGNALS}
-    _signals.received = None
+    _signals.received, _signals.pending = None, False
     try:
         yield _signals
     finally:

@@ -7,8 +7,7 @@ from pathlib import Path
 from sd35fp8.errors import Failure
 from sd35fp8.hub import upload_folder, validate_repo_id
 
-from .output import is_previous_output
-from .source import REPORT_NAME
+from .output import REPORT_NAME, is_previous_output
 
 COMMIT_MESSAGE = "Add FP8 (E4M3) variant made with sd35fp8 convert"
 

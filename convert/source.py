@@ -3,6 +3,7 @@ index, configs and safetensors files are all readable and consistent, with nothi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -14,16 +15,15 @@ from sd35fp8.errors import BadInput
 from sd35fp8.hub import hub_errors
 
 from .checkpoint import (
-    PICKLE_SUFFIXES, WEIGHT_STEMS, CheckpointError, SafetensorsReader, no_weights_error, read_json_object, shard_names,
-    weight_files,
+    WEIGHT_STEMS, CheckpointError, SafetensorsReader, no_weights_error, read_json_object, shard_names, weight_files,
 )
+from .output import REPORT_NAME, disk_error
 
 SD3_PIPELINES = {"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"}
 MODEL_LIBRARIES = {"diffusers", "transformers"}
 NOT_MODELS = ("Tokenizer", "TokenizerFast", "Scheduler")
 NEVER_DOWNLOAD = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "*.msgpack", "*.onnx", "*.onnx_data", "*.gguf"]
 NEVER_COPY = tuple(pattern.removeprefix("*") for pattern in NEVER_DOWNLOAD)  # suffixes
-REPORT_NAME = "fp8_conversion.json"  # what the converter writes next to a verified variant
 _COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 
@@ -74,7 +74,7 @@ def _read_model_index(folder: Path, spec: str) -> dict:
 
 def _check_sd3(model_index: dict, spec: str) -> str:
     class_name = model_index.get("_class_name", "?")
-    if class_name not in SD3_PIPELINES:
+    if not isinstance(class_name, str) or class_name not in SD3_PIPELINES:
         raise SourceError(
             f"{spec} is a {class_name}, not an SD3 pipeline. This tool converts Stable Diffusion 3 / 3.5 "
             "repos (e.g. stabilityai/stable-diffusion-3.5-large)."
@@ -122,9 +122,18 @@ def _component_files(component: Component, source_root: Path, spec: str, seen: s
                 raise SourceError(f"{spec}: {path} is a link pointing nowhere: remove it or restore its target.")
             if not path.is_file():
                 raise SourceError(f"{spec}: {path} is not a regular file (a pipe or device?): remove it.")
+            if path.suffix == ".json":  # configs, tokenizer files, indexes: all read when the pipeline loads
+                _check_json(path)
             seen.add(path.resolve())
             files.append(path.relative_to(component.folder))
     return tuple(files)
+
+
+def _check_json(path: Path) -> None:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise SourceError(f"{path}: this file is not valid JSON. Download or save it again.") from None
 
 
 def _check_component(component: Component, spec: str, local: bool) -> Component:
@@ -234,8 +243,8 @@ def _download(repo_id: str, revision: str | None, weights: bool) -> Path:
     )
 
     where = f"{repo_id}@{revision}" if revision else repo_id
-    try:
-        with hub_errors(f"download {where}", repo_id):
+    with hub_errors(f"download {where}", repo_id):
+        try:
             index_path = hf_hub_download(repo_id, "model_index.json", revision=revision)
             model_index = read_json_object(Path(index_path), "pipeline index")
             _check_sd3(model_index, where)
@@ -244,21 +253,25 @@ def _download(repo_id: str, revision: str | None, weights: bool) -> Path:
             patterns = ["model_index.json", "README.md", "LICENSE*"] + [f"{name}/{f}" for name in folders for f in files]
             return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                           ignore_patterns=NEVER_DOWNLOAD))
-    except GatedRepoError:
-        raise SourceError(
-            f"{repo_id} is gated: accept its license at https://huggingface.co/{repo_id}, then set HF_TOKEN "
-            "(or run `hf auth login`) with a token of the account that accepted it."
-        ) from None
-    except RepositoryNotFoundError:
-        raise SourceError(
-            f"{repo_id}: no such repo on the Hub, or it is private (then set HF_TOKEN or run `hf auth login`). "
-            "For a local folder, check the path."
-        ) from None
-    except RevisionNotFoundError:
-        raise SourceError(f"{repo_id} has no revision {revision!r}.") from None
-    except RemoteEntryNotFoundError:
-        raise SourceError(f"{where} has no model_index.json, so it is not a diffusers pipeline repo.") from None
-    except HFValidationError:
-        raise SourceError(f"{repo_id!r} is neither an existing folder nor a valid Hub repo id (owner/name).") from None
-    except LocalEntryNotFoundError:
-        raise SourceError(f"{where}: the Hub could not be reached and the repo is not in the local cache.") from None
+        except GatedRepoError:
+            raise SourceError(
+                f"{repo_id} is gated: accept its license at https://huggingface.co/{repo_id}, then set HF_TOKEN "
+                "(or run `hf auth login`) with a token of the account that accepted it."
+            ) from None
+        except RepositoryNotFoundError:
+            raise SourceError(
+                f"{repo_id}: no such repo on the Hub, or it is private (then set HF_TOKEN or run `hf auth login`). "
+                "For a local folder, check the path."
+            ) from None
+        except RevisionNotFoundError:
+            raise SourceError(f"{repo_id} has no revision {revision!r}.") from None
+        except RemoteEntryNotFoundError:
+            raise SourceError(f"{where} has no model_index.json, so it is not a diffusers pipeline repo.") from None
+        except HFValidationError:
+            raise SourceError(f"{repo_id!r} is neither an existing folder nor a valid Hub repo id (owner/name).") from None
+        except LocalEntryNotFoundError:
+            raise SourceError(f"{where}: the Hub could not be reached and the repo is not in the local cache.") from None
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                raise disk_error(error, f"downloading {where} into the Hugging Face cache (HF_HOME)") from None
+            raise

@@ -168,7 +168,11 @@ def _probe(model: torch.nn.Module) -> torch.Tensor | None:
 def verify_component(out_dir: Path, result: ComponentResult, dtype: torch.dtype, device: torch.device) -> dict:
     """Reload one converted component from disk onto `device` and check its tensors and a forward pass."""
     started = time.perf_counter()
-    model = _reload(out_dir, result, dtype, device).eval()
+    try:
+        model = _reload(out_dir, result, dtype, device).eval()
+    except (OSError, ValueError, RuntimeError) as error:
+        raise VerificationError(f"{result.plan.component.name}: the written files do not reload: "
+                                f"{type(error).__name__}: {error}") from None
     reloaded = time.perf_counter()
     report = _compare_tensors(model, result)
     probe_started = time.perf_counter()

@@ -31,6 +31,7 @@ from huggingface_hub.utils import _http as http_utils, hf_raise_for_status
 from convert.cli import main
 from convert.publish import REPORT_NAME, PublishError, push
 from convert.source import SourceError, resolve
+from sd35fp8.hub import NO_TOKEN_MESSAGE
 from sd35fp8.loading import load_pipeline
 from sd35fp8.tiny import save_tiny_pipeline
 
@@ -268,7 +269,7 @@ def test_push_to_publishes_a_repo_that_downloads_and_generates(hub, hub_writes, 
     assert TOKEN not in stdout + stderr
 
     # the real upload_folder reached the boundary once, with the token, and committed the whole folder
-    assert hub_writes.repos == [{"repo_id": target, "private": False, "repo_type": "model", "exist_ok": True, "token": TOKEN}]
+    assert hub_writes.repos == [{"repo_id": target, "private": None, "repo_type": "model", "exist_ok": True, "token": TOKEN}]
     [commit] = hub_writes.commits
     assert commit["ref"] == "refs/heads/main" and commit["token"] == TOKEN
     written = files_of(out)
@@ -301,7 +302,7 @@ def test_push_create_pr_opens_a_pull_request_and_leaves_main(hub, hub_writes, tm
     url = push(make_verified_folder(tmp_path / "v2", "two"), target, private=True, create_pr=True)
     assert url == f"{hub.endpoint}/{target}/discussions/1"
     assert [c["ref"] for c in hub_writes.commits] == ["refs/heads/main", "refs/pr/1"]
-    assert [r["private"] for r in hub_writes.repos] == [False, True]
+    assert [r["private"] for r in hub_writes.repos] == [None, True]  # None: the Hub's default (public) for a new repo
     # main still serves v1 over HTTP; the PR ref holds v2
     path = huggingface_hub.hf_hub_download(target, "weights.txt", revision="main")
     assert Path(path).read_text() == "one"
@@ -324,7 +325,7 @@ def test_push_to_without_token_fails_at_once_and_writes_nothing(hub, tmp_path, m
     rc = main([BASE, "--out", str(out), "--device", "cpu", "--push-to", "tiny-org/tiny-sd3-fp8"])
     err = capfd.readouterr().err
     assert rc == 2
-    assert "error: No Hugging Face token: set HF_TOKEN or run `hf auth login`, then try again." in err
+    assert f"error: {NO_TOKEN_MESSAGE}" in err
     assert "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
@@ -341,3 +342,20 @@ def test_push_refuses_a_folder_without_a_verified_report(hub, hub_writes, tmp_pa
         push(folder, "tiny-org/unverified")
     assert hub_writes.repos == [] and hub_writes.commits == []
     assert not hub.repo_path("tiny-org/unverified").exists()
+
+
+def test_push_to_an_unreachable_hub_is_one_line_and_keeps_the_verified_output(hub, tmp_path, monkeypatch, capfd):
+    out = tmp_path / "out"
+    assert main([BASE, "--revision", "main", "--out", str(out), "--device", "cpu"]) == 0  # downloads through olah
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused at once
+    point_hub_at(monkeypatch, closed, Path(constants.HF_HOME))  # same cache, Hub gone
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(http_utils, "time", SimpleNamespace(sleep=lambda s: None))  # keep the retries, skip the sleeps
+    capfd.readouterr()
+    rc = main([BASE, "--revision", "main", "--out", str(out), "--overwrite", "--device", "cpu", "--push-to", "tiny-org/x"])
+    err = capfd.readouterr().err
+    assert rc == 1, err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "the Hub could not be reached" in line and "Traceback" not in err and TOKEN not in err
+    assert json.loads((out / REPORT_NAME).read_text())["verified"] is True  # complete and verified: push it later
+    assert not list(tmp_path.glob(".out.*"))
