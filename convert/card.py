@@ -63,15 +63,16 @@ def render_model_card(base_id: str, load_id: str, results: list[ComponentResult]
         rows.append(f"| {plan.component.name} | {plan.component.class_name} | {how} | {format_bytes(plan.bytes_before)} | {format_bytes(result.bytes_after)} |")
     total_before = sum(r.plan.bytes_before for r in results)
     total_after = sum(r.bytes_after for r in results)
-    checks = [f"- `{name}`: {c['tensors_identical']} tensors reload bit-identical"
+    checks = [f"- `{name}`: {c['tensors_identical']} tensors reload exactly as written"
               + (f", {c['tensors_dequantized_on_load']} FP8 weights dequantized on load (max rel. error "
                  f"{c['worst_dequant_error']:.1e})" if c.get("tensors_dequantized_on_load") else "")
               + (", forward pass finite" if c.get("probe_output_finite") else "")
               for name, c in verification.components.items()]
     pipeline = verification.pipeline
     if pipeline.get("loaded"):
-        checks.append(f"- the whole pipeline loads with stock diffusers exactly as above (`dtype=torch.{pipeline['dtype']}`) "
-                      f"and generates a finite {pipeline['size']}×{pipeline['size']} image in {pipeline['steps']} steps")
+        checks.append(f"- the whole pipeline loads with stock diffusers exactly as above "
+                      f"(`dtype=torch.{pipeline['dtype']}`) and generates a finite {pipeline['size']}×{pipeline['size']} "
+                      f"image in {pipeline['steps']} steps")
     image_lines = ""
     if verification.images:
         image_lines = (

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{CONVERSION.verify_size})")
     parser.add_argument("--verify-steps", type=int, default=CONVERSION.verify_steps,
                         help="steps for --verify-images (default: %(default)s)")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="where verification runs (default: %(default)s)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where verification runs (default: %(default)s)")
     parser.add_argument("--base-id", help="Hub id of the base model for the card (default: SOURCE when it is a Hub id)")
     parser.add_argument("--push-to", metavar="REPO", help="publish the verified folder to this Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -109,7 +110,8 @@ def _plans(source: Source, components: list[str], exclude: list[str]) -> list[Co
     unknown = [name for name in components if name not in source.components]
     if unknown:
         models = [name for name, c in source.components.items() if c.is_model]
-        raise ConversionError(f"--components names {', '.join(unknown)}, not in this pipeline (it has {', '.join(models)}).")
+        raise ConversionError(f"--components names {', '.join(unknown)}, not in this pipeline "
+                              f"(it has {', '.join(models)}).")
     refused = [name for name in components if not can_quantize(source.components[name])]
     if refused:
         raise ConversionError(f"--components {', '.join(refused)}: this tool stores only the SD3 transformer and T5 "
@@ -119,7 +121,8 @@ def _plans(source: Source, components: list[str], exclude: list[str]) -> list[Co
     plans = [plan_component(c, c.name in components, exclude) for c in source.components.values()]
     empty = [p.component.name for p in plans if p.component.name in components and not p.quantized_layers]
     if empty:
-        raise ConversionError(f"{', '.join(empty)}: no linear layer would be stored as FP8 (check --components/--exclude).")
+        raise ConversionError(f"{', '.join(empty)}: no linear layer would be stored as FP8 "
+                              "(check --components/--exclude).")
     unused = unused_excludes(plans, exclude)
     if unused:
         raise ConversionError(f"--exclude {', '.join(unused)}: no linear layer of {', '.join(components)} goes by that "
@@ -210,14 +213,18 @@ def _convert(args: argparse.Namespace, run: _Run) -> int:
         check_apart(out, source.real_paths, source.spec)
     licenses = _licenses(source)
     if args.push_to and not source.is_hub and not args.base_id:
-        raise ConversionError("the source is a local folder: pass --base-id OWNER/NAME so the model card names its base model.")
+        raise ConversionError("the source is a local folder: pass --base-id OWNER/NAME so the model card names its "
+                              "base model.")
     components = _names(args.components) if args.components is not None else [
         name for name in DEFAULT_COMPONENTS if name in source.components and can_quantize(source.components[name])]
     with step("planning the conversion"):
         plans = _plans(source, components, exclude)
     _check_shards(plans, max_shard, args.max_shard_size)
     sizes = ImageSizes.of(source)
-    verify_size = sizes.fit(CONVERSION.verify_size) if args.verify_size is None else sizes.check(args.verify_size, "--verify-size")
+    if args.verify_size is None:
+        verify_size = sizes.fit(CONVERSION.verify_size)
+    else:
+        verify_size = sizes.check(args.verify_size, "--verify-size")
     _print_plan(source, plans)
     if args.dry_run:
         return 0

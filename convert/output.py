@@ -61,21 +61,15 @@ def is_previous_output(folder: Path) -> bool:
     return isinstance(report, dict) and report.get("verified") is True
 
 
-_steps: list[str] = []
-
-
 @contextmanager
 def step(text: str):
     """Name what the run is doing, so an unexpected error can say where it happened (`failed_step`)."""
-    _steps.append(text)
     try:
         yield
     except BaseException as error:
         if not hasattr(error, "convert_step"):  # the innermost step names it
             error.convert_step = text
         raise
-    finally:
-        _steps.pop()
 
 
 def failed_step(error: BaseException) -> str:

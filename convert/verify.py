@@ -135,7 +135,8 @@ def _compare_tensors(model: torch.nn.Module, result: ComponentResult) -> dict:
                 continue
         raise VerificationError(f"{name_of}: '{name}' reloads with different values.")
     written_storage = {state[n].untyped_storage().data_ptr() for n in result.digests if n in state}
-    unwritten = [n for n, t in state.items() if n not in result.digests and t.untyped_storage().data_ptr() not in written_storage]
+    unwritten = [n for n, t in state.items()
+                 if n not in result.digests and t.untyped_storage().data_ptr() not in written_storage]
     if unwritten:
         raise VerificationError(f"{name_of}: the reloaded model has {len(unwritten)} tensors the files do not hold "
                                 f"(e.g. '{unwritten[0]}'), left at their initial values: the source lacks them.")
