@@ -61,17 +61,25 @@ FUSED = dict(fuse_projections=True, attention="sdpa")
 REGIONAL = dict(compile="regional")
 CONFIGS = {c.name: c for c in [
     Config("bf16_eager", "bf16", dict(fuse_projections=False, attention="sdpa", compile=False),
-           estimate={"large": 25, "medium": 15}),
-    Config("fp8_best", "fp8", {**FUSED, **REGIONAL}, issue="both", estimate={"large": 75, "medium": 50},
+           estimate={"large": 20, "medium": 15}),
+    Config("fp8_best", "fp8", {**FUSED, **REGIONAL}, issue="both", estimate={"large": 50, "medium": 40},
            extra=("second_size", "profile", "kernels")),
-    Config("fp8_warm_cache", "fp8", {**FUSED, **REGIONAL}, issue="everywhere", estimate={"large": 70, "medium": 50},
-           extra=("warm_child",)),
-    Config("bf16_compile_fused", "bf16", {**FUSED, **REGIONAL}, estimate={"large": 60, "medium": 40},
+    Config("fp8_warm_cache", "fp8", {**FUSED, **REGIONAL}, issue="everywhere", estimate={"large": 45, "medium": 35},
+           extra=("child:fp8_best_plain",)),
+    Config("fp8_best_plain", "fp8", {**FUSED, **REGIONAL}, issue="everywhere"),  # what the warm child runs
+    Config("fp8_aot_child", "fp8", {**FUSED, "compile": "aot"}, issue="everywhere", estimate={"large": 140, "medium": 100},
+           extra=("child:fp8_aot", "reference")),
+    Config("fp8_tensorwise_compile_child", "fp8", {**FUSED, **REGIONAL, "fp8_path": "scaled_mm_tensorwise"},
+           issue="everywhere", estimate={"large": 70, "medium": 50},
+           extra=("child:fp8_tensorwise_compile", "reference")),
+    Config("fp8_tensorwise_eager", "fp8", {**FUSED, "compile": False, "fp8_path": "scaled_mm_tensorwise"},
+           issue="everywhere", estimate={"large": 25, "medium": 20}),
+    Config("bf16_compile_fused", "bf16", {**FUSED, **REGIONAL}, estimate={"large": 35, "medium": 30},
            extra=("profile",)),
     Config("fp8_fp8attn_compile", "fp8", {**REGIONAL, "fuse_projections": True, "attention": "fp8_cudnn"},
            estimate={"large": 60, "medium": 45}, extra=("profile",)),
     Config("torchao_fp8_compile", "bf16", {"fuse_projections": False, "attention": "sdpa", **REGIONAL}, peer=True,
-           estimate={"large": 75, "medium": 50}),
+           estimate={"large": 45, "medium": 35}),
     Config("fp8_eager", "fp8", dict(FUSED, compile=False), estimate={"large": 30, "medium": 20}),
     Config("fp8_tensorwise_compile", "fp8", {**FUSED, **REGIONAL, "fp8_path": "scaled_mm_tensorwise"},
            issue="everywhere", estimate={"large": 60, "medium": 45}),
@@ -81,7 +89,8 @@ CONFIGS = {c.name: c for c in [
            estimate={"large": 30, "medium": 25}, extra=("reuse_best", "repeat_prompt")),
     Config("fp8_compile_unfused", "fp8", {"fuse_projections": False, "attention": "sdpa", **REGIONAL},
            estimate={"large": 60, "medium": 45}),
-    Config("fp8_aot", "fp8", {**FUSED, "compile": "aot"}, issue="everywhere", estimate={"large": 150, "medium": 110}),
+    Config("fp8_aot", "fp8", {**FUSED, "compile": "aot"}, issue="everywhere", estimate={"large": 150, "medium": 110},
+           extra=("reload_aot",)),
     Config("fp8_offload", "fp8", {**FUSED, **REGIONAL, "offload": True}, issue="everywhere",
            estimate={"large": 45, "medium": 35}),
     Config("fp8_max_autotune", "fp8", {**FUSED, **REGIONAL, "compile_mode": "max-autotune-no-cudagraphs"},
@@ -184,6 +193,7 @@ class ModelBench:
         self.t5_fp8 = None
         self.reference_step = None
         self.inputs = None
+        self.deadline = None
         self.best = None  # the loaded fp8_best pipeline, reused by configs that only change placement/graphs
         from sd35fp8.gpu import GpuSampler
 
@@ -313,6 +323,21 @@ class ModelBench:
         power = None if gpu is None or not getattr(gpu, "available", False) else getattr(gpu, "avg_power_w", None)
         return result, energy, power
 
+    def ensure_reference(self) -> None:
+        """The bf16 eager transformer's output on the fixed step inputs (when bf16_eager itself is not run)."""
+        if self.reference_step is not None:
+            return
+        from sd35fp8.loading import load_pipeline
+
+        loaded = load_pipeline(self.pipeline("bf16"), "bf16", device=self.device, dtype=self.torch.bfloat16,
+                               prompt_cache=False, fuse_projections=False, attention="sdpa", compile=False)
+        self.inputs = self.step_inputs(loaded.pipe)
+        self.reference_step = self.transformer_step(loaded.pipe).float().cpu()
+        del loaded
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+
     # -- one configuration
     def run(self, config: Config) -> dict:
         from sd35fp8.compile import CudaGraphTransformer, compile_counters
@@ -325,9 +350,9 @@ class ModelBench:
         row = {"model": self.model, "config": config.name, "precision": "fp8" if config.peer else config.precision,
                "compiled": config.compiled, "peer": config.peer, "options": dict(config.options),
                "width": self.size, "height": self.size, "steps": self.steps, "guidance": 4.5}
-        if "warm_child" in config.extra:  # measured in a fresh process, nothing to build here
-            row.update(self.warm_child(config))
-            row["fp8_path"] = "scaled_mm" if self.cuda else "dequant"
+        child = next((e.split(":", 1)[1] for e in config.extra if e.startswith("child:")), None)
+        if child:  # measured in a fresh process (warm cache, or a risky compile that must not stop this run)
+            row.update(self.child(child, reference="reference" in config.extra))
             return row
         options = dict(config.options)
         if args.tiny and options.get("compile") in ("regional", "full"):
@@ -369,6 +394,8 @@ class ModelBench:
         # first image (compiles here for compiled configs), full size and steps
         result, energy, power = self.timed_generation(loaded)
         row["first_image_s"] = round(result.latency_s, 2)
+        row["first_image_peak_vram_gb"] = self.own_peak(loaded, result)
+        row["first_image_prompt_cache_hit"] = result.prompt_cache_hit
         row["compile_counters_after_first_image"] = {k: v - counters_before[k] for k, v in compile_counters().items()}
         if "second_size" in config.extra:
             before = compile_counters()
@@ -403,6 +430,16 @@ class ModelBench:
             row["kernel_profile"] = self.profile(loaded.pipe)
         if "kernels" in config.extra:
             row["fp8_kernels_file"] = dump_fp8_kernels(args.out / "inductor_fp8_kernels.txt")
+        if "reload_aot" in config.extra:  # a restarted app: packages found on disk, load + first image
+            started = time.perf_counter()
+            again = load_pipeline(self.pipeline("fp8"), "fp8", device=self.device, dtype=torch.bfloat16,
+                                  prompt_cache=False, **options)
+            load_s = time.perf_counter() - started
+            reload_result, _, _ = self.timed_generation(again)
+            row["reload"] = {"load_s": round(load_s, 2), "first_image_s": round(reload_result.latency_s, 2),
+                             "loaded_from_disk": again.pieces.get("aot", {}).get("loaded_from_disk"),
+                             "load_plus_first_image_s": round(load_s + reload_result.latency_s, 2)}
+            del again
         row["pieces_line"] = __import__("sd35fp8.speed", fromlist=["describe_pieces"]).describe_pieces(loaded.pieces)
         # keep / release
         if config.name == "fp8_best":
@@ -422,19 +459,27 @@ class ModelBench:
             torch.cuda.empty_cache()
         return row
 
-    def warm_child(self, config: Config) -> dict:
-        """A fresh process with the same compile cache: first image from a warm cache, as after an app restart."""
-        out = self.args.out / f"child_{self.model}.json"
-        command = [sys.executable, "-m", "bench.h200", "--child", self.model, "--out", str(self.args.out),
-                   "--size", str(self.size), "--steps", str(self.steps)] + (["--tiny"] if self.args.tiny else [])
+    def child(self, name: str, reference: bool) -> dict:
+        """Run configuration `name` in a fresh process sharing the compile cache; returns its row."""
+        out = self.args.out / f"child_{name}.json"
+        timeout = min(self.args.child_timeout, max(20.0, self.deadline.left() - 10)) if self.deadline else \
+            self.args.child_timeout
+        command = [sys.executable, "-m", "bench.h200", "--child", self.model, "--child-config", name,
+                   "--out", str(self.args.out), "--size", str(self.size), "--steps", str(self.steps)] + \
+            (["--tiny"] if self.args.tiny else []) + (["--child-reference"] if reference else [])
         started = time.perf_counter()
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=self.args.child_timeout)
-        child = json.loads(out.read_text()) if out.is_file() else {}
-        child["process_s"] = round(time.perf_counter() - started, 1)
-        if done.returncode != 0:
-            child["error"] = done.stderr[-3000:]
-        return {"cache": "warm", "warm_child": child, "first_image_s": child.get("first_image_s"),
-                "latency_s": child.get("latency_s"), "transformer_ms_per_step": child.get("generation_ms_per_step")}
+        try:
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            failure = done.stderr[-3000:] if done.returncode != 0 else None
+        except subprocess.TimeoutExpired as expired:
+            failure = f"child timed out after {timeout:.0f} s: " + str(expired.stderr or "")[-2000:]
+        row = json.loads(out.read_text()) if out.is_file() else {}
+        row = {k: v for k, v in row.items() if k not in ("model", "config")}
+        row["child"] = {"config": name, "process_s": round(time.perf_counter() - started, 1), "error": failure}
+        if name == "fp8_best_plain":
+            row["cache"] = "warm"
+            row["cache_note"] = "fresh process, compile cache written by this run's fp8_best (an app restart)"
+        return row
 
 
 def dump_fp8_kernels(path: Path) -> dict:
@@ -522,6 +567,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-micro", action="store_true")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-timeout", type=float, default=240)
+    parser.add_argument("--child-config", default="fp8_best_plain", help=argparse.SUPPRESS)
+    parser.add_argument("--child-reference", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache-used", action="store_true", help="the compile cache folder is not fresh")
     args = parser.parse_args(argv)
     args.size = args.size or (64 if args.tiny else 1024)
@@ -541,26 +588,17 @@ def plan_of(args) -> list[tuple[str, list[str]]]:
 
 
 def child_main(args) -> int:
-    """Fresh process: load the FP8 pipeline with the same cache folder, time its first image (warm cache)."""
+    """Fresh process: build the model, (optionally) its bf16 reference step, run one configuration, write its row."""
     import torch
-
-    from sd35fp8.loading import load_pipeline
 
     device = torch.device("cpu" if args.tiny else "cuda")
     started = time.perf_counter()
     bench = ModelBench(torch, args, "tiny" if args.tiny else args.child, device, {}, {}, {}, lambda: None)
-    pipe = bench.pipeline("fp8")
-    options = dict(CONFIGS["fp8_best"].options)
-    if args.tiny:
-        options["compile_backend"] = "eager"
-    loaded = load_pipeline(pipe, "fp8", device=device, dtype=torch.bfloat16, prompt_cache=False, **options)
-    built = time.perf_counter() - started
-    result, _, _ = bench.timed_generation(loaded)
-    second, _, _ = bench.timed_generation(loaded)
-    report = {"build_and_load_s": round(built, 1), "first_image_s": round(result.latency_s, 2),
-              "latency_s": round(second.latency_s, 3), "generation_ms_per_step": round(1000 * second.seconds_per_step, 2),
-              "cache_info": loaded.pieces.get("compile_cache")}
-    write_json(args.out / f"child_{args.child}.json", report)
+    if args.child_reference:
+        bench.ensure_reference()
+    row = bench.run(CONFIGS[args.child_config])
+    row["process_build_s"] = round(time.perf_counter() - started, 1)
+    write_json(args.out / f"child_{args.child_config}.json", row)
     return 0
 
 
@@ -620,6 +658,9 @@ def main(argv=None) -> int:
             if ok:
                 started = time.perf_counter()
                 bench = ModelBench(torch, args, model_name, device, env, rows, checks, save_checks)
+                bench.deadline = deadline
+                if "bf16_eager" not in names:
+                    bench.ensure_reference()
                 checks.setdefault("build_s", {})[model] = round(time.perf_counter() - started, 1)
         if bench is None:
             continue

@@ -25,7 +25,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .fp8 import FP8_DTYPE, FP8_MAX
+from .fp8 import FP8_DTYPE, FP8_MAX, tensor_amax
 
 ATTENTION_BACKENDS = ("sdpa", "fp8_cudnn", "fp8_reference")
 ATTENTION_LABELS = {
@@ -176,7 +176,7 @@ def _rms_bound(norms, dim: int) -> torch.Tensor | None:
 
 def _quantize_per_tensor(x: torch.Tensor, bound: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """E4M3 copy of `x` with scale 448 / bound (bound: a static bound, else the tensor's amax); returns (x8, scale)."""
-    amax = x.abs().amax().float() if bound is None else bound.to(x.device)
+    amax = tensor_amax(x).float() if bound is None else bound.to(x.device)
     scale = FP8_MAX / amax.clamp(min=1e-12)
     return (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 

@@ -29,9 +29,7 @@ import torch
 from torch import nn
 
 COMPILE_CHOICES = ("off", "regional", "full", "aot")
-# Cache folders the user set before this process imported us win; inductor writes its default into the
-# environment at its first compile, which must not stop `configure_compile_cache` from choosing the folder.
-_USER_CACHE_ENV = {name: os.environ.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+RECOMPILE_LIMIT = 64  # graphs per code object: block kinds x pipelines x (batch 1 / CFG); torch's default 8 is too few
 TOKEN_RANGE = (16, 16384)  # image tokens of a 64..2048 px side at VAE factor 8, patch 2
 BATCH_RANGE = (2, 16)  # CFG doubles the batch; batch 1 (no CFG) runs the blocks eagerly on the AOT path
 
@@ -41,15 +39,16 @@ BATCH_RANGE = (2, 16)  # CFG doubles the batch; batch 1 (no CFG) runs the blocks
 
 def configure_compile_cache(cache_dir: str | os.PathLike | None) -> dict:
     """Keep inductor's and Triton's caches under `cache_dir` (created if needed); returns what was set and whether
-    the folder already held compiled artifacts (a warm cache). TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR set in
-    the environment before the project was imported win."""
+    the folder already held compiled artifacts (a warm cache). Sets TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR
+    (inductor writes its own default there at its first compile, so an existing value is not a user's choice:
+    point SD35FP8_COMPILE_CACHE, which the default `SPEED.compile_cache_dir` reads, at the folder you want)."""
     if not cache_dir:
         return {"cache_dir": None, "warm": False}
     root = Path(cache_dir).expanduser().resolve()
     inductor, triton = root / "inductor", root / "triton"
     inductor.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _USER_CACHE_ENV["TORCHINDUCTOR_CACHE_DIR"] or str(inductor)
-    os.environ["TRITON_CACHE_DIR"] = _USER_CACHE_ENV["TRITON_CACHE_DIR"] or str(triton)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor)
+    os.environ["TRITON_CACHE_DIR"] = str(triton)
     from torch._inductor import config as inductor_config
     from torch._functorch import config as functorch_config
 
@@ -92,6 +91,15 @@ def compile_counters() -> dict:
 # ------------------------------------------------------------------------------------------- regional compile
 
 
+def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
+    """Every compiled block kind of every pipeline is one cache entry of JointTransformerBlock.forward; past torch's
+    limit (8) further ones silently run eagerly (seen on the H200: a third compiled pipeline ran eager)."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < limit:
+            setattr(config, name, limit)
+
+
 def blocks_of(transformer: nn.Module) -> list[nn.Module]:
     blocks = getattr(transformer, "transformer_blocks", None)
     if blocks is None:
@@ -115,6 +123,7 @@ def block_groups(transformer: nn.Module) -> dict[str, list[int]]:
 def compile_transformer(transformer: nn.Module, how: str = "regional", *, mode: str | None = None,
                         dynamic: bool = True, backend: str = "inductor") -> str:
     """torch.compile the transformer in place, `how` = "regional" (each block) or "full"; returns a description."""
+    raise_recompile_limit()
     options = dict(dynamic=dynamic, backend=backend)
     if mode and mode != "default":
         options["mode"] = mode

@@ -215,8 +215,14 @@ def _quantize_rows_eager(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| in two stages (per row, then over rows): compiled with a symbolic size, a one-stage global amax became
+    one slow single-program reduction on the H200 (0.19 ms for 43 MB)."""
+    return x.abs().amax(dim=-1).amax() if x.dim() > 1 else x.abs().amax()
+
+
 def _quantize_tensor_eager(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = (rows.abs().amax().float() / FP8_MAX).clamp(min=1e-12)
+    scale = (tensor_amax(rows).float() / FP8_MAX).clamp(min=1e-12)
     return (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 

@@ -43,9 +43,6 @@ def test_regional_compile_one_graph_per_block_kind_and_no_recompiles_across_size
 
 
 def test_compile_cache_setting(tmp_path, monkeypatch):
-    from sd35fp8 import compile as compile_module
-
-    monkeypatch.setattr(compile_module, "_USER_CACHE_ENV", {"TORCHINDUCTOR_CACHE_DIR": None, "TRITON_CACHE_DIR": None})
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/set-by-inductor-at-first-compile")
     monkeypatch.setenv("TRITON_CACHE_DIR", "/tmp/x")
     info = configure_compile_cache(tmp_path / "cache")
