@@ -1,0 +1,572 @@
+"""Train the tiny-shapes SD3 pipeline: VAE first, then transformer (+ text encoders) with SD3's rectified flow.
+
+    python -m shapes.train --out DIR [--device cuda] [--iterations N] [--vae-iterations N] [--time-limit S] ...
+
+Everything is generated in code (`shapes.data`): no download. Deterministic for a given seed and iteration
+count (on CUDA up to the kernels PyTorch itself calls non-deterministic, which it warns about); a progress bar
+shows the loss. Writes DIR as a diffusers `StableDiffusion3Pipeline` folder in safetensors (bf16; the two small CLIP encoders
+float32, see `storage_dtype`), with a model card (README.md), `loss_curve.png` and `training_log.json`.
+
+`--checkpoint-dir` additionally writes the weights every `--checkpoint-every` seconds as a few safetensors
+shards plus the log (what a time-limited remote run brings back); `--from-checkpoint DIR --out OUT` turns such
+a checkpoint into the pipeline folder without training.
+
+The objective is SD3's: latents x0 = (VAE sample - shift) * scale, noise e, sigma ~ sigmoid(N(0, 1))
+(logit-normal), x_t = (1 - sigma) x0 + sigma e, the transformer (timestep = 1000 sigma) predicts the velocity
+e - x0; captions are replaced by "" with probability `--cfg-dropout`, so classifier-free guidance works with
+the stock `FlowMatchEulerDiscreteScheduler` and pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import data
+from .model import ModelConfig, build_pipeline, parameter_count, trainable_modules
+
+RESOLUTION_CYCLE = (128, 64, 128, 256, 128)  # one resolution per iteration, in this order
+CONFIGS = {"default": ModelConfig, "small": ModelConfig.small, "tiny": ModelConfig.tiny}
+BATCH_SCALE = {64: 2.0, 128: 1.0, 256: 0.5}  # batch size multiplier per resolution
+CHECKPOINT_SHARD_BYTES = 12 * 2**20
+
+
+@dataclass
+class TrainSettings:
+    iterations: int = 3000
+    vae_iterations: int = 2000
+    batch: int = 256
+    vae_batch: int = 64
+    lr: float = 4e-4
+    vae_lr: float = 5e-4
+    warmup: int = 200
+    cfg_dropout: float = 0.1
+    kl_weight: float = 1e-5
+    ema: float = 0.999
+    train_text_encoders: bool = True
+    time_limit: float | None = None  # seconds for both phases together: each runs as many iterations as fit
+    vae_share: float = 0.25  # share of time_limit the VAE gets
+    seed: int = 0
+    log_every: int = 10
+    resolutions: tuple[int, ...] = RESOLUTION_CYCLE  # one per iteration, cycled
+    probe: int = 0  # after training, score this many train and held-out captions with the detector
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _schedule(step: int, iterations: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine from the end of warm-up down to 5% of the peak."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    done = max(0, step - warmup) / max(1, iterations - warmup)
+    return warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+
+
+class Budget:
+    """How many iterations a phase runs: `iterations`, or, with a time limit, as many as fit in it.
+
+    With a limit, the speed is measured over iterations 5..30 (inside the warm-up, where the learning rate does
+    not depend on the total) and the total is fixed then, so the run equals one with `--iterations <total>`.
+    A hard stop at 1.1x the limit guards against a machine that slows down later.
+    """
+
+    CALIBRATE = (5, 30)
+
+    def __init__(self, iterations: int, seconds: float | None):
+        self.iterations, self.seconds, self.started = iterations, seconds, time.perf_counter()
+        self.mark = None
+
+    def running(self, step: int) -> bool:
+        if self.seconds:
+            elapsed = time.perf_counter() - self.started
+            if step == self.CALIBRATE[0]:
+                self.mark = elapsed
+            elif step == self.CALIBRATE[1] and self.mark is not None:
+                rate = (elapsed - self.mark) / (self.CALIBRATE[1] - self.CALIBRATE[0])
+                fits = step + int((self.seconds - elapsed) / rate)
+                self.iterations = max(step, min(self.iterations, fits))
+                print(f"\n{rate * 1000:.0f} ms/iteration: running {self.iterations} iterations", flush=True)
+            if elapsed > 1.1 * self.seconds:
+                print(f"\nstopped by the time limit at iteration {step}", flush=True)
+                return False
+        return step < self.iterations
+
+
+def _batch_size(base: int, resolution: int) -> int:
+    return max(1, int(round(base * BATCH_SCALE.get(resolution, (128 / resolution) ** 2))))
+
+
+def _images(rng: random.Random, count: int, resolution: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
+    scenes = data.batch(rng, count, "train")
+    return data.render(scenes, resolution, device) * 2 - 1, [scene.caption for scene in scenes]
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+
+
+def train_vae(pipe, settings: TrainSettings, device: torch.device, log: dict, checkpoint) -> None:
+    vae = pipe.vae.to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    rng = random.Random(settings.seed + 101)
+    limit = settings.time_limit * settings.vae_share if settings.time_limit else None
+    budget = Budget(settings.vae_iterations, limit)
+    losses = log.setdefault("vae_loss", [])
+    bar = tqdm(total=settings.vae_iterations, desc="VAE", dynamic_ncols=True, mininterval=2.0)
+    step = 0
+    while budget.running(step):
+        resolution = settings.resolutions[step % len(settings.resolutions)]
+        images, _ = _images(rng, _batch_size(settings.vae_batch, resolution), resolution, device)
+        for group in optimizer.param_groups:
+            group["lr"] = settings.vae_lr * _schedule(step, budget.iterations, settings.warmup)
+        with _autocast(device):
+            posterior = vae.encode(images).latent_dist
+            latents = posterior.sample()
+            recon = vae.decode(latents).sample
+        recon = recon.float()
+        mean, logvar = posterior.mean.float(), posterior.logvar.float()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+        rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+        loss = rec + settings.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % settings.log_every == 0 or step == 1:  # reading the loss waits for the GPU: only when logging
+            losses.append([step, rec.item(), kl.item()])
+            bar.set_postfix(rec=f"{losses[-1][1]:.4f}", kl=f"{losses[-1][2]:.1f}", res=resolution)
+        bar.total = budget.iterations
+        bar.update(1)
+        checkpoint.maybe(pipe, log)
+    bar.close()
+    log["vae_iterations_done"] = step
+    vae.eval()
+    set_latent_statistics(pipe, device, settings.seed)
+    print(f"VAE: {step} iterations, reconstruction loss {losses[-1][1]:.4f}, "
+          f"scaling_factor {pipe.vae.config.scaling_factor:.4f}, shift_factor {pipe.vae.config.shift_factor:.4f}", flush=True)
+
+
+@torch.no_grad()
+def set_latent_statistics(pipe, device: torch.device, seed: int, count: int = 1024) -> None:
+    """Set the VAE's shift_factor / scaling_factor so that training latents have mean 0 and std 1."""
+    rng = random.Random(seed + 7)
+    samples = []
+    for _ in range(max(1, count // 128)):
+        images, _ = _images(rng, 128, 128, device)
+        samples.append(pipe.vae.encode(images).latent_dist.sample().float())
+    latents = torch.cat(samples)
+    mean, std = float(latents.mean()), float(latents.std())
+    pipe.vae.register_to_config(shift_factor=round(mean, 6), scaling_factor=round(1.0 / std, 6))
+
+
+# -------------------------------------------------------------------------------------- transformer
+
+
+def _encode(pipe, captions: list[str], device: torch.device):
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=captions, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False
+    )
+    return embeds, pooled
+
+
+def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: dict, checkpoint) -> None:
+    modules = {"transformer": pipe.transformer}
+    if settings.train_text_encoders:
+        modules |= {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")}
+    for name, module in trainable_modules(pipe).items():
+        module.to(device)
+        module.requires_grad_(name in modules)
+        module.train(name in modules)
+    params = [p for m in modules.values() for p in m.parameters()]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=settings.lr, betas=(0.9, 0.99))
+    ema = {name: copy.deepcopy(module).eval().requires_grad_(False) for name, module in modules.items()}
+    checkpoint.ema = ema
+    rng = random.Random(settings.seed + 202)
+    generator = torch.Generator(device).manual_seed(settings.seed + 303)
+    limit = settings.time_limit * (1 - settings.vae_share) if settings.time_limit else None
+    budget = Budget(settings.iterations, limit)
+    losses = log.setdefault("transformer_loss", [])
+    scale, shift = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
+    bar = tqdm(total=settings.iterations, desc="transformer", dynamic_ncols=True, mininterval=2.0)
+    step, running = 0, None
+    while budget.running(step):
+        resolution = settings.resolutions[step % len(settings.resolutions)]
+        images, captions = _images(rng, _batch_size(settings.batch, resolution), resolution, device)
+        captions = ["" if rng.random() < settings.cfg_dropout else data.variant(c, rng) for c in captions]
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * _schedule(step, budget.iterations, settings.warmup)
+        with torch.no_grad(), _autocast(device):
+            x0 = (pipe.vae.encode(images).latent_dist.sample(generator=generator).float() - shift) * scale
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator, device=device))
+        s = sigma[:, None, None, None]
+        noisy = (1 - s) * x0 + s * noise
+        with _autocast(device):
+            embeds, pooled = _encode(pipe, captions, device)
+            prediction = pipe.transformer(
+                hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
+                timestep=sigma * 1000, return_dict=False,
+            )[0]
+        loss = F.mse_loss(prediction.float(), noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay_rate = min(settings.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, module in modules.items():
+                for target, source in zip(ema[name].parameters(), module.parameters()):
+                    target.lerp_(source, 1 - decay_rate)
+        step += 1
+        if step % settings.log_every == 0 or step == 1:  # reading the loss waits for the GPU: only when logging
+            value = loss.item()
+            running = value if running is None else 0.9 * running + 0.1 * value
+            losses.append([step, value, resolution])
+            bar.set_postfix(loss=f"{running:.4f}", res=resolution)
+        bar.total = budget.iterations
+        bar.update(1)
+        checkpoint.maybe(pipe, log)
+    bar.close()
+    log["iterations_done"] = step
+    for name, module in modules.items():  # the EMA weights are the model
+        module.load_state_dict(ema[name].state_dict())
+        module.eval().requires_grad_(False)
+    checkpoint.ema = None
+    print(f"transformer: {step} iterations, final smoothed loss {running:.4f}", flush=True)
+
+
+@torch.no_grad()
+def probe(pipe, device: torch.device, count: int, steps: int = 12, guidance: float = 4.0, size: int = 128) -> dict:
+    """Caption accuracy (`shapes.detector`) on `count` training and `count` held-out captions, in percent."""
+    from .detector import score
+
+    pipe.to(device)
+    rng = random.Random(4242)
+    sets = {"train": [data.sample_spec(rng, "train") for _ in range(count)],
+            "heldout": data.eval_specs(200)[:: max(1, 200 // count)][:count]}
+    result = {"steps": steps, "guidance": guidance, "size": size}
+    for name, specs in sets.items():
+        correct = 0
+        for start in range(0, len(specs), 32):
+            chunk = specs[start:start + 32]
+            images = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=guidance, height=size,
+                          width=size, generator=torch.Generator("cpu").manual_seed(start)).images
+            correct += sum(score(spec, image)["correct"] for spec, image in zip(chunk, images))
+        result[name] = round(100 * correct / len(specs), 1)
+    print(f"probe: caption accuracy {result['train']}% on training captions, {result['heldout']}% on held-out "
+          f"({count} each, {steps} steps, guidance {guidance}, {size}px)", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------- saving, checkpoints
+
+
+def storage_dtype(component: str) -> torch.dtype:
+    """The dtype each component is shipped (and checkpointed) in.
+
+    bf16 for the transformer, VAE and T5: `python -m convert` verifies its FP8 T5 in the transformer's stored
+    dtype and `load_pipeline` runs FP8 pipelines in bf16 on the CPU, and transformers reloads an FP8 T5's
+    unquantized tensors in their stored dtype, so T5, transformer and compute dtype must agree (an fp16
+    checkpoint fails there with "expected m1 and m2 to have the same dtype"). The two CLIP encoders (2% of the
+    bytes) stay float32: transformers loads a checkpoint in its stored dtype unless told otherwise and
+    diffusers in float32, so a plain `StableDiffusion3Pipeline.from_pretrained(folder)` then runs in float32.
+    """
+    return torch.float32 if component in ("text_encoder", "text_encoder_2") else torch.bfloat16
+
+
+def _state(pipe, ema: dict | None = None) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, module in trainable_modules(pipe).items():
+        source = ema.get(name, module) if ema else module
+        for key, value in source.state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().to("cpu", storage_dtype(name)).contiguous()
+    return tensors
+
+
+class Checkpointer:
+    """Writes the weights (EMA weights where training keeps them) and the log every `every` seconds."""
+
+    def __init__(self, folder: Path | None, every: float, config: ModelConfig, settings: TrainSettings):
+        self.folder, self.every, self.config, self.settings = folder, every, config, settings
+        self.last = time.perf_counter()
+        self.ema = None
+
+    def maybe(self, pipe, log: dict) -> None:
+        if self.folder and time.perf_counter() - self.last >= self.every:
+            self.write(pipe, log)
+
+    def write(self, pipe, log: dict) -> None:
+        if not self.folder:
+            return
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = _state(pipe, self.ema)
+        shards, current, size = [], {}, 0
+        for key, value in tensors.items():
+            nbytes = value.numel() * value.element_size()
+            if current and size + nbytes > CHECKPOINT_SHARD_BYTES:
+                shards.append(current)
+                current, size = {}, 0
+            current[key] = value
+            size += nbytes
+        shards.append(current)
+        for old in self.folder.glob("checkpoint-*.safetensors"):
+            old.unlink()
+        for i, shard in enumerate(shards):
+            save_file(shard, str(self.folder / f"checkpoint-{i + 1}-of-{len(shards)}.safetensors"))
+        vae = pipe.vae.config
+        meta = dict(log, config=self.config.to_dict(), settings=vars(self.settings),
+                    vae_factors={"scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor})
+        (self.folder / "training_log.json").write_text(json.dumps(meta) + "\n")
+        plot_losses(meta, self.folder / "loss_curve.png")
+        self.last = time.perf_counter()
+        print(f"checkpoint written to {self.folder} ({log.get('phase')}, {time.perf_counter() - T0:.0f} s)", flush=True)
+
+
+def load_checkpoint(folder: Path):
+    """The pipeline (float32) and training log a `Checkpointer` wrote."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "training_log.json").read_text())
+    pipe = build_pipeline(ModelConfig.from_dict(meta["config"]))
+    tensors = {}
+    for shard in sorted(folder.glob("checkpoint-*.safetensors")):
+        tensors |= load_file(str(shard))
+    for name, module in trainable_modules(pipe).items():
+        prefix = f"{name}."
+        state = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+        module.load_state_dict(state)
+    pipe.vae.register_to_config(**meta["vae_factors"])
+    return pipe, meta
+
+
+def write_pipeline(pipe, out: Path, meta: dict) -> Path:
+    """Save `pipe` as a 16-bit diffusers folder with its model card, loss curve and training log."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, module in trainable_modules(pipe).items():
+        torch.nn.Module.to(module, "cpu", storage_dtype(name))  # diffusers' .to() warns about a float32 list these lack
+    pipe.save_pretrained(out, safe_serialization=True)
+    for module in trainable_modules(pipe).values():
+        torch.nn.Module.float(module)
+    (out / "training_log.json").write_text(json.dumps(meta) + "\n")
+    plot_losses(meta, out / "loss_curve.png")
+    (out / "README.md").write_text(model_card(pipe, meta))
+    return out
+
+
+def model_card(pipe, meta: dict) -> str:
+    config, settings = meta["config"], meta["settings"]
+    counts = {name: parameter_count(m) for name, m in trainable_modules(pipe).items()}
+    vae_loss = meta.get("vae_loss") or [[0, float("nan"), 0]]
+    tr_loss = meta.get("transformer_loss") or [[0, float("nan"), 0]]
+    tail = [row[1] for row in tr_loss[-20:]]
+    pairs = ", ".join(f"{c} {s}" for c, s in sorted(data.HELD_OUT_PAIRS))
+    text_encoders = "trained with the transformer" if settings["train_text_encoders"] else "frozen at their seeded random initialisation"
+    return f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [stable-diffusion-3, tiny, synthetic-data]
+---
+
+# tiny-shapes: a tiny SD3 pipeline trained on synthetic coloured shapes
+
+A {sum(counts.values()) / 1e6:.1f} M-parameter `StableDiffusion3Pipeline` made of stock diffusers / transformers classes
+(SD3Transformer2DModel {counts['transformer'] / 1e6:.2f} M, AutoencoderKL {counts['vae'] / 1e6:.2f} M with 16 latent channels,
+two CLIPTextModelWithProjection {counts['text_encoder'] / 1e6:.2f} M each, T5EncoderModel {counts['text_encoder_3'] / 1e6:.2f} M),
+stored in bf16 (the two CLIP encoders, 2% of the bytes, in float32). It draws what captions of this grammar say:
+
+    a [small|large] <colour> <shape> [on the left|right|top|bottom] on a <colour> background
+    a <colour> <shape> and a <colour> <shape> on a <colour> background
+
+colours red, green, blue, yellow, orange, purple, white, black; shapes circle, square, triangle. Other words are
+not understood. Native size {config['native_size']}x{config['native_size']}; also trained at 64 and 256.
+
+```python
+from diffusers import StableDiffusion3Pipeline
+pipe = StableDiffusion3Pipeline.from_pretrained("path/to/tiny-shapes")
+image = pipe("a red circle on a blue background", num_inference_steps=12, guidance_scale=4.0).images[0]
+```
+
+## Training
+
+- **Data**: rendered in code by `shapes/data.py` (anti-aliased signed distances, no download), a fresh random
+  scene for every sample. Held out and never trained on: single-object captions of the pairs {pairs}, and every
+  caption whose CRC-32 is divisible by 10.
+- **VAE**: {meta.get('vae_iterations_done', 0)} iterations, batch {settings['vae_batch']} at 128 px (x2 at 64, x0.5 at
+  256), L1 + MSE + {settings['kl_weight']:g} x KL; final reconstruction loss {vae_loss[-1][1]:.4f}.
+  `scaling_factor` {pipe.vae.config.scaling_factor:.4f} and `shift_factor` {pipe.vae.config.shift_factor:.4f} from the
+  statistics of 1024 training latents.
+- **Transformer**: SD3's rectified flow (logit-normal sigmas, velocity target), {meta.get('iterations_done', 0)}
+  iterations, batch {settings['batch']} at 128 px (x2 at 64, x0.5 at 256), AdamW lr {settings['lr']:g} with warm-up and
+  cosine decay, EMA {settings['ema']}, caption dropout {settings['cfg_dropout']} for classifier-free guidance. Text
+  encoders {text_encoders}. Final loss (mean of the last logged values) {sum(tail) / len(tail):.4f}.
+{_probe_line(meta)}- **Where**: {meta.get('device', '?')}, {meta.get('seconds', 0):.0f} s in all; `python -m shapes.train` (seed
+  {settings['seed']}). Loss curves: `loss_curve.png`; every logged value: `training_log.json`.
+"""
+
+
+def _probe_line(meta: dict) -> str:
+    found = meta.get("probe")
+    if not found:
+        return ""
+    return (f"- **Quick check after training** (`--probe`): the analytic detector (`shapes/detector.py`) read "
+            f"{found['train']}% of training captions and {found['heldout']}% of held-out captions back correctly "
+            f"({found['steps']} steps, guidance {found['guidance']}, {found['size']} px). Full evaluation, 16-bit vs FP8: "
+            f"`bench/eval_shapes.py`.\n")
+
+
+def plot_losses(meta: dict, path: Path) -> None:
+    """Loss curves (log scale) as a PNG, drawn with PIL: VAE reconstruction and transformer flow loss."""
+    from PIL import Image, ImageDraw
+
+    panels = [("VAE reconstruction loss (L1+MSE)", [(r[0], r[1]) for r in meta.get("vae_loss", [])]),
+              ("transformer rectified-flow loss", [(r[0], r[1]) for r in meta.get("transformer_loss", [])])]
+    width, height, margin = 900, 340, 58
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    panel_w = width // 2
+    for index, (title, points) in enumerate(panels):
+        x0, x1, y0, y1 = index * panel_w + margin, (index + 1) * panel_w - 16, 30, height - 40
+        draw.rectangle([x0, y0, x1, y1], outline=(120, 120, 120))
+        draw.text((x0, 10), title, fill="black")
+        points = [(x, y) for x, y in points if y > 0 and math.isfinite(y)]
+        if len(points) < 2:
+            draw.text((x0 + 10, y0 + 10), "no data", fill="gray")
+            continue
+        smoothed, running = [], None
+        for x, y in points:
+            running = y if running is None else 0.9 * running + 0.1 * y
+            smoothed.append((x, running))
+        xs = [p[0] for p in points]
+        logs = [math.log10(p[1]) for p in points]
+        lo, hi = min(logs), max(logs)
+        hi = hi if hi > lo else lo + 1
+
+        def to_px(x, y):
+            return (x0 + (x - xs[0]) / max(1, xs[-1] - xs[0]) * (x1 - x0),
+                    y1 - (math.log10(y) - lo) / (hi - lo) * (y1 - y0))
+
+        draw.line([to_px(x, y) for x, y in points], fill=(170, 200, 235), width=1)
+        draw.line([to_px(x, y) for x, y in smoothed], fill=(20, 80, 180), width=2)
+        for k in range(5):
+            value = lo + (hi - lo) * k / 4
+            py = y1 - (y1 - y0) * k / 4
+            draw.line([x0 - 4, py, x0, py], fill="black")
+            draw.text((x0 - margin + 4, py - 6), f"{10 ** value:.3g}", fill="black")
+        draw.text((x0, y1 + 6), f"{xs[0]}", fill="black")
+        draw.text((x1 - 40, y1 + 6), f"{xs[-1]} it", fill="black")
+    image.save(path)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+T0 = time.perf_counter()
+
+
+def train(config: ModelConfig, settings: TrainSettings, out: Path, device: torch.device,
+          checkpoint_dir: Path | None = None, checkpoint_every: float = 120.0):
+    """Train a pipeline from scratch and write it to `out`; returns (pipeline, log)."""
+    random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    started = time.perf_counter()
+    pipe = build_pipeline(config)
+    pipe.set_progress_bar_config(disable=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    log = {"device": name, "torch": torch.__version__, "phase": "vae"}
+    checkpoint = Checkpointer(checkpoint_dir, checkpoint_every, config, settings)
+    print(f"training on {name}; parameters: " + ", ".join(f"{n} {parameter_count(m) / 1e6:.2f}M" for n, m in trainable_modules(pipe).items()), flush=True)
+    train_vae(pipe, settings, device, log, checkpoint)
+    log["vae_seconds"] = time.perf_counter() - started
+    log["phase"] = "transformer"
+    train_transformer(pipe, settings, device, log, checkpoint)
+    log["phase"] = "done"
+    log["seconds"] = time.perf_counter() - started
+    checkpoint.write(pipe, log)
+    if settings.probe:
+        log["probe"] = probe(pipe, device, settings.probe)
+        checkpoint.write(pipe, log)
+    meta = dict(log, config=config.to_dict(), settings=vars(settings),
+                vae_factors={"scaling_factor": pipe.vae.config.scaling_factor, "shift_factor": pipe.vae.config.shift_factor})
+    write_pipeline(pipe, out, meta)
+    print(f"wrote {out} ({log['seconds']:.0f} s)", flush=True)
+    return pipe, meta
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainSettings()
+    parser = argparse.ArgumentParser(prog="python -m shapes.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", choices=CONFIGS, default="default",
+                        help="model size (small: quick CPU trials; tiny: tests)")
+    parser.add_argument("--iterations", type=int, default=defaults.iterations, help="transformer iterations")
+    parser.add_argument("--vae-iterations", type=int, default=defaults.vae_iterations)
+    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--vae-batch", type=int, default=defaults.vae_batch)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--vae-lr", type=float, default=defaults.vae_lr)
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--cfg-dropout", type=float, default=defaults.cfg_dropout)
+    parser.add_argument("--ema", type=float, default=defaults.ema)
+    parser.add_argument("--freeze-text-encoders", action="store_true", help="keep the text encoders at their seeded init")
+    parser.add_argument("--time-limit", type=float,
+                        help="seconds for VAE + transformer: each phase measures its speed early and runs as many of its "
+                        "iterations as fit (the counts are printed and logged: rerun with them to reproduce)")
+    parser.add_argument("--vae-share", type=float, default=defaults.vae_share)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    parser.add_argument("--resolutions", default=",".join(map(str, RESOLUTION_CYCLE)),
+                        help="training resolutions, one per iteration, cycled (default: %(default)s)")
+    parser.add_argument("--probe", type=int, default=0, metavar="N",
+                        help="after training, print the detector's caption accuracy on N training and N held-out captions")
+    parser.add_argument("--checkpoint-dir", type=Path, help="also write weights + log here every --checkpoint-every s")
+    parser.add_argument("--checkpoint-every", type=float, default=120.0)
+    parser.add_argument("--from-checkpoint", type=Path, help="write --out from this checkpoint folder; no training")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.from_checkpoint:
+        pipe, meta = load_checkpoint(args.from_checkpoint)
+        write_pipeline(pipe, args.out, meta)
+        print(f"wrote {args.out} from {args.from_checkpoint}")
+        return 0
+    config = CONFIGS[args.config]()
+    settings = TrainSettings(
+        iterations=args.iterations, vae_iterations=args.vae_iterations, batch=args.batch, vae_batch=args.vae_batch,
+        lr=args.lr, vae_lr=args.vae_lr, warmup=args.warmup, cfg_dropout=args.cfg_dropout, ema=args.ema,
+        train_text_encoders=not args.freeze_text_encoders, time_limit=args.time_limit, vae_share=args.vae_share,
+        seed=args.seed, log_every=args.log_every, resolutions=tuple(int(r) for r in args.resolutions.split(",")), probe=args.probe,
+    )
+    train(config, settings, args.out, torch.device(args.device), args.checkpoint_dir, args.checkpoint_every)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
