@@ -66,8 +66,8 @@ CONFIGS = {c.name: c for c in [
            extra=("second_size", "profile", "kernels")),
     Config("fp8_warm_cache", "fp8", {**FUSED, **REGIONAL}, issue="everywhere", estimate={"large": 45, "medium": 35},
            extra=("child:fp8_best_plain",)),
-    Config("fp8_best_plain", "fp8", {**FUSED, **REGIONAL}, issue="everywhere"),  # what the warm child runs
-    Config("fp8_aot_child", "fp8", {**FUSED, "compile": "aot"}, issue="everywhere", estimate={"large": 140, "medium": 100},
+    Config("fp8_best_plain", "fp8", {**FUSED, **REGIONAL}, issue="both", estimate={"large": 42, "medium": 35}),
+    Config("fp8_aot_child", "fp8", {**FUSED, "compile": "aot"}, issue="everywhere", estimate={"large": 110, "medium": 90},
            extra=("child:fp8_aot", "reference")),
     Config("fp8_tensorwise_compile_child", "fp8", {**FUSED, **REGIONAL, "fp8_path": "scaled_mm_tensorwise"},
            issue="everywhere", estimate={"large": 70, "medium": 50},
@@ -442,7 +442,7 @@ class ModelBench:
             del again
         row["pieces_line"] = __import__("sd35fp8.speed", fromlist=["describe_pieces"]).describe_pieces(loaded.pieces)
         # keep / release
-        if config.name == "fp8_best":
+        if config.name in ("fp8_best", "fp8_best_plain"):
             self.best = loaded
         elif "reuse_best" in config.extra:
             if options.get("cuda_graphs") and self.cuda:
