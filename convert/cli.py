@@ -132,13 +132,11 @@ def _plans(source: Source, components: list[str], exclude: list[str]) -> list[Co
 
 def _licenses(source: Source) -> dict:
     """The license fields of the source's model card, carried over to the variant's card."""
-    import yaml
-
     try:
         return license_fields(source.path)
-    except (yaml.YAMLError, ValueError) as error:
-        raise SourceError(f"{source.path / 'README.md'}: its metadata block (between the --- lines) is not valid YAML "
-                          f"({one_line(error)[:120]}): fix or remove it.") from None
+    except Exception as error:  # noqa: BLE001 - a YAML parser error (yaml is no direct dependency), or a bad value
+        raise SourceError(f"{source.path / 'README.md'}: its metadata block (between the --- lines) cannot be read "
+                          f"({type(error).__name__}: {one_line(error)[:120]}): fix or remove it.") from None
 
 
 def _check_shards(plans: list[ComponentPlan], max_shard: int, text: str) -> None:

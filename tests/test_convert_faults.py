@@ -359,7 +359,7 @@ SOURCE_FAULTS = {
     "already quantized": (lambda s: (s / "transformer" / "config.json").write_text(json.dumps(
         {**json.loads((s / "transformer" / "config.json").read_text()), "quantization_config": {"quant_method": "quanto"}})),
         "already quantized"),
-    "model card not YAML": (lambda s: (s / "README.md").write_text("---\nlicense: [unclosed\n---\n"), "not valid YAML"),
+    "model card not YAML": (lambda s: (s / "README.md").write_text("---\nlicense: [unclosed\n---\n"), "metadata block"),
     "symbolic link loop": (_loop, "links back"),
     "link to the source root": (_to_parent, "links back"),
     "dangling link": (lambda s: (s / "vae" / "gone.json").symlink_to(s / "nowhere"), "pointing nowhere"),
