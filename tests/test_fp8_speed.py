@@ -257,3 +257,15 @@ def test_loaded_pipeline_reports_its_pieces():
     line = describe_pieces(pieces)
     assert "fused q/k/v in 2 attentions" in line and "prompt cache" in line
     assert load_pipeline("tiny", "fp8", device="cpu").pieces["fused_projections"] == 0  # auto: off on the CPU
+
+
+def test_auto_compile_keeps_the_tensorwise_path_eager():
+    from sd35fp8.speed import SpeedOptions, prepare_transformer
+
+    transformer = tiny_transformer()
+    quantize_linears(transformer, "scaled_mm_tensorwise")
+    pieces = prepare_transformer(transformer, torch.device("cpu"), SpeedOptions(compile=True).resolved("cpu"))
+    assert pieces["compile"] == "off" and "tensor-wise" in pieces["compile_skipped"]
+    explicit = prepare_transformer(tiny_transformer(), torch.device("cpu"),
+                                   SpeedOptions(compile="regional", compile_backend="eager").resolved("cpu"))
+    assert explicit["compile"].startswith("regional")
