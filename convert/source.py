@@ -22,7 +22,7 @@ from .output import REPORT_NAME, disk_error
 SD3_PIPELINES = {"StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"}
 MODEL_LIBRARIES = {"diffusers", "transformers"}
 NOT_MODELS = ("Tokenizer", "TokenizerFast", "Scheduler")
-NEVER_DOWNLOAD = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "*.msgpack", "*.onnx", "*.onnx_data", "*.gguf"]
+NEVER_DOWNLOAD = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.gguf"]
 NEVER_COPY = tuple(pattern.removeprefix("*") for pattern in NEVER_DOWNLOAD)  # suffixes
 _COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
