@@ -18,8 +18,7 @@ def test_console_scripts_point_at_main_functions():
 def test_every_directly_imported_library_is_declared():
     declared = {line.split("==")[0].strip().lower().replace("_", "-")
                 for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line}
-    names = {"PIL": "pillow", "huggingface_hub": "huggingface-hub", "pynvml": "nvidia-ml-py", "optimum": "optimum-quanto",
-             "yaml": "pyyaml"}
+    names = {"PIL": "pillow", "huggingface_hub": "huggingface-hub", "pynvml": "nvidia-ml-py", "optimum": "optimum-quanto"}
     optional = {"cudnn"}  # GPU-only extra (nvidia-cudnn-frontend), imported where it is used and optional there
     imported = set()
     for path in [ROOT / "app.py", *ROOT.glob("sd35fp8/*.py"), *ROOT.glob("convert/*.py"), *ROOT.glob("space/*.py")]:
