@@ -53,6 +53,12 @@ def serve(args: argparse.Namespace) -> int:
     print(f"Loading {settings.model} (FP8) on {', '.join(map(str, devices))} ...", flush=True)
     models = Replicas.load(settings.model, settings.base, devices, offload=settings.offload,
                            compile=settings.compile, settings=settings)
+    if settings.on_zerogpu:  # ZeroGPU keeps no torch.compile code: compile ahead of time, once, on a lent GPU
+        import spaces
+
+        for replica in models.replicas:
+            reports = spaces.GPU(duration=settings.zerogpu_startup_s)(replica.models.compile_ahead_of_time)()
+            print(f"Compiled ahead of time for ZeroGPU: {reports}", flush=True)
     print("\n".join(models.summary_lines()), flush=True)
     if models.is_tiny:
         print("Running the built-in tiny model (random weights): its images are noise by design. "

@@ -92,6 +92,7 @@ class AppSettings:
     job_timeout_s: float = 600.0  # a generation running longer is stopped at its next step
     zerogpu_margin_s: float = 30.0  # added to the measured time of a request when asking ZeroGPU for a GPU
     zerogpu_max_s: float = 300.0  # the longest GPU lease ZeroGPU grants one call
+    zerogpu_startup_s: float = 900.0  # the start-up lease for compiling ahead of time (a guess, not measured)
     activation_headroom_bytes: int = 4 * GIB  # room kept for activations when placing both transformers
     gpu_history_s: float = 300.0  # how far back the GPU panel's plots go
     kept_images: int = 200  # result PNGs kept on disk for download

@@ -261,10 +261,10 @@ class Handlers:
 
     def _generate_seconds(self, raw, precision, *_args, **_kwargs) -> float:
         try:
-            request = self._request(raw)
+            request, precision = self._request(raw), self._precision(precision)
         except gr.Error:
             return 10.0  # refused before any GPU work
-        return self.models.gpu_seconds([parse_precision(precision, list(PRECISIONS))], request, self.settings)
+        return self.models.gpu_seconds([precision], request, self.settings)
 
     def _compare_seconds(self, raw, *_args, **_kwargs) -> float:
         try:

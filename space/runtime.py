@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sd35fp8.fp8 import FP8_PATH_LABELS, select_fp8_path
+from sd35fp8.fp8 import FP8_PATH_LABELS
 from sd35fp8.generate import GenerationResult, OutOfMemory, generate
 from sd35fp8.hub import base_model_of
 from sd35fp8.loading import (
@@ -22,6 +22,8 @@ from sd35fp8.loading import (
 )
 from sd35fp8.request import GenerationRequest
 from sd35fp8.settings import LIMITS, AppSettings
+from sd35fp8.speed import describe_pieces
+from sd35fp8.zerogpu import gpu_duration, zerogpu_compile
 
 
 @dataclass(frozen=True)
@@ -90,20 +92,17 @@ class Models:
     """The FP8 pipeline plus (when a base is known) a 16-bit one sharing its text encoders, tokenizers and VAE."""
 
     def __init__(self, fp8: LoadedPipeline, reference: LoadedPipeline | None = None, *,
-                 base: str | None = None, base_note: str = "", swap: bool = False, offload: bool = False,
-                 compiled: bool = False):
+                 base: str | None = None, base_note: str = "", swap: bool = False, offload: bool = False):
         self.fp8 = fp8
         self.reference = reference
         self.base = base
         self.base_note = base_note
         self.swap = swap
         self.offload = offload
-        self.compiled = compiled
         self.defaults = defaults_for(fp8.source, base)
         self.max_size = max_image_size(fp8)
         self._lock = threading.Lock()
         self._last: str | None = None
-        self._seconds_per_step: dict[str, float] = {}  # precision -> measured s/step per megapixel
 
     @classmethod
     def load(cls, model: str = TINY, base: str | None = None, *, offload: bool = False,
@@ -112,18 +111,20 @@ class Models:
         """Load `model` (an FP8 variant, or "tiny") and its 16-bit reference transformer.
 
         A `base` passed explicitly must load; one found in the model card that fails to load only
-        disables the comparison (the reason is kept in `base_note`). `compile` ("auto", "on", "off")
-        wraps both transformers in torch.compile; "auto" does so where FP8 tensor cores run (the fastest
-        configuration measured, bench/NOTES.md), except on ZeroGPU where compiled code does not persist.
+        disables the comparison (the reason is kept in `base_note`). `compile` ("auto", "on", "off"):
+        "auto" applies the fastest configuration measured (regional torch.compile on CUDA GPUs, nothing on
+        the CPU); on ZeroGPU, where torch.compile's code does not persist, call `compile_ahead_of_time()`
+        inside a `@spaces.GPU` call instead. The other speed pieces take `load_pipeline`'s "auto".
         """
         settings = settings or AppSettings()
         device = torch.device(device) if device is not None else default_device()
-        compiled = compile == "on" or (compile == "auto" and select_fp8_path(device) == "scaled_mm"
-                                       and not settings.on_zerogpu)
-        fp8 = load_pipeline(model, "fp8", device=device, offload=offload, compile=compiled)
+        compile_option = {"auto": "auto", "on": "regional", "off": False}[compile]
+        if settings.on_zerogpu:
+            compile_option = False
+        fp8 = load_pipeline(model, "fp8", device=device, offload=offload, compile=compile_option)
         base_source, note = resolve_base(model, base)
         if base_source is None:
-            return cls(fp8, None, base=None, base_note=note, offload=offload, compiled=compiled)
+            return cls(fp8, None, base=None, base_note=note, offload=offload)
         started = time.perf_counter()
         try:
             transformer = load_transformer(base_source, "bf16")
@@ -131,16 +132,20 @@ class Models:
             if base:
                 raise
             return cls(fp8, None, base=None, base_note=f"the 16-bit reference {base_source} did not load: {error}",
-                       offload=offload, compiled=compiled)
-        if compiled:
-            transformer.compile()
+                       offload=offload)
         swap = not offload and _needs_swap(fp8.device, transformer, settings.activation_headroom_bytes)
-        # Build the reference with the transformer left on the CPU when it must wait there (swap, offload).
+        # Build the reference with the transformer left on the CPU when it must wait there (swap, offload);
+        # a transformer that moves between devices is not compiled.
         parked = offload or swap
         host = dataclasses.replace(fp8, device=torch.device("cpu")) if parked else fp8
-        reference = with_transformer(host, transformer, "bf16", source=base_source)
+        reference = with_transformer(host, transformer, "bf16", source=base_source,
+                                     compile=False if parked else compile_option)
         reference = dataclasses.replace(reference, device=fp8.device, load_seconds=time.perf_counter() - started)
-        return cls(fp8, reference, base=base_source, base_note=note, swap=swap, offload=offload, compiled=compiled)
+        return cls(fp8, reference, base=base_source, base_note=note, swap=swap, offload=offload)
+
+    def compile_ahead_of_time(self) -> list[dict]:
+        """ZeroGPU: compile both transformers ahead of time with `spaces` (call inside one `@spaces.GPU`)."""
+        return [zerogpu_compile(loaded) for loaded in (self.fp8, self.reference) if loaded is not None]
 
     # ------------------------------------------------------------------------------------------ facts
 
@@ -169,14 +174,15 @@ class Models:
     def summary_lines(self) -> list[str]:
         """Load time and memory per component, for the console and the page."""
         lines = [f"FP8 model: {self.fp8.label} on {self.fp8.device} ({self.placement()})",
-                 f"FP8 compute path: {self.fp8.fp8_path} — {self.fp8_path_label}"
-                 + (" + torch.compile (the first image at each size compiles)" if self.compiled else ""),
+                 f"FP8 compute path: {self.fp8.fp8_path} — {self.fp8_path_label}",
+                 f"FP8 speed pieces: {describe_pieces(self.fp8.pieces)}",
                  f"FP8 pipeline loaded in {self.fp8.load_seconds:.1f} s"]
         for name, count in self.fp8.component_bytes.items():
             lines.append(f"  {name:<16} {format_bytes(count):>12}")
         lines.append(f"  {'total':<16} {format_bytes(sum(self.fp8.component_bytes.values())):>12}")
         if self.reference is not None:
             lines.append(f"16-bit reference: {self.base} ({self.base_note}), loaded in {self.reference.load_seconds:.1f} s")
+            lines.append(f"16-bit speed pieces: {describe_pieces(self.reference.pieces)}")
             lines.append(f"  {'transformer':<16} {format_bytes(self.reference.component_bytes.get('transformer')):>12}"
                          "  (text encoders and VAE shared with the FP8 pipeline)")
         else:
@@ -218,15 +224,9 @@ class Models:
         """One generation in `precision` ("fp8" or "bf16"); one at a time across threads."""
         with self._lock:
             loaded = self._activate(precision)
-            result = generate(loaded, request, on_step=on_step, sampler=sampler, should_stop=should_stop)
-        megapixels = request.width * request.height * request.batch_size / 1e6
-        self._seconds_per_step[precision] = result.seconds_per_step / max(megapixels, 1e-3)
-        return result
+            return generate(loaded, request, on_step=on_step, sampler=sampler, should_stop=should_stop)
 
-    def gpu_seconds(self, precisions: list[str], request: GenerationRequest, settings: AppSettings) -> float:
-        """How long a GPU must be lent (ZeroGPU) for `request` in each of `precisions`: steps x the s/step
-        measured so far (per megapixel; before any measurement, a conservative guess) + a margin, capped."""
-        megapixels = request.width * request.height * request.batch_size / 1e6
-        guess = 0.25 if self.fp8.device.type == "cuda" or settings.on_zerogpu else 2.0  # s/step/megapixel
-        seconds = sum(request.steps * max(megapixels, 0.05) * self._seconds_per_step.get(p, guess) for p in precisions)
-        return float(min(settings.zerogpu_max_s, seconds * 1.2 + settings.zerogpu_margin_s))
+    def gpu_seconds(self, precisions: list[str], request: GenerationRequest, settings: AppSettings) -> int:
+        """How long ZeroGPU must lend a GPU for `request` in each of `precisions` (sd35fp8.zerogpu.gpu_duration)."""
+        return gpu_duration(request, [self.pipeline(p) for p in precisions],
+                            margin_s=settings.zerogpu_margin_s, max_s=settings.zerogpu_max_s)

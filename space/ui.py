@@ -15,6 +15,7 @@ from starlette.middleware import Middleware  # noqa: E402
 
 from sd35fp8.gpu import GpuSampler  # noqa: E402
 from sd35fp8.settings import LIMITS, PRECISIONS, AppSettings  # noqa: E402
+from sd35fp8.speed import describe_pieces  # noqa: E402
 
 from .gpu_panel import GpuPanel  # noqa: E402
 from .handlers import TABLE_HEADERS, Handlers, ImageStore  # noqa: E402
@@ -63,7 +64,7 @@ def header_markdown(models: Replicas, settings: AppSettings) -> str:
     return (
         "# SD3.5 FP8 — generate, compare with 16-bit, watch the GPU\n\n"
         f"Model: `{models.fp8.label}` · {ref} · FP8 path: **{models.fp8.fp8_path}** ({models.fp8_path_label}) "
-        f"· device: {devices}\n\n"
+        f"· device: {devices}\n\nSpeed pieces: {describe_pieces(models.fp8.pieces)}\n\n"
         f"Jobs run {at_once} (up to {settings.queue_max_size} wait in line); each may run for "
         f"{settings.job_timeout_s:.0f} s at most, and **Stop** ends yours at its next step."
     )

@@ -321,3 +321,16 @@ def test_cancelling_a_job_stops_it_at_its_next_step(app_client, app_models, monk
     assert len(steps_run) < 100
     monkeypatch.undo()
     assert generate(app_client)[1] == 42  # the queue is free again
+
+
+def test_zerogpu_loads_without_torch_compile_and_sizes_each_lease(monkeypatch):
+    from sd35fp8.settings import AppSettings
+
+    monkeypatch.setenv("SPACES_ZERO_GPU", "1")
+    settings = AppSettings()
+    models = Models.load("tiny", compile="on", settings=settings)
+    assert models.fp8.pieces["compile"] == "off" and models.reference.pieces["compile"] == "off"
+    small = models.gpu_seconds(["fp8"], GenerationRequest(PROMPT, steps=4, width=64, height=64), settings)
+    large = models.gpu_seconds(["fp8", "bf16"], GenerationRequest(PROMPT, steps=50, width=1024, height=1024), settings)
+    assert settings.zerogpu_margin_s <= small < large <= settings.zerogpu_max_s
+    assert "FP8 speed pieces:" in "\n".join(models.summary_lines())
