@@ -1,6 +1,7 @@
-"""Plot bench/results/gpu_*.json: end-to-end latency and peak VRAM per configuration -> docs/bench-latency-vram.png.
+"""Plot the H200 results (gpu_h200_speed.json + gpu_h200_everywhere.json): end-to-end latency and peak VRAM per
+configuration -> docs/bench-latency-vram.png.
 
-Usage: python bench/plot.py [--results bench/results] [--out docs/bench-latency-vram.png]
+Usage: python -m bench.plot [--results bench/results] [--out docs/bench-latency-vram.png] (needs matplotlib)
 """
 
 from __future__ import annotations
@@ -10,18 +11,21 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = (("SD3.5 Large", "gpu_sd35_large.json"), ("SD3.5 Medium", "gpu_sd35_medium.json"))
+FILES = ("gpu_h200_speed.json", "gpu_h200_everywhere.json")
+TITLES = {"large": "SD3.5 Large", "medium": "SD3.5 Medium"}
 
 
 def load_rows(results: Path) -> list[tuple[str, list[dict]]]:
-    groups = []
-    for title, name in FILES:
+    """Measured rows per model, each configuration once (the first file that has it)."""
+    by_model: dict[str, dict[str, dict]] = {}
+    for name in FILES:
         path = results / name
-        if path.is_file():
-            rows = [r for r in json.loads(path.read_text()) if r.get("latency_s") is not None]
-            if rows:
-                groups.append((title, rows))
-    return groups
+        if not path.is_file():
+            continue
+        for row in json.loads(path.read_text()):
+            if row.get("latency_s") is not None:
+                by_model.setdefault(row["model"], {}).setdefault(row["config"], row)
+    return [(TITLES.get(model, model), list(rows.values())) for model, rows in by_model.items()]
 
 
 def plot(results: Path, out: Path) -> Path:
@@ -32,10 +36,10 @@ def plot(results: Path, out: Path) -> Path:
 
     groups = load_rows(results)
     if not groups:
-        raise SystemExit(f"no measured rows in {results}/gpu_sd35_*.json")
+        raise SystemExit(f"no measured rows in {', '.join(FILES)} under {results}")
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.6 * len(groups)), squeeze=False)
     for (title, rows), (ax_lat, ax_mem) in zip(groups, axes):
-        names = [r["config"] for r in rows]
+        names = [r["config"].split(" (")[0] for r in rows]
         colors = ["#c44e52" if r["precision"] == "fp8" else "#4c72b0" for r in rows]
         latency = [r["latency_s"] for r in rows]
         bars = ax_lat.barh(names, latency, color=colors)
@@ -45,19 +49,17 @@ def plot(results: Path, out: Path) -> Path:
         ax_lat.invert_yaxis()
         ax_lat.set_xlim(0, max(latency) * 1.25)
         peak = [r.get("peak_vram_gb") or 0 for r in rows]
-        model = [r.get("model_memory_gb") or 0 for r in rows]
-        ax_mem.barh(names, peak, color=colors, alpha=0.45, label="peak during generation")
-        bars = ax_mem.barh(names, model, color=colors, label="weights after load")
-        ax_mem.bar_label(bars, labels=[f"{m:.1f} / {p:.1f} GB" for m, p in zip(model, peak)], padding=3, fontsize=8)
+        bars = ax_mem.barh(names, peak, color=colors, alpha=0.8)
+        ax_mem.bar_label(bars, labels=[f"{p:.1f} GB" if p else "not recorded" for p in peak], padding=3, fontsize=8)
         ax_mem.axvline(16, color="gray", linestyle="--", linewidth=1)
         ax_mem.text(16, 0.02, " 16 GB target", color="gray", fontsize=8, va="bottom",
                     transform=ax_mem.get_xaxis_transform())
-        ax_mem.set_xlabel("GPU memory (GB): weights after load / peak")
+        ax_mem.set_xlabel("peak GPU memory during generation (GB)")
         ax_mem.set_title(f"{title}: memory")
         ax_mem.invert_yaxis()
         ax_mem.set_xlim(0, max(peak + [16]) * 1.35)
     gpu = groups[0][1][0].get("gpu", "GPU")
-    fig.suptitle(f"{gpu}, torch {groups[0][1][0].get('torch')} — RANDOM weights (speed/memory only; blue bf16, red FP8)",
+    fig.suptitle(f"{gpu} — RANDOM weights (speed/memory only; blue bf16, red FP8; torchao's row ran eagerly)",
                  fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
