@@ -127,7 +127,7 @@ def _from_pretrained(source: str, precision: str, dtype: torch.dtype, revision: 
     try:
         index = StableDiffusion3Pipeline.load_config(source, revision=revision)
         given = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
-        if variant and device.type == "cuda":
+        if variant:  # FP8 on GPUs that keep it; on any device, T5's leftover 16-bit tensors in `dtype`
             given |= _fp8_text_encoders(source, index, dtype, revision)
         return StableDiffusion3Pipeline.from_pretrained(source, variant=variant, dtype=dtype, revision=revision, **given)
     except (OSError, ValueError) as error:
