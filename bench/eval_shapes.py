@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8-dir", type=Path, help="an FP8 variant already converted from --model (skips converting)")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--guidance", type=float, default=4.5)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype of both (the app's: bf16)")
     parser.add_argument("--paths", default="dequant,quanto,scaled_mm",

@@ -62,6 +62,7 @@ class TrainSettings:
     log_every: int = 10
     resolutions: tuple[int, ...] = RESOLUTION_CYCLE  # one per iteration, cycled
     probe: int = 0  # after training, score this many train and held-out captions with the detector
+    deterministic: bool = True  # deterministic kernels (on CUDA they can be slower: cuDNN's deterministic convolutions)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -178,11 +179,38 @@ def set_latent_statistics(pipe, device: torch.device, seed: int, count: int = 10
 # -------------------------------------------------------------------------------------- transformer
 
 
-def _encode(pipe, captions: list[str], device: torch.device):
-    embeds, _, pooled, _ = pipe.encode_prompt(
-        prompt=captions, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False
-    )
-    return embeds, pooled
+class PromptEncoder:
+    """`StableDiffusion3Pipeline.encode_prompt` for training: the same computation (CLIP-L/G penultimate hidden
+    states padded to T5's width, then T5's, along the sequence; pooled = both CLIP projections), with each
+    caption's token ids computed once and cached (tokenizing 256 captions three times per step costs more than
+    the GPU step). `tests/test_shapes.py` checks it against the pipeline's own `encode_prompt`."""
+
+    def __init__(self, pipe, max_sequence_length: int = 256):
+        self.pipe, self.max_sequence_length = pipe, max_sequence_length
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def ids(self, caption: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if caption not in self.cache:
+            pipe = self.pipe
+            clip = [tok(caption, padding="max_length", max_length=pipe.tokenizer_max_length, truncation=True,
+                        return_tensors="pt").input_ids[0] for tok in (pipe.tokenizer, pipe.tokenizer_2)]
+            t5 = pipe.tokenizer_3(caption, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                                  add_special_tokens=True, return_tensors="pt").input_ids[0]
+            self.cache[caption] = (clip[0], clip[1], t5)
+        return self.cache[caption]
+
+    def __call__(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        pipe = self.pipe
+        ids = [torch.stack(column).to(device) for column in zip(*(self.ids(c) for c in captions))]
+        hidden, pooled = [], []
+        for encoder, token_ids in ((pipe.text_encoder, ids[0]), (pipe.text_encoder_2, ids[1])):
+            output = encoder(token_ids, output_hidden_states=True)
+            pooled.append(output[0])
+            hidden.append(output.hidden_states[-2])
+        clip = torch.cat(hidden, dim=-1)
+        t5 = pipe.text_encoder_3(ids[2])[0]
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
 
 def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: dict, checkpoint) -> None:
@@ -199,7 +227,11 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=settings.lr, betas=(0.9, 0.99))
     ema = {name: copy.deepcopy(module).eval().requires_grad_(False) for name, module in modules.items()}
+    if settings.ema <= 0:  # no averaging: the last weights are the model
+        ema = dict(modules)
     checkpoint.ema = ema
+    ema_params = [p for name in modules for p in ema[name].parameters()]
+    encode = PromptEncoder(pipe)
     rng = random.Random(settings.seed + 202)
     generator = torch.Generator(device).manual_seed(settings.seed + 303)
     limit = settings.time_limit * (1 - settings.vae_share) if settings.time_limit else None
@@ -221,7 +253,7 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
         s = sigma[:, None, None, None]
         noisy = (1 - s) * x0 + s * noise
         with _autocast(device):
-            embeds, pooled = _encode(pipe, captions, device)
+            embeds, pooled = encode(captions, device)
             prediction = pipe.transformer(
                 hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
                 timestep=sigma * 1000, return_dict=False,
@@ -232,10 +264,9 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         decay_rate = min(settings.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for name, module in modules.items():
-                for target, source in zip(ema[name].parameters(), module.parameters()):
-                    target.lerp_(source, 1 - decay_rate)
+        if settings.ema > 0:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1 - decay_rate)
         step += 1
         if step % settings.log_every == 0 or step == 1:  # reading the loss waits for the GPU: only when logging
             value = loss.item()
@@ -248,7 +279,8 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
     bar.close()
     log["iterations_done"] = step
     for name, module in modules.items():  # the EMA weights are the model
-        module.load_state_dict(ema[name].state_dict())
+        if ema[name] is not module:
+            module.load_state_dict(ema[name].state_dict())
         module.eval().requires_grad_(False)
     checkpoint.ema = None
     print(f"transformer: {step} iterations, final smoothed loss {running:.4f}", flush=True)
@@ -382,6 +414,15 @@ def model_card(pipe, meta: dict) -> str:
     tail = [row[1] for row in tr_loss[-20:]]
     pairs = ", ".join(f"{c} {s}" for c, s in sorted(data.HELD_OUT_PAIRS))
     text_encoders = "trained with the transformer" if settings["train_text_encoders"] else "frozen at their seeded random initialisation"
+    resolutions = "/".join(str(r) for r in sorted(set(settings.get("resolutions", RESOLUTION_CYCLE))))
+    factors = (f"`scaling_factor` {pipe.vae.config.scaling_factor:.4f} and `shift_factor` "
+               f"{pipe.vae.config.shift_factor:.4f}")
+    if meta.get("vae_iterations_done", 0) or not meta.get("init_from"):
+        vae_line = (f"- **VAE**: {meta.get('vae_iterations_done', 0)} iterations, batch {settings['vae_batch']} at 128 px "
+                    f"cycling through {resolutions} px (x2 at 64, x0.5 at 256), L1 + MSE + {settings['kl_weight']:g} x KL; final reconstruction loss "
+                    f"{vae_loss[-1][1]:.4f}. {factors} from the statistics of 1024 training latents.")
+    else:
+        vae_line = f"- **VAE**: kept from the starting model ({factors})."
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -393,7 +434,7 @@ tags: [stable-diffusion-3, tiny, synthetic-data]
 A {sum(counts.values()) / 1e6:.1f} M-parameter `StableDiffusion3Pipeline` made of stock diffusers / transformers classes
 (SD3Transformer2DModel {counts['transformer'] / 1e6:.2f} M, AutoencoderKL {counts['vae'] / 1e6:.2f} M with 16 latent channels,
 two CLIPTextModelWithProjection {counts['text_encoder'] / 1e6:.2f} M each, T5EncoderModel {counts['text_encoder_3'] / 1e6:.2f} M),
-stored in bf16 (the two CLIP encoders, 2% of the bytes, in float32). It draws what captions of this grammar say:
+stored in bf16 (the two CLIP encoders, 2% of the bytes, in float32). It is trained to draw what captions of this grammar say:
 
     a [small|large] <colour> <shape> [on the left|right|top|bottom] on a <colour> background
     a <colour> <shape> and a <colour> <shape> on a <colour> background
@@ -412,17 +453,22 @@ image = pipe("a red circle on a blue background", num_inference_steps=12, guidan
 - **Data**: rendered in code by `shapes/data.py` (anti-aliased signed distances, no download), a fresh random
   scene for every sample. Held out and never trained on: single-object captions of the pairs {pairs}, and every
   caption whose CRC-32 is divisible by 10.
-- **VAE**: {meta.get('vae_iterations_done', 0)} iterations, batch {settings['vae_batch']} at 128 px (x2 at 64, x0.5 at
-  256), L1 + MSE + {settings['kl_weight']:g} x KL; final reconstruction loss {vae_loss[-1][1]:.4f}.
-  `scaling_factor` {pipe.vae.config.scaling_factor:.4f} and `shift_factor` {pipe.vae.config.shift_factor:.4f} from the
-  statistics of 1024 training latents.
+{vae_line}
 - **Transformer**: SD3's rectified flow (logit-normal sigmas, velocity target), {meta.get('iterations_done', 0)}
-  iterations, batch {settings['batch']} at 128 px (x2 at 64, x0.5 at 256), AdamW lr {settings['lr']:g} with warm-up and
+  iterations{_continued(meta)}, batch {settings['batch']} at 128 px cycling through {resolutions} px (x2 at 64, x0.5 at 256), AdamW lr {settings['lr']:g} with warm-up and
   cosine decay, EMA {settings['ema']}, caption dropout {settings['cfg_dropout']} for classifier-free guidance. Text
   encoders {text_encoders}. Final loss (mean of the last logged values) {sum(tail) / len(tail):.4f}.
 {_probe_line(meta)}- **Where**: {meta.get('device', '?')}, {meta.get('seconds', 0):.0f} s in all; `python -m shapes.train` (seed
   {settings['seed']}). Loss curves: `loss_curve.png`; every logged value: `training_log.json`.
 """
+
+
+def _continued(meta: dict) -> str:
+    previous = meta.get("init_from")
+    if not previous:
+        return ""
+    return (f" (continuing from a model trained {previous['iterations']} transformer and {previous['vae_iterations']} "
+            "VAE iterations)")
 
 
 def _probe_line(meta: dict) -> str:
@@ -432,7 +478,10 @@ def _probe_line(meta: dict) -> str:
     return (f"- **Quick check after training** (`--probe`): the analytic detector (`shapes/detector.py`) read "
             f"{found['train']}% of training captions and {found['heldout']}% of held-out captions back correctly "
             f"({found['steps']} steps, guidance {found['guidance']}, {found['size']} px). Full evaluation, 16-bit vs FP8: "
-            f"`bench/eval_shapes.py`.\n")
+            f"`bench/eval_shapes.py`." + (
+                f" **Undertrained**: the transformer ran {meta.get('iterations_done', 0)} iterations and its loss was "
+                "still falling; train longer for a model that draws what it is asked." if found["train"] < 90 else "")
+            + "\n")
 
 
 def plot_losses(meta: dict, path: Path) -> None:
@@ -483,24 +532,51 @@ def plot_losses(meta: dict, path: Path) -> None:
 T0 = time.perf_counter()
 
 
+def load_weights(pipe, folder: Path) -> dict:
+    """Load a pipeline folder's weights (and VAE latent factors) into `pipe`; returns what it says of its training."""
+    for name, module in trainable_modules(pipe).items():
+        if name in ("transformer", "vae"):
+            loaded = type(module).from_pretrained(folder, subfolder=name, dtype=torch.float32)
+        else:  # transformers: from_pretrained restores tied weights (T5's embeddings)
+            loaded = type(module).from_pretrained(folder / name, dtype=torch.float32)
+        module.load_state_dict(loaded.state_dict())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    pipe.vae.register_to_config(scaling_factor=vae["scaling_factor"], shift_factor=vae["shift_factor"])
+    log = folder / "training_log.json"
+    before = json.loads(log.read_text()) if log.is_file() else {}
+    previous = before.get("init_from", {})
+    return {"folder": str(folder),
+            "vae_iterations": before.get("vae_iterations_done", 0) + previous.get("vae_iterations", 0),
+            "iterations": before.get("iterations_done", 0) + previous.get("iterations", 0)}
+
+
 def train(config: ModelConfig, settings: TrainSettings, out: Path, device: torch.device,
-          checkpoint_dir: Path | None = None, checkpoint_every: float = 120.0):
-    """Train a pipeline from scratch and write it to `out`; returns (pipeline, log)."""
+          checkpoint_dir: Path | None = None, checkpoint_every: float = 120.0, init_from: Path | None = None):
+    """Train a pipeline (from scratch, or on from the weights in `init_from`) and write it to `out`."""
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if settings.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     started = time.perf_counter()
     pipe = build_pipeline(config)
     pipe.set_progress_bar_config(disable=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     log = {"device": name, "torch": torch.__version__, "phase": "vae"}
+    if init_from:
+        log["init_from"] = load_weights(pipe, init_from)
+        print(f"starting from {init_from} ({log['init_from']['iterations']} transformer iterations)", flush=True)
     checkpoint = Checkpointer(checkpoint_dir, checkpoint_every, config, settings)
     print(f"training on {name}; parameters: " + ", ".join(f"{n} {parameter_count(m) / 1e6:.2f}M" for n, m in trainable_modules(pipe).items()), flush=True)
-    train_vae(pipe, settings, device, log, checkpoint)
+    if settings.vae_iterations > 0 or not init_from:
+        train_vae(pipe, settings, device, log, checkpoint)
+    else:
+        log["vae_iterations_done"] = 0  # the VAE (and its latent factors) as loaded
     log["vae_seconds"] = time.perf_counter() - started
     log["phase"] = "transformer"
     train_transformer(pipe, settings, device, log, checkpoint)
@@ -532,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae-lr", type=float, default=defaults.vae_lr)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--cfg-dropout", type=float, default=defaults.cfg_dropout)
-    parser.add_argument("--ema", type=float, default=defaults.ema)
+    parser.add_argument("--ema", type=float, default=defaults.ema, help="EMA decay of the weights (0: no EMA)")
     parser.add_argument("--freeze-text-encoders", action="store_true", help="keep the text encoders at their seeded init")
     parser.add_argument("--time-limit", type=float,
                         help="seconds for VAE + transformer: each phase measures its speed early and runs as many of its "
@@ -542,11 +618,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-every", type=int, default=defaults.log_every)
     parser.add_argument("--resolutions", default=",".join(map(str, RESOLUTION_CYCLE)),
                         help="training resolutions, one per iteration, cycled (default: %(default)s)")
+    parser.add_argument("--no-deterministic", action="store_true",
+                        help="allow non-deterministic (faster) CUDA kernels; runs stay seeded")
     parser.add_argument("--probe", type=int, default=0, metavar="N",
                         help="after training, print the detector's caption accuracy on N training and N held-out captions")
     parser.add_argument("--checkpoint-dir", type=Path, help="also write weights + log here every --checkpoint-every s")
     parser.add_argument("--checkpoint-every", type=float, default=120.0)
     parser.add_argument("--from-checkpoint", type=Path, help="write --out from this checkpoint folder; no training")
+    parser.add_argument("--init-from", type=Path, metavar="PIPELINE",
+                        help="start from this pipeline folder's weights (same config), e.g. the shipped model; with "
+                        "--vae-iterations 0 its VAE is kept as it is")
     return parser
 
 
@@ -563,8 +644,9 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr, vae_lr=args.vae_lr, warmup=args.warmup, cfg_dropout=args.cfg_dropout, ema=args.ema,
         train_text_encoders=not args.freeze_text_encoders, time_limit=args.time_limit, vae_share=args.vae_share,
         seed=args.seed, log_every=args.log_every, resolutions=tuple(int(r) for r in args.resolutions.split(",")), probe=args.probe,
+        deterministic=not args.no_deterministic,
     )
-    train(config, settings, args.out, torch.device(args.device), args.checkpoint_dir, args.checkpoint_every)
+    train(config, settings, args.out, torch.device(args.device), args.checkpoint_dir, args.checkpoint_every, args.init_from)
     return 0
 
 

@@ -1,0 +1,162 @@
+"""The tiny-shapes model: data and detector agree, training runs, and the shipped model keeps its fidelity in FP8.
+
+The fidelity tests run on the trained model shipped in `sd35fp8/models/tiny-shapes`, converted once (module
+fixture) through `python -m convert` and loaded through the project's loader: FP8 images must stay close to
+the 16-bit ones (SSIM) and read back as the same captions (caption accuracy by the analytic detector).
+"""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from convert.cli import main as convert_main
+from sd35fp8.loading import load_pipeline
+from sd35fp8.metrics import ssim
+from shapes import data, detector, train
+from shapes.model import ModelConfig, build_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "sd35fp8" / "models" / "tiny-shapes"
+SETTINGS = dict(num_inference_steps=8, guidance_scale=4.0, height=128, width=128)
+
+
+def test_captions_parse_back_and_hold_out_is_never_trained_on():
+    rng = random.Random(0)
+    for scene in data.batch(rng, 300, "train"):
+        assert data.parse_caption(scene.caption) == scene.spec
+        assert data.split(scene.spec) == "train"
+    specs = data.eval_specs(200)
+    assert len({s.caption for s in specs}) == 200
+    assert all(data.split(s) == "heldout" for s in specs)
+    assert sum(len(s.objects) == 1 and s.objects[0] in data.HELD_OUT_PAIRS for s in specs) == 120
+    assert data.parse_caption("An orange circle on the left on a blue background.") == data.Spec(
+        "blue", (("orange", "circle"),), None, "left")
+    assert data.parse_caption("a cat on a mat") is None
+
+
+def test_rendering_is_deterministic():
+    scenes = data.batch(random.Random(5), 8)
+    assert torch.equal(data.render(scenes, 64), data.render(data.batch(random.Random(5), 8), 64))
+
+
+@pytest.mark.parametrize("resolution", [64, 128, 256])
+def test_detector_reads_rendered_ground_truth(resolution):
+    rng = random.Random(resolution)
+    count = {64: 150, 128: 150, 256: 40}[resolution]
+    scenes = data.batch(rng, count // 2) + [data.layout(s, rng) for s in data.eval_specs(count - count // 2)]
+    images = data.to_uint8(data.render(scenes, resolution))
+    correct = [detector.score(scene.spec, image)["correct"] for scene, image in zip(scenes, images)]
+    assert sum(correct) / len(correct) >= (0.97 if resolution == 64 else 0.99)
+
+
+def test_detector_rejects_wrong_captions():
+    scene = data.layout(data.Spec("blue", (("red", "circle"),)), random.Random(0))
+    image = data.to_uint8(data.render([scene], 128))[0]
+    assert detector.score(scene.spec, image)["correct"]
+    for wrong in (data.Spec("green", (("red", "circle"),)), data.Spec("blue", (("yellow", "circle"),)),
+                  data.Spec("blue", (("red", "square"),)), data.Spec("blue", (("red", "circle"),), "small"),
+                  data.Spec("blue", (("red", "circle"),), None, "left"),
+                  data.Spec("blue", (("red", "circle"), ("red", "square")))):
+        assert not detector.score(wrong, image)["correct"], wrong
+
+
+def test_training_two_iterations_writes_a_loadable_pipeline(tmp_path):
+    out = tmp_path / "pipe"
+    args = ["--out", str(out), "--config", "tiny", "--iterations", "2", "--vae-iterations", "2", "--batch", "2",
+            "--vae-batch", "2", "--resolutions", "64", "--device", "cpu", "--checkpoint-dir", str(tmp_path / "ck")]
+    assert train.main(args) == 0
+    for name in ("README.md", "loss_curve.png", "training_log.json", "model_index.json"):
+        assert (out / name).is_file(), name
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["iterations_done"] == 2 and log["vae_iterations_done"] == 2
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)  # stock diffusers, no dtype given
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle on a blue background", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert np.isfinite(image).all()
+    # The checkpoint written alongside rebuilds the same pipeline.
+    assert train.main(["--from-checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "again")]) == 0
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder_3/model.safetensors"):
+        assert (out / part).read_bytes() == (tmp_path / "again" / part).read_bytes()
+    # Training goes on from a pipeline folder (e.g. the shipped model), keeping its VAE.
+    more = tmp_path / "more"
+    assert train.main(["--out", str(more), "--config", "tiny", "--init-from", str(out), "--vae-iterations", "0",
+                       "--iterations", "1", "--batch", "2", "--resolutions", "64", "--device", "cpu"]) == 0
+    assert (more / "vae/diffusion_pytorch_model.safetensors").read_bytes() == (out / "vae/diffusion_pytorch_model.safetensors").read_bytes()
+    assert json.loads((more / "training_log.json").read_text())["init_from"]["iterations"] == 2
+
+
+def test_training_prompt_encoder_matches_the_pipeline():
+    pipe = build_pipeline(ModelConfig.tiny())
+    captions = ["a red circle on a blue background", "", "A small orange square on the left on a black background.",
+                "a purple zebra"]
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=torch.device("cpu"),
+                                                  do_classifier_free_guidance=False)
+        mine, mine_pooled = train.PromptEncoder(pipe)(captions, torch.device("cpu"))
+    assert torch.equal(embeds, mine) and torch.equal(pooled, mine_pooled)
+
+
+# ------------------------------------------------------------------------------------ the shipped model
+
+
+def test_shipped_model_is_small_and_documented():
+    files = [f for f in SHIPPED.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 25e6
+    assert (SHIPPED / "README.md").is_file() and (SHIPPED / "loss_curve.png").is_file()
+    assert StableDiffusion3Pipeline.load_config(SHIPPED)["_class_name"] == "StableDiffusion3Pipeline"
+
+
+@pytest.fixture(scope="module")
+def shipped_fp8(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-shapes") / "fp8"
+    assert convert_main([str(SHIPPED), "--out", str(out), "--verify-size", "128", "--verify-steps", "2", "--device", "cpu"]) == 0
+    return out
+
+
+FIXED = [  # the fixed set: unseen colour/shape pairs and unseen two-object captions
+    spec for spec in data.eval_specs(200)[::10]
+]
+
+
+def _render(pipe, specs, seed=0):
+    generator = torch.Generator("cpu").manual_seed(seed)
+    images = pipe(prompt=[s.caption for s in specs], generator=generator, output_type="pil", **SETTINGS).images
+    return images
+
+
+@pytest.fixture(scope="module")
+def shipped_images(shipped_fp8):
+    base = load_pipeline(str(SHIPPED), "bf16", device="cpu")
+    fp8 = load_pipeline(str(shipped_fp8), "fp8", device="cpu", fp8_path="dequant")
+    assert fp8.fp8_path == "dequant"
+    return _render(base.pipe, FIXED), _render(fp8.pipe, FIXED)
+
+
+def test_fp8_images_match_16bit(shipped_images):
+    base, fp8 = shipped_images
+    values = [ssim(a, b) for a, b in zip(base, fp8)]
+    print("SSIM FP8 vs 16-bit:", [round(v, 3) for v in values])
+    assert min(values) >= 0.9, values
+
+
+def test_fp8_caption_accuracy_within_5_points_of_16bit(shipped_images):
+    base, fp8 = shipped_images
+    scores = [[detector.score(s, im) for s, im in zip(FIXED, images)] for images in (base, fp8)]
+    for attribute in ("correct", "background"):  # caption accuracy, and the attribute the undertrained model gets right
+        accuracy = [100 * sum(r[attribute] for r in rows) / len(rows) for rows in scores]
+        print(attribute, accuracy)
+        assert abs(accuracy[1] - accuracy[0]) <= 5, (attribute, accuracy)
+
+
+def test_stock_diffusers_runs_the_fp8_variant(shipped_fp8):
+    pipe = StableDiffusion3Pipeline.from_pretrained(shipped_fp8, variant="fp8", dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle on a blue background", generator=torch.Generator("cpu").manual_seed(0),
+                 **SETTINGS).images[0]
+    found = detector.detect(image)  # the shipped model is undertrained: the right colours, not yet one clean circle
+    assert found.background == "blue" and found.objects and {o.colour for o in found.objects} == {"red"}
