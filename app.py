@@ -5,8 +5,8 @@
 
 Every flag has an environment variable (for Hugging Face Spaces): MODEL_ID, BASE_MODEL_ID, SHARE, OFFLOAD, COMPILE,
 DEVICES, HOST (or GRADIO_SERVER_NAME), PORT (or GRADIO_SERVER_PORT); further knobs (QUEUE_MAX_SIZE, JOB_TIMEOUT_S) and their
-defaults are in sd35fp8/settings.py (`AppSettings`). With nothing given the app runs the built-in tiny model,
-which needs no download and no GPU.
+defaults are in sd35fp8/settings.py (`AppSettings`). With nothing given the app runs the built-in tiny-shapes model
+(trained on synthetic coloured shapes, shipped in sd35fp8/models/), which needs no download and no GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line values; None where not given (the environment or the default decides)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="FP8 variant made by `python -m convert` (Hub id or folder); default: "
-                                         "MODEL_ID or the built-in tiny model")
+                                         "MODEL_ID or the built-in tiny-shapes model")
     parser.add_argument("--base", help="16-bit reference (Hub id or folder); default: BASE_MODEL_ID or the model "
                                        "card's base_model")
     parser.add_argument("--share", action="store_true", default=None, help="create a public share link")
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     from sd35fp8.settings import AppSettings
     from space.replicas import Replicas, parse_devices
+    from space.runtime import BUILT_IN_NOTICES
     from space.ui import build_demo, launch_kwargs
 
     settings = AppSettings.from_environment(**vars(args))
@@ -60,9 +61,9 @@ def serve(args: argparse.Namespace) -> int:
             reports = spaces.GPU(duration=settings.zerogpu_startup_s)(replica.models.compile_ahead_of_time)()
             print(f"Compiled ahead of time for ZeroGPU: {reports}", flush=True)
     print("\n".join(models.summary_lines()), flush=True)
-    if models.is_tiny:
-        print("Running the built-in tiny model (random weights): its images are noise by design. "
-              "Pass --model USER/REPO for a real FP8 model.", flush=True)
+    if models.built_in:
+        print(BUILT_IN_NOTICES[models.built_in].replace("**", "") + " Pass --model USER/REPO for a real FP8 model.",
+              flush=True)
     demo = build_demo(models, settings)
     demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
                 **launch_kwargs(settings))

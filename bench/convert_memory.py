@@ -390,7 +390,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_report:
         return child(args)
 
-    sys.path.insert(0, str(ROOT))
     from convert.checkpoint import weight_files
 
     files = weight_files(args.source / args.component, "diffusers")

@@ -1,6 +1,6 @@
 """Caption accuracy of the shipped tiny-shapes model, 16-bit vs FP8, on held-out captions.
 
-    python bench/eval_shapes.py [--count 200] [--paths dequant,quanto,scaled_mm] [--device auto]
+    python -m bench.eval_shapes [--count 200] [--paths dequant,quanto,scaled_mm] [--device auto]
 
 1. converts the model with `python -m convert` into a temporary folder (the FP8 variant users would publish);
 2. renders each held-out caption (`shapes.data.eval_specs`: unseen colour/shape pairs and unseen two-object
@@ -31,14 +31,13 @@ import torch
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from sd35fp8.fp8 import FP8_PATHS, fp8_tensor_cores_available  # noqa: E402
-from sd35fp8.generate import GenerationRequest, generate  # noqa: E402
-from sd35fp8.loading import load_pipeline  # noqa: E402
-from sd35fp8.metrics import psnr, ssim  # noqa: E402
-from shapes.data import Spec, eval_specs  # noqa: E402
-from shapes.detector import score  # noqa: E402
+from sd35fp8.fp8 import FP8_PATHS, fp8_tensor_cores_available
+from sd35fp8.generate import GenerationRequest, generate
+from sd35fp8.loading import load_pipeline
+from sd35fp8.metrics import psnr, ssim
+from shapes.data import Spec, eval_specs
+from shapes.detector import score
 
 MODEL = ROOT / "sd35fp8" / "models" / "tiny-shapes"
 RESULTS = ROOT / "bench" / "results" / "tiny_shapes_eval.json"
@@ -139,7 +138,7 @@ def merge_rows(path: Path, rows: list[dict], meta: dict) -> dict:
     document = {
         "what": "caption accuracy (analytic detector) of sd35fp8/models/tiny-shapes on held-out captions, 16-bit vs FP8 "
                 "(converted with `python -m convert`, loaded with sd35fp8.loading.load_pipeline); SSIM/PSNR of each FP8 "
-                "image against the 16-bit image of the same caption and seed; written by bench/eval_shapes.py",
+                "image against the 16-bit image of the same caption and seed; written by python -m bench.eval_shapes",
         "runs": runs,
         "rows": kept + rows,
     }

@@ -27,11 +27,10 @@ import copy
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.runner import (RANDOM_WEIGHTS_NOTE, Deadline, Rows, Stages, cuda_median_ms, environment, gb, log,

@@ -13,9 +13,11 @@ from .fp8 import (FP8_PATHS, apply_block_fp8, apply_fp8_path, fp8_path_of, keep_
 from .errors import BadInput
 from .settings import PRECISIONS, SPEED
 from .speed import SpeedOptions, prepare_transformer
-from .tiny import TINY_MODEL_NAME, build_tiny_pipeline
+from .tiny import SHAPES_DIR, SHAPES_MODEL_NAME, TINY_MODEL_NAME, build_tiny_pipeline, load_shapes_pipeline
 
-TINY = "tiny"
+TINY = "tiny"  # the random tiny pipeline the tests use
+SHAPES = "shapes"  # the trained tiny-shapes pipeline shipped in the package: the app's default
+BUILT_IN = {TINY: TINY_MODEL_NAME, SHAPES: SHAPES_MODEL_NAME}
 VARIANT = "fp8"
 
 
@@ -41,7 +43,9 @@ class LoadedPipeline:
 
     @property
     def label(self) -> str:
-        return TINY_MODEL_NAME if self.source == TINY else (self.source if isinstance(self.source, str) else "in-memory")
+        if not isinstance(self.source, str):
+            return "in-memory"
+        return BUILT_IN.get(self.source, self.source)
 
 
 def default_device() -> torch.device:
@@ -187,9 +191,14 @@ def load_pipeline(
     dtype = dtype or PRECISIONS[precision].dtype or torch.bfloat16
     options = options.resolved(device)
     started = time.perf_counter()
-    in_memory = isinstance(source, StableDiffusion3Pipeline)
-    if in_memory:
+    in_memory = isinstance(source, StableDiffusion3Pipeline) or source == SHAPES
+    if isinstance(source, StableDiffusion3Pipeline):
         pipe = source
+    elif source == SHAPES:
+        if not (SHAPES_DIR / "model_index.json").is_file():
+            raise LoadError(f"the built-in tiny-shapes model is not installed here ({SHAPES_DIR} is missing): "
+                            "pass --model (MODEL_ID) with an FP8 repo or folder, or --model tiny.")
+        pipe = load_shapes_pipeline(dtype)
     elif source == TINY:
         pipe = build_tiny_pipeline(dtype=dtype)
     else:
@@ -222,7 +231,7 @@ def load_pipeline(
     pieces["text_encoders"] = encoders.describe() if encoders else ("model CPU offload" if offload else "gpu")
     pieces["prompt_cache"] = cache.describe() if cache is not None else None
     pieces["vae_tiling_above_pixels"] = SPEED.vae_tiling_above_pixels
-    return LoadedPipeline(pipe, source if not in_memory else "in-memory", precision, device, path,
+    return LoadedPipeline(pipe, source if isinstance(source, str) else "in-memory", precision, device, path,
                           time.perf_counter() - started, component_bytes(pipe), pieces, cache, encoders)
 
 
@@ -276,7 +285,8 @@ def load_transformer(source: str, precision: str, *, dtype: torch.dtype | None =
     if source == TINY:
         return build_tiny_pipeline(dtype=dtype).transformer
     try:
-        return SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", dtype=dtype, revision=revision)
+        return SD3Transformer2DModel.from_pretrained(SHAPES_DIR if source == SHAPES else source, subfolder="transformer",
+                                                     dtype=dtype, revision=revision).eval()
     except (OSError, ValueError) as error:
         raise LoadError(f"could not load the transformer of {source!r}: {error}") from error
 

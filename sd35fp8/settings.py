@@ -80,7 +80,7 @@ def parse_precision(value, allowed: list[str] | tuple[str, ...] | None = None) -
 class AppSettings:
     """The app's settings; `from_environment` fills them from the environment (Spaces' variables)."""
 
-    model: str = "tiny"  # FP8 variant (Hub id or folder), or the built-in tiny model
+    model: str = "shapes"  # FP8 variant (Hub id or folder), or a built-in model: "shapes" (trained), "tiny" (random)
     base: str | None = None  # 16-bit reference; None: the model card's base_model
     share: bool = False
     offload: bool = False

@@ -1,8 +1,10 @@
-"""A tiny SD3 pipeline with random weights, built offline from configs.
+"""The built-in tiny models: a random SD3 pipeline built offline from configs, and the trained tiny-shapes one.
 
-Used by the tests and as the app's default model on machines without downloaded weights. The shapes
-follow SD3.5's architecture (16 latent channels, joint attention, CLIP-L + CLIP-G + optional T5)
-at a size that runs in well under a second per image on a CPU. Its images are noise by design.
+* "tiny" (`build_tiny_pipeline`): random weights, for the tests. The shapes follow SD3.5's architecture
+  (16 latent channels, joint attention, CLIP-L + CLIP-G + optional T5) at a size that runs in well under a
+  second per image on a CPU. Its images are noise by design.
+* "shapes" (`load_shapes_pipeline`): the app's default model, shipped in `sd35fp8/models/tiny-shapes/` and
+  trained by `python -m shapes.train` on synthetic coloured shapes (see its README.md).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from transformers import (
 )
 
 TINY_MODEL_NAME = "tiny-random-sd3 (built in, random weights)"
+SHAPES_MODEL_NAME = "tiny-shapes (built in, trained on synthetic shapes)"
+SHAPES_DIR = Path(__file__).resolve().parent / "models" / "tiny-shapes"
 _WORDS = "a an the of and with in on cat dog photo painting portrait city night sky red blue green astronaut horse".split()
 
 
@@ -96,3 +100,12 @@ def save_tiny_pipeline(path: str | Path, with_t5: bool = True, dtype: torch.dtyp
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     pipe.save_pretrained(path, safe_serialization=True, **kwargs)
     return path
+
+
+def load_shapes_pipeline(dtype: torch.dtype = torch.bfloat16) -> StableDiffusion3Pipeline:
+    """The shipped tiny-shapes pipeline, every component in `dtype`."""
+    pipe = StableDiffusion3Pipeline.from_pretrained(SHAPES_DIR, dtype=dtype)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe

@@ -45,6 +45,8 @@ REQUIRED = ("app.py", "requirements.txt", "sd35fp8/__init__.py", "space/__init__
 # Deploy-only files inside the uploaded packages: this module (needs a write token, useless on the
 # Space) and the card template (uploaded rendered, as the root README.md).
 DEPLOY_ONLY = frozenset({"space/deploy.py", "space/README.md"})
+# The built-in demo model (22 MB of weights) stays home: the Space runs the FP8 repo named by MODEL_ID.
+NOT_FOR_THE_SPACE = ("sd35fp8/models/",)
 SKIP_DIRS = frozenset({"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".ipynb_checkpoints"})
 # .pyi: gradio writes stubs next to modules that subclass its components (space/ui.pyi); the Space never needs them.
 SKIP_SUFFIXES = (".pyc", ".pyo", ".pyi", ".orig", ".rej", ".swp", ".bak", "~")
@@ -87,7 +89,8 @@ def collect_files(root: Path | None = None) -> dict[str, Path]:
             for filename in sorted(filenames):
                 source = Path(dirpath) / filename
                 relative = source.relative_to(root).as_posix()
-                if relative not in DEPLOY_ONLY and not _skipped(source) and source.is_file():
+                if (relative not in DEPLOY_ONLY and not relative.startswith(NOT_FOR_THE_SPACE)
+                        and not _skipped(source) and source.is_file()):
                     files[relative] = source
     return dict(sorted(files.items()))
 

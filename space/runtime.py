@@ -18,7 +18,7 @@ from sd35fp8.fp8 import FP8_PATH_LABELS
 from sd35fp8.generate import GenerationResult, OutOfMemory, generate
 from sd35fp8.hub import base_model_of
 from sd35fp8.loading import (
-    TINY, LoadedPipeline, LoadError, default_device, format_bytes, load_pipeline, load_transformer, module_bytes, with_transformer,
+    SHAPES, TINY, LoadedPipeline, LoadError, default_device, format_bytes, load_pipeline, load_transformer, module_bytes, with_transformer,
 )
 from sd35fp8.request import GenerationRequest
 from sd35fp8.settings import LIMITS, AppSettings
@@ -43,14 +43,39 @@ class Defaults:
 
 
 TINY_DEFAULTS = Defaults(width=128, height=128, steps=4, guidance=4.5)
+SHAPES_DEFAULTS = Defaults(width=128, height=128, steps=12, guidance=4.5, examples=(
+    "a red circle on a blue background",
+    "a large yellow triangle on a black background",
+    "a small white circle on the left on a green background",
+    "a blue square on the top on a yellow background",
+    "an orange square on the right on a blue background",
+    "a red circle and a yellow square on a black background",
+))
 SD35_DEFAULTS = Defaults(width=1024, height=1024, steps=28, guidance=4.5)
 TURBO_DEFAULTS = Defaults(width=1024, height=1024, steps=4, guidance=0.0)
 
+BUILT_IN_NOTICES = {
+    SHAPES: (
+        "**Built-in tiny model trained on synthetic shapes.** No model was given (`--model` / `MODEL_ID`), so the app "
+        "runs a 10.8 M-parameter SD3 pipeline shipped with it, trained on rendered coloured shapes. It understands "
+        "captions like “a red circle on a blue background” or “a small white circle on the left on a green "
+        "background” — and is **undertrained**: it gets the colours, not yet the shapes. Everything else "
+        "(timings, FP8 vs 16-bit comparison, GPU panel, API) works as with a real model."
+    ),
+    TINY: (
+        "**Built-in tiny model with random weights.** The app runs a tiny SD3-shaped pipeline built offline. Its "
+        "images are noise by design. Everything else (timings, FP8 vs 16-bit comparison, GPU panel, API) works as "
+        "with a real model."
+    ),
+}
+
 
 def defaults_for(model: str, base: str | None = None) -> Defaults:
-    """Small settings for the tiny model (fast on a CPU), SD3.5's own for real models (Turbo: 4 steps, no CFG)."""
+    """Small settings for the built-in models (fast on a CPU), SD3.5's own for real ones (Turbo: 4 steps, no CFG)."""
     if model == TINY:
         return TINY_DEFAULTS
+    if model == SHAPES:
+        return SHAPES_DEFAULTS
     if "turbo" in f"{model} {base or ''}".lower():
         return TURBO_DEFAULTS
     return SD35_DEFAULTS
@@ -58,8 +83,8 @@ def defaults_for(model: str, base: str | None = None) -> Defaults:
 
 def resolve_base(model: str, base: str | None) -> tuple[str | None, str]:
     """Where the 16-bit reference comes from, and a sentence saying how it was found."""
-    if model == TINY and not base:
-        return TINY, "the tiny model's own 16-bit weights"
+    if model in (TINY, SHAPES) and not base:
+        return model, "the built-in model's own 16-bit weights"
     if base:
         return base, "given with --base / BASE_MODEL_ID"
     found, how = base_model_of(model)
@@ -105,10 +130,10 @@ class Models:
         self._last: str | None = None
 
     @classmethod
-    def load(cls, model: str = TINY, base: str | None = None, *, offload: bool = False,
+    def load(cls, model: str = SHAPES, base: str | None = None, *, offload: bool = False,
              device: torch.device | str | None = None, compile: str = "auto",
              settings: AppSettings | None = None) -> Models:
-        """Load `model` (an FP8 variant, or "tiny") and its 16-bit reference transformer.
+        """Load `model` (an FP8 variant, or a built-in model: "shapes", "tiny") and its 16-bit reference transformer.
 
         A `base` passed explicitly must load; one found in the model card that fails to load only
         disables the comparison (the reason is kept in `base_note`). `compile` ("auto", "on", "off"):
@@ -150,8 +175,9 @@ class Models:
     # ------------------------------------------------------------------------------------------ facts
 
     @property
-    def is_tiny(self) -> bool:
-        return self.fp8.source == TINY
+    def built_in(self) -> str | None:
+        """"shapes" or "tiny" for the built-in models, else None."""
+        return self.fp8.source if self.fp8.source in (TINY, SHAPES) else None
 
     @property
     def precisions(self) -> list[str]:

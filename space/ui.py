@@ -21,7 +21,7 @@ from .gpu_panel import GpuPanel  # noqa: E402
 from .handlers import TABLE_HEADERS, Handlers, ImageStore  # noqa: E402
 from .links import LongLinkGuard  # noqa: E402
 from .replicas import Replica, Replicas, default_sampler  # noqa: E402
-from .runtime import Models  # noqa: E402
+from .runtime import BUILT_IN_NOTICES, Models  # noqa: E402
 
 GPU_QUEUE = "gpu"  # one concurrency slot per replica, shared by every event that runs a model
 CSS = """
@@ -31,13 +31,6 @@ CSS = """
 /* Scale results to their frame, so that small images (the tiny model's) are not lost in it. */
 #result-image img, #fp8-image img, #ref-image img, #heatmap img { width: 100%; height: 100%; object-fit: contain; }
 """
-TINY_NOTICE = (
-    "**Built-in tiny model with random weights.** No model was given (`--model` / `MODEL_ID`), so the app runs a "
-    "tiny SD3-shaped pipeline built offline. Its images are noise by design — they are not meant to look like "
-    "anything. Everything else (timings, FP8 vs 16-bit comparison, GPU panel, API) works as with a real model."
-)
-
-
 def launch_kwargs(settings: AppSettings | None = None) -> dict:
     """Arguments of `demo.launch()` that shape the page (gradio 6 takes theme and css there)."""
     settings = settings or AppSettings()
@@ -84,8 +77,8 @@ def build_demo(models: Models | Replicas, settings: AppSettings | None = None, *
 
     with gr.Blocks(title="SD3.5 FP8", delete_cache=(3600, 6 * 3600)) as demo:
         gr.Markdown(header_markdown(models, settings), elem_id="title")
-        if models.is_tiny:
-            gr.Markdown(TINY_NOTICE, elem_classes=["notice"], elem_id="tiny-notice")
+        if models.built_in:
+            gr.Markdown(BUILT_IN_NOTICES[models.built_in], elem_classes=["notice"], elem_id="tiny-notice")
         with gr.Accordion("Model details: load time and memory per component", open=False):
             gr.Markdown("```\n" + "\n".join(models.summary_lines()) + "\n```")
 

@@ -334,3 +334,21 @@ def test_zerogpu_loads_without_torch_compile_and_sizes_each_lease(monkeypatch):
     large = models.gpu_seconds(["fp8", "bf16"], GenerationRequest(PROMPT, steps=50, width=1024, height=1024), settings)
     assert settings.zerogpu_margin_s <= small < large <= settings.zerogpu_max_s
     assert "FP8 speed pieces:" in "\n".join(models.summary_lines())
+
+
+def test_the_default_model_is_the_trained_built_in_one():
+    from sd35fp8.settings import AppSettings
+
+    assert AppSettings().model == "shapes"
+    models = Models.load()
+    assert models.built_in == "shapes" and models.defaults.steps == 12
+    assert "trained on synthetic shapes" in models.fp8.label and models.precisions == ["fp8", "bf16"]
+    assert all(word in models.defaults.examples[0] for word in ("red", "circle", "blue"))
+
+
+def test_a_missing_built_in_model_is_one_clear_error(monkeypatch, tmp_path):
+    from sd35fp8 import loading
+
+    monkeypatch.setattr(loading, "SHAPES_DIR", tmp_path / "nowhere")
+    with pytest.raises(loading.LoadError, match="not installed here.*--model"):
+        loading.load_pipeline("shapes")

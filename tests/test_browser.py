@@ -93,7 +93,7 @@ class FakeGpuNVML:
 
 @pytest.fixture(scope="module")
 def app_browser_models():
-    return Models.load("tiny")
+    return Models.load("shapes")  # the app's default: the screenshots show what a first visitor sees
 
 
 def _launch(models, sampler=None):
@@ -150,8 +150,8 @@ def test_generate_compare_gpu_and_permalink(app_browser_url, app_page):
     SHOTS.mkdir(exist_ok=True)
     page.goto(app_browser_url)
 
-    # The page says plainly that the tiny model draws noise.
-    expect(page.locator("#tiny-notice")).to_contain_text("random weights")
+    # The page says plainly what the built-in model is and what it understands.
+    expect(page.locator("#tiny-notice")).to_contain_text("trained on synthetic shapes")
     expect(page.locator("#title")).to_contain_text("FP8 path")
 
     # Generate: set a size under "Advanced settings", type a prompt, press Enter.
@@ -160,7 +160,7 @@ def test_generate_compare_gpu_and_permalink(app_browser_url, app_page):
     _number(page, "width").press("Tab")
     _number(page, "height").fill("128")
     _number(page, "height").press("Tab")
-    _field(page, "prompt").fill("an astronaut riding a horse, photo")
+    _field(page, "prompt").fill("a red circle on a blue background")
     _field(page, "prompt").press("Enter")
     info = page.locator("#result-info")
     expect(info).to_contain_text("s/step")
@@ -170,7 +170,7 @@ def test_generate_compare_gpu_and_permalink(app_browser_url, app_page):
     expect(image).to_have_attribute("src", re.compile(r"\.png"))
     assert page.evaluate("(img) => img.naturalWidth", image.element_handle()) == 128
     link = _field(page, "permalink").input_value()
-    assert link.startswith(app_browser_url + "?") and "prompt=an+astronaut" in link
+    assert link.startswith(app_browser_url + "?") and "prompt=a+red+circle" in link
     seed = int(_number(page, "seed").input_value())
     assert f"seed={seed}" in link
     _screenshot(page, "app-generate.png")

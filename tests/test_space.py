@@ -250,6 +250,7 @@ def project(tmp_path):
     write(root / "sd35fp8" / "__init__.py", '"""core"""\n')
     write(root / "sd35fp8" / "loading.py", "X = 1\n")
     write(root / "sd35fp8" / "assets" / "vocab.json", "{}\n")
+    write(root / "sd35fp8" / "models" / "tiny-shapes" / "model_index.json", "{}\n")  # the built-in model stays home
     write(root / "space" / "__init__.py", '"""ui"""\n')
     write(root / "space" / "ui.py", "Y = 2\n")
     write(root / "space" / "deploy.py", "# deploy-only\n")
@@ -298,8 +299,8 @@ def test_dry_run_on_this_repo_ships_the_app_and_nothing_else(capsys, monkeypatch
     git = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--cached", "--others", "--exclude-standard",
                           "sd35fp8", "space"], capture_output=True, text=True)
     if git.returncode == 0:  # every file git knows of (or would) in the two packages, minus deploy-only ones
-        expected = {name for name in git.stdout.split()
-                    if (ROOT / name).is_file() and not name.endswith(".pyi")} - deploy.DEPLOY_ONLY
+        expected = {name for name in git.stdout.split() if (ROOT / name).is_file() and not name.endswith(".pyi")
+                    and not name.startswith(deploy.NOT_FOR_THE_SPACE)} - deploy.DEPLOY_ONLY
         assert {name for name in listed if "/" in name} == expected
 
 
@@ -417,8 +418,9 @@ def test_uploaded_space_starts_and_answers_http(hub, tmp_path, capsys):
     port = free_port()
     env = {key: value for key, value in os.environ.items()
            if key not in {"PYTHONPATH", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MODEL_ID", "BASE_MODEL_ID"}}
-    # The Space sets MODEL_ID to the FP8 repo; offline there is none, so the app starts on its built-in tiny model.
-    env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False",
+    # The Space sets MODEL_ID to the FP8 repo; offline there is none, so the app starts on its random tiny model
+    # (built in code: the trained built-in model is not uploaded to Spaces).
+    env.update(MODEL_ID="tiny", GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False",
                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", HF_HOME=str(tmp_path / "hf-home"))
     log = tmp_path / "app.log"
     with open(log, "wb") as sink:
