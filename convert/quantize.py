@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sd35fp8.fp8 import diffusers_quant_config, quantize_blockwise, quanto_linear_state, transformers_quant_config
+from sd35fp8.fp8 import (diffusers_quant_config, quantize_blockwise, quanto_linear_state, replace_with_quanto_layers,
+                         transformers_quant_config)
 from sd35fp8.loading import VARIANT
 from sd35fp8.settings import CONVERSION
 
@@ -73,12 +74,7 @@ def _convert_to_fp8_layers(model: nn.Module, component: Component, exclude: list
     """Replace, in the meta `model`, the linear layers that the loading library will treat as FP8, decided by that
     library's own rules; returns their names."""
     if component.library == "diffusers":
-        from diffusers.quantizers.quanto.utils import _replace_with_quanto_layers
-        from optimum.quanto import QLinear
-
-        keep = list(exclude) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
-        _replace_with_quanto_layers(model, diffusers_quant_config(exclude), keep)
-        return [name for name, module in model.named_modules() if isinstance(module, QLinear)]
+        return replace_with_quanto_layers(model, exclude)
     from transformers import FineGrainedFP8Config
     from transformers.integrations.finegrained_fp8 import FP8Linear, replace_with_fp8_linear
     from transformers.quantizers.base import HfQuantizer

@@ -3,10 +3,9 @@
 Storage (what `convert` writes, what stock diffusers reads):
   * diffusers components (the SD3 transformer) use optimum-quanto `qfloat8`: E4M3 data with one scale per
     output channel, serialized through diffusers' `QuantoConfig`. diffusers marks `QuantoConfig` deprecated, so
-    the project keeps what depends on quanto in this module (its quantizer, its layer type, its CUDA-extension
-    registry, and the private diffusers helper that picks the layers quanto converts). One exception remains:
-    `convert/quantize.py` still imports that private diffusers helper itself; `replace_with_quanto_layers` here is the
-    replacement it should call.
+    every use of quanto lives in this module (its quantizer, its layer type, its CUDA-extension registry, and the
+    private diffusers helper that picks the layers quanto converts, `replace_with_quanto_layers`, which the
+    converter calls).
   * transformers components (the T5 encoder) cannot use quanto: transformers refuses to serialize quanto
     models and silently leaves random weights when it meets a quanto checkpoint. They are stored in
     transformers' own fine-grained FP8 layout (E4M3 data + `weight_scale_inv`, 128x128 blocks) marked
