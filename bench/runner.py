@@ -1,5 +1,5 @@
 """Benchmark plumbing shared by the GPU benchmarks: deadlines, JSON rows written as they come, logging, the
-environment record, timing helpers and polling a background run. No measurement lives here.
+environment record and a CUDA timing helper. No measurement lives here.
 
 Run benchmarks from the repository root as modules (`python -m bench.h200 ...`); nothing here edits sys.path.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -144,38 +143,6 @@ def cuda_median_ms(torch, fn, iters: int = 10, warmup: int = 3) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def wall_median_s(torch, fn, iters: int = 3, warmup: int = 1, cuda: bool = True) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def poll(work: Path, seconds: float, out: Path | None, pattern: str = "*.json") -> int:
-    """Wait until a background run writes WORK/DONE (or `seconds` pass); copy its results and log tail to `out`."""
-    started = time.monotonic()
-    done = work / "DONE"
-    while time.monotonic() - started < seconds and not done.exists():
-        time.sleep(3)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        for path in sorted(work.glob(pattern)):
-            shutil.copy2(path, out / path.name)
-        log_path = work / "log"
-        if log_path.exists():
-            (out / "log_tail.txt").write_bytes(log_path.read_bytes()[-400_000:])
-    print("DONE" if done.exists() else f"still running after {time.monotonic() - started:.0f} s")
-    return 0
 
 
 def print_table(rows: list[dict], columns: tuple[str, ...]) -> None:

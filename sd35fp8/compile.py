@@ -7,8 +7,7 @@
   token and batch dimensions are symbolic, so a new image size or batch runs the same code: no recompilation.
   `"full"` compiles the whole transformer instead (one big graph, minutes for Large).
 * `configure_compile_cache(dir)` points inductor's and Triton's on-disk caches (FX graph cache, AOTAutograd
-  cache, compiled kernels) at a folder kept between runs, so a restarted app compiles from cache;
-  `save_portable_cache` / `load_portable_cache` move the same artifacts as one file (torch's mega-cache).
+  cache, compiled kernels) at a folder kept between runs, so a restarted app compiles from cache.
 * `aot_compile_blocks` exports one block of each kind (`torch.export`, symbolic token dimension) and builds an
   AOTInductor package per kind (`torch._inductor.aoti_compile_and_package`, weights left out of the package);
   `apply_aot_packages` loads them and runs every block through its kind's package with that block's own
@@ -57,26 +56,6 @@ def configure_compile_cache(cache_dir: str | os.PathLike | None) -> dict:
     warm = any(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).rglob("*.py")) if inductor.exists() else False
     return {"cache_dir": str(root), "inductor": os.environ["TORCHINDUCTOR_CACHE_DIR"],
             "triton": os.environ["TRITON_CACHE_DIR"], "warm": bool(warm)}
-
-
-def save_portable_cache(path: str | os.PathLike) -> int:
-    """Write everything compiled so far in this process as one file (torch.compiler.save_cache_artifacts)."""
-    saved = torch.compiler.save_cache_artifacts()
-    if saved is None:
-        return 0
-    data, _info = saved
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(data)
-    return len(data)
-
-
-def load_portable_cache(path: str | os.PathLike) -> bool:
-    """Load a file written by `save_portable_cache` into the local caches before compiling; False if absent."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    torch.compiler.load_cache_artifacts(path.read_bytes())
-    return True
 
 
 def compile_counters() -> dict:
@@ -273,12 +252,6 @@ def apply_aot_packages(transformer: nn.Module, package_dir: str | os.PathLike) -
             block.forward = _AotBlock(block, runner, eager)
         patched[kind] = len(indices)
     return patched
-
-
-def remove_aot(transformer: nn.Module) -> None:
-    for block in blocks_of(transformer):
-        if isinstance(block.__dict__.get("forward"), _AotBlock):
-            del block.forward
 
 
 # ------------------------------------------------------------------------------------------- CUDA graphs

@@ -3,9 +3,8 @@
 Storage (what `convert` writes, what stock diffusers reads):
   * diffusers components (the SD3 transformer) use optimum-quanto `qfloat8`: E4M3 data with one scale per
     output channel, serialized through diffusers' `QuantoConfig`. diffusers marks `QuantoConfig` deprecated, so
-    every use of quanto lives in this module (its quantizer, its layer type, its CUDA-extension registry, and the
-    private diffusers helper that picks the layers quanto converts, `replace_with_quanto_layers`, which the
-    converter calls).
+    every use of quanto lives in this module (its quantizer, its layer type, and the private diffusers helper
+    that picks the layers quanto converts: `replace_with_quanto_layers`, which the converter calls).
   * transformers components (the T5 encoder) cannot use quanto: transformers refuses to serialize quanto
     models and silently leaves random weights when it meets a quanto checkpoint. They are stored in
     transformers' own fine-grained FP8 layout (E4M3 data + `weight_scale_inv`, 128x128 blocks) marked
@@ -90,22 +89,6 @@ def is_quanto_linear(module: nn.Module) -> bool:
     from optimum.quanto import QLinear
 
     return isinstance(module, QLinear)
-
-
-def disable_quanto_cuda_extension() -> str:
-    """Keep quanto from JIT-building its CUDA extension (Marlin FP8) when qfloat8 weights move to a GPU.
-
-    With the extension registered, `.to("cuda")` turns every qfloat8 weight into a MarlinF8QBytesTensor (nvcc
-    builds the extension first, minutes) and repacks its data into Marlin's int32 layout. `load_pipeline` swaps
-    quanto layers for `Fp8Linear` before placing, so only the "quanto" path on a GPU meets this. Uses quanto's
-    private registry; returns what it did.
-    """
-    try:
-        from optimum.quanto.library.extensions import extension
-    except ImportError:
-        return "optimum-quanto not installed"
-    removed = extension._extensions.pop("quanto_cuda", None)
-    return "quanto_cuda extension disabled (dequantize + bf16 matmul)" if removed else "no quanto_cuda extension"
 
 
 def quantize_weight_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,11 +346,6 @@ def block_quantize_linears(model: nn.Module, names: list[str], block: tuple[int,
         data, scale_inv = quantize_blockwise(module.weight.detach().float(), block)
         _replace_module(model, name, Fp8BlockLinear(data, scale_inv, module.bias, block))
     return len(names)
-
-
-def _scaled_mm_shape_ok(module: nn.Module) -> bool:
-    out_features, in_features = module.weight.shape
-    return in_features % 16 == 0 and out_features % 16 == 0
 
 
 def convert_linear_names(model: nn.Module, exclude: list[str] | None = None) -> list[str]:

@@ -116,8 +116,10 @@ def generate(
     started = sync_time()
     cfg = request.guidance > 1
     tiling = request.width * request.height > SPEED.vae_tiling_above_pixels
-    if hasattr(pipe.vae, "enable_tiling"):
-        pipe.vae.enable_tiling() if tiling else pipe.vae.disable_tiling()
+    if tiling:
+        pipe.vae.enable_tiling()
+    else:
+        pipe.vae.disable_tiling()
     try:
         embeddings, cache_hit, encode_s = encode(pipe, device, request.prompt, request.negative_prompt or None, cfg,
                                                  cache=loaded.prompt_cache)

@@ -227,7 +227,7 @@ def load_pipeline(
     cache = prompt_cache if isinstance(prompt_cache, PromptCache) else (
         PromptCache(SPEED.prompt_cache_entries, SPEED.prompt_cache_bytes) if prompt_cache else None)
     pieces = {"fp8_path": path, "fp8_probe": probe}
-    pieces |= prepare_transformer(pipe.transformer, device, options, run_once=_warmup_call(pipe, device, cache))
+    pieces |= prepare_transformer(pipe.transformer, device, options, run_once=warmup_call(pipe))
     pieces["text_encoders"] = encoders.describe() if encoders else ("model CPU offload" if offload else "gpu")
     pieces["prompt_cache"] = cache.describe() if cache is not None else None
     pieces["vae_tiling_above_pixels"] = SPEED.vae_tiling_above_pixels
@@ -256,10 +256,16 @@ def _quantize_text_encoders_like_convert(pipe: StableDiffusion3Pipeline) -> None
     block_quantize_linears(t5, names)
 
 
-def _warmup_call(pipe: StableDiffusion3Pipeline, device: torch.device, cache):
-    """One denoising step at a representative size (1024², 64 px for tiny models), for AOT input capture."""
+def warmup_size(pipe: StableDiffusion3Pipeline) -> int:
+    """A representative image side for compiling: 1024 px, 64 px for tiny models."""
+    return 1024 if pipe.transformer.config.sample_size >= 64 else 64
+
+
+def warmup_call(pipe: StableDiffusion3Pipeline, size: int | None = None):
+    """A function running one denoising step at `size` (default `warmup_size`), to capture inputs for AOT."""
+    size = size or warmup_size(pipe)
+
     def run():
-        size = 1024 if pipe.transformer.config.sample_size >= 64 else 64
         pipe(prompt="warm-up", num_inference_steps=1, guidance_scale=4.5, width=size, height=size,
              output_type="latent", generator=torch.Generator("cpu").manual_seed(0))
     return run
@@ -305,7 +311,7 @@ def with_transformer(loaded: LoadedPipeline, transformer: SD3Transformer2DModel,
     options = SpeedOptions(**speed).resolved(loaded.device)
     pieces = {"fp8_path": fp8_path_of(transformer), "fp8_probe": None}
     pieces |= prepare_transformer(transformer, loaded.device, options,
-                                  run_once=_warmup_call(pipe, loaded.device, loaded.prompt_cache))
+                                  run_once=warmup_call(pipe))
     for key in ("text_encoders", "prompt_cache", "vae_tiling_above_pixels"):
         pieces[key] = loaded.pieces.get(key)
     return LoadedPipeline(pipe, source or loaded.source, precision, loaded.device, fp8_path_of(transformer),

@@ -19,6 +19,18 @@ from .errors import BadInput
 
 GIB = 2**30
 
+def _require_numbers(settings, names: tuple[str, ...], *, whole: bool = False, zero_ok: bool = False) -> None:
+    """BadInput naming the first of `settings`' fields `names` that is not a finite number > 0 (>= 0 with
+    `zero_ok`; a whole number with `whole`)."""
+    for name in names:
+        value = getattr(settings, name)
+        kinds = int if whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+                or not (value >= 0 if zero_ok else value > 0):
+            kind, bound = ("whole number" if whole else "number"), (">= 0" if zero_ok else "> 0")
+            raise BadInput(f"{type(settings).__name__}.{name} must be a {kind} {bound}, not {value!r}.")
+
+
 # ---------------------------------------------------------------------------------------- requests
 
 
@@ -109,10 +121,7 @@ class AppSettings:
             raise BadInput(f"COMPILE / --compile {self.compile!r}: use auto, on or off.")
         if not 0 < self.port < 65536:
             raise BadInput(f"PORT / --port {self.port}: use a port from 1 to 65535.")
-        for name in ("queue_max_size", "job_timeout_s", "zerogpu_max_s", "kept_images"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise BadInput(f"{name} must be a positive number, not {value!r}.")
+        _require_numbers(self, ("queue_max_size", "job_timeout_s", "zerogpu_max_s", "kept_images"))
 
     @classmethod
     def from_environment(cls, environ: dict[str, str] | None = None, **given) -> AppSettings:
@@ -172,10 +181,8 @@ class ConversionSettings:
     max_shards: int = 1000  # ... and so is one that would split a component into more files than this
 
     def __post_init__(self):
-        for name in ("load_check_size", "load_check_steps", "verify_size", "verify_steps", "max_verify_images",
-                     "min_shard_bytes", "max_shards"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
-                raise BadInput(f"ConversionSettings.{name} must be a positive whole number, not {getattr(self, name)!r}.")
+        _require_numbers(self, ("load_check_size", "load_check_steps", "verify_size", "verify_steps",
+                                "max_verify_images", "min_shard_bytes", "max_shards"), whole=True)
 
 
 CONVERSION = ConversionSettings()
@@ -207,13 +214,9 @@ class SpeedSettings:
     size_exponent: float = 1.3  # step time grows about as pixels ** this (attention is quadratic in tokens)
 
     def __post_init__(self):
-        for name in ("prompt_cache_entries", "prompt_cache_bytes", "vae_tiling_above_pixels"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
-                raise BadInput(f"SpeedSettings.{name} must be a whole number >= 0, not {getattr(self, name)!r}.")
-        for name in ("seconds_per_step_1024", "unmeasured_safety", "fixed_overhead_s", "size_exponent"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise BadInput(f"SpeedSettings.{name} must be a positive number, not {value!r}.")
+        _require_numbers(self, ("prompt_cache_entries", "prompt_cache_bytes", "vae_tiling_above_pixels"),
+                         whole=True, zero_ok=True)
+        _require_numbers(self, ("seconds_per_step_1024", "unmeasured_safety", "fixed_overhead_s", "size_exponent"))
 
 
 SPEED = SpeedSettings()

@@ -29,10 +29,6 @@ from .compile import BATCH_RANGE, TOKEN_RANGE, block_groups, blocks_of, export_b
 from .settings import SPEED, AppSettings
 
 
-def on_zerogpu() -> bool:
-    return AppSettings().on_zerogpu
-
-
 # ------------------------------------------------------------------------------------------- durations
 
 
@@ -80,14 +76,6 @@ class _InRange:
         return self.eager(*args, **kwargs)
 
 
-def _warmup(pipe, size: int):
-    def run():
-        with torch.no_grad():
-            pipe(prompt="warm-up", num_inference_steps=1, guidance_scale=4.5, width=size, height=size,
-                 output_type="latent", generator=torch.Generator("cpu").manual_seed(0))
-    return run
-
-
 def zerogpu_compile(loaded, *, whole: bool = False, size: int | None = None, kinds: list[str] | None = None,
                     spaces_module=None) -> dict:
     """Compile `loaded`'s transformer ahead of time with the `spaces` package (call inside `@spaces.GPU`).
@@ -96,6 +84,7 @@ def zerogpu_compile(loaded, *, whole: bool = False, size: int | None = None, kin
     did (kinds, seconds). `kinds` limits regional compilation to some block kinds (the rest stay eager).
     """
     from .attention import attention_of, set_attention
+    from .loading import warmup_call, warmup_size
 
     spaces = spaces_module
     if spaces is None:
@@ -103,8 +92,8 @@ def zerogpu_compile(loaded, *, whole: bool = False, size: int | None = None, kin
     pipe, transformer = loaded.pipe, loaded.pipe.transformer
     if attention_of(transformer) != "sdpa":
         set_attention(transformer, "sdpa")
-    size = size or (1024 if transformer.config.sample_size >= 64 else 64)
-    run = _warmup(pipe, size)
+    size = size or warmup_size(pipe)
+    run = warmup_call(pipe, size)
     report: dict[str, object] = {"mode": "whole" if whole else "regional", "size": size}
     started = time.perf_counter()
     if whole:
