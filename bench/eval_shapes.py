@@ -36,6 +36,7 @@ from sd35fp8.fp8 import FP8_PATHS, fp8_tensor_cores_available
 from sd35fp8.generate import GenerationRequest, generate
 from sd35fp8.loading import load_pipeline
 from sd35fp8.metrics import psnr, ssim
+from sd35fp8.tiny import SHAPES_GUIDANCE, SHAPES_STEPS
 from shapes.data import Spec, eval_specs
 from shapes.detector import score
 
@@ -152,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--fp8-dir", type=Path, help="an FP8 variant already converted from --model (skips converting)")
     parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--guidance", type=float, default=4.5)
+    parser.add_argument("--steps", type=int, default=SHAPES_STEPS)
+    parser.add_argument("--guidance", type=float, default=SHAPES_GUIDANCE)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype of both (the app's: bf16)")
     parser.add_argument("--paths", default="dequant,quanto,scaled_mm",

@@ -200,8 +200,32 @@ def variant(caption: str, rng: random.Random) -> str:
     if rng.random() < 0.2:
         caption += "."
     if rng.random() < 0.15:
-        caption = caption.replace("an orange", "a orange").replace("An orange", "A orange")
+        caption = _a_orange(caption)
     return caption
+
+
+def _a_orange(caption: str) -> str:
+    return caption.replace("an orange", "a orange").replace("An orange", "A orange")
+
+
+def variants(caption: str) -> set[str]:
+    """Every string `variant(caption, rng)` can return."""
+    found = set()
+    for text in (caption, caption[0].upper() + caption[1:]):
+        for text in (text, text + "."):
+            found |= {text, _a_orange(text)}
+    return found
+
+
+def all_specs(which: str = "train") -> list[Spec]:
+    """Every spec of the grammar in split `which` (the layouts within each are random, the specs are finite)."""
+    specs = []
+    for background in COLOURS:
+        objects = [(c, s) for c in COLOURS if c != background for s in SHAPES]
+        specs += [Spec(background, (obj,), size, position) for obj in objects
+                  for size in (None, *SIZE_WORDS) for position in (None, *POSITIONS)]
+        specs += [Spec(background, (first, second)) for first in objects for second in objects if first != second]
+    return [spec for spec in specs if split(spec) == which]
 
 
 _SHAPE_IDS = {shape: i for i, shape in enumerate(SHAPES)}

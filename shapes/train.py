@@ -34,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sd35fp8.tiny import SHAPES_GUIDANCE, SHAPES_STEPS
+
 from . import data
-from .model import ModelConfig, build_pipeline, parameter_count, trainable_modules
+from .model import ModelConfig, build_pipeline, clip_tokenizer, parameter_count, t5_tokenizer, trainable_modules
 
 RESOLUTION_CYCLE = (128, 64, 128, 256, 128)  # one resolution per iteration, in this order
 CONFIGS = {"default": ModelConfig, "small": ModelConfig.small, "tiny": ModelConfig.tiny}
@@ -63,6 +65,7 @@ class TrainSettings:
     resolutions: tuple[int, ...] = RESOLUTION_CYCLE  # one per iteration, cycled
     probe: int = 0  # after training, score this many train and held-out captions with the detector
     deterministic: bool = True  # deterministic kernels (on CUDA they can be slower: cuDNN's deterministic convolutions)
+    compile: bool = False  # torch.compile the transformer for training (fewer, fused kernels; compiles per shape first)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -199,6 +202,11 @@ class PromptEncoder:
             self.cache[caption] = (clip[0], clip[1], t5)
         return self.cache[caption]
 
+    def warm(self, captions) -> None:
+        """Tokenize `captions` now (before a timed run, so its speed is measured with the cache it will have)."""
+        for caption in tqdm(sorted(captions), desc="tokenizing", dynamic_ncols=True, mininterval=2.0):
+            self.ids(caption)
+
     def __call__(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         pipe = self.pipe
         ids = [torch.stack(column).to(device) for column in zip(*(self.ids(c) for c in captions))]
@@ -225,13 +233,16 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=settings.lr, betas=(0.9, 0.99))
+                                  lr=settings.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
     ema = {name: copy.deepcopy(module).eval().requires_grad_(False) for name, module in modules.items()}
     if settings.ema <= 0:  # no averaging: the last weights are the model
         ema = dict(modules)
     checkpoint.ema = ema
     ema_params = [p for name in modules for p in ema[name].parameters()]
     encode = PromptEncoder(pipe)
+    if settings.time_limit:  # the speed the time limit is planned on must not include first-time tokenization
+        encode.warm(set().union(*(data.variants(spec.caption) for spec in data.all_specs("train"))) | {""})
+    transformer = torch.compile(pipe.transformer) if settings.compile else pipe.transformer
     rng = random.Random(settings.seed + 202)
     generator = torch.Generator(device).manual_seed(settings.seed + 303)
     limit = settings.time_limit * (1 - settings.vae_share) if settings.time_limit else None
@@ -254,7 +265,7 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
         noisy = (1 - s) * x0 + s * noise
         with _autocast(device):
             embeds, pooled = encode(captions, device)
-            prediction = pipe.transformer(
+            prediction = transformer(
                 hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
                 timestep=sigma * 1000, return_dict=False,
             )[0]
@@ -287,7 +298,8 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
 
 
 @torch.no_grad()
-def probe(pipe, device: torch.device, count: int, steps: int = 12, guidance: float = 4.0, size: int = 128) -> dict:
+def probe(pipe, device: torch.device, count: int, steps: int = SHAPES_STEPS, guidance: float = SHAPES_GUIDANCE,
+          size: int = 128) -> dict:
     """Caption accuracy (`shapes.detector`) on `count` training and `count` held-out captions, in percent."""
     from .detector import score
 
@@ -395,6 +407,9 @@ def load_checkpoint(folder: Path):
 def write_pipeline(pipe, out: Path, meta: dict) -> Path:
     """Save `pipe` as a 16-bit diffusers folder with its model card, loss curve and training log."""
     out.mkdir(parents=True, exist_ok=True)
+    # Fresh tokenizers, as built in code: calling the pipeline (--probe) leaves padding state in the fast
+    # tokenizers, which save_pretrained would write into tokenizer.json.
+    pipe.register_modules(tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), tokenizer_3=t5_tokenizer())
     for name, module in trainable_modules(pipe).items():
         torch.nn.Module.to(module, "cpu", storage_dtype(name))  # diffusers' .to() warns about a float32 list these lack
     pipe.save_pretrained(out, safe_serialization=True)
@@ -409,7 +424,6 @@ def write_pipeline(pipe, out: Path, meta: dict) -> Path:
 def model_card(pipe, meta: dict) -> str:
     config, settings = meta["config"], meta["settings"]
     counts = {name: parameter_count(m) for name, m in trainable_modules(pipe).items()}
-    vae_loss = meta.get("vae_loss") or [[0, float("nan"), 0]]
     tr_loss = meta.get("transformer_loss") or [[0, float("nan"), 0]]
     tail = [row[1] for row in tr_loss[-20:]]
     pairs = ", ".join(f"{c} {s}" for c, s in sorted(data.HELD_OUT_PAIRS))
@@ -417,10 +431,12 @@ def model_card(pipe, meta: dict) -> str:
     resolutions = "/".join(str(r) for r in sorted(set(settings.get("resolutions", RESOLUTION_CYCLE))))
     factors = (f"`scaling_factor` {pipe.vae.config.scaling_factor:.4f} and `shift_factor` "
                f"{pipe.vae.config.shift_factor:.4f}")
-    if meta.get("vae_iterations_done", 0) or not meta.get("init_from"):
-        vae_line = (f"- **VAE**: {meta.get('vae_iterations_done', 0)} iterations, batch {settings['vae_batch']} at 128 px "
+    runs = training_runs(meta)
+    vae_runs = [run for run in runs if run["vae_iterations"]]
+    if vae_runs:
+        vae_line = (f"- **VAE**: {sum(r['vae_iterations'] for r in vae_runs)} iterations, batch {settings['vae_batch']} at 128 px "
                     f"cycling through {resolutions} px (x2 at 64, x0.5 at 256), L1 + MSE + {settings['kl_weight']:g} x KL; final reconstruction loss "
-                    f"{vae_loss[-1][1]:.4f}. {factors} from the statistics of 1024 training latents.")
+                    f"{vae_runs[-1]['vae_loss_end']:.4f}. {factors} from the statistics of 1024 training latents.")
     else:
         vae_line = f"- **VAE**: kept from the starting model ({factors})."
     return f"""---
@@ -445,7 +461,8 @@ not understood. Native size {config['native_size']}x{config['native_size']}; als
 ```python
 from diffusers import StableDiffusion3Pipeline
 pipe = StableDiffusion3Pipeline.from_pretrained("path/to/tiny-shapes")
-image = pipe("a red circle on a blue background", num_inference_steps=12, guidance_scale=4.0).images[0]
+image = pipe("a red circle on a blue background", height=128, width=128, num_inference_steps={SHAPES_STEPS},
+             guidance_scale={SHAPES_GUIDANCE}).images[0]
 ```
 
 ## Training
@@ -454,24 +471,50 @@ image = pipe("a red circle on a blue background", num_inference_steps=12, guidan
   scene for every sample. Held out and never trained on: single-object captions of the pairs {pairs}, and every
   caption whose CRC-32 is divisible by 10.
 {vae_line}
-- **Transformer**: SD3's rectified flow (logit-normal sigmas, velocity target), {meta.get('iterations_done', 0)}
-  iterations{_continued(meta)}, batch {settings['batch']} at 128 px cycling through {resolutions} px (x2 at 64, x0.5 at 256), AdamW lr {settings['lr']:g} with warm-up and
-  cosine decay, EMA {settings['ema']}, caption dropout {settings['cfg_dropout']} for classifier-free guidance. Text
+- **Transformer**: SD3's rectified flow (logit-normal sigmas, velocity target), {sum(r['iterations'] for r in runs)}
+  iterations in all, batch {settings['batch']} at 128 px cycling through {resolutions} px (x2 at 64, x0.5 at 256), AdamW with warm-up and
+  cosine decay per run, EMA {settings['ema']}, caption dropout {settings['cfg_dropout']} for classifier-free guidance. Text
   encoders {text_encoders}. Final loss (mean of the last logged values) {sum(tail) / len(tail):.4f}.
-{_probe_line(meta)}- **Where**: {meta.get('device', '?')}, {meta.get('seconds', 0):.0f} s in all; `python -m shapes.train` (seed
-  {settings['seed']}). Loss curves: `loss_curve.png`; every logged value: `training_log.json`.
+{_probe_line(meta, runs)}- **Where**: `python -m shapes.train` (seed {settings['seed']}), {_runs_summary(runs)}:
+
+{_runs_table(runs)}
+
+  Loss curves of the last run: `loss_curve.png`; every logged value and each run's settings: `training_log.json`.
 """
 
 
-def _continued(meta: dict) -> str:
-    previous = meta.get("init_from")
-    if not previous:
-        return ""
-    return (f" (continuing from a model trained {previous['iterations']} transformer and {previous['vae_iterations']} "
-            "VAE iterations)")
+def training_runs(meta: dict) -> list[dict]:
+    """Every training run that made these weights, oldest first: those of the model it started from, then its own."""
+    settings = meta.get("settings", {})
+    vae_loss = meta.get("vae_loss")
+    own = {"device": meta.get("device", "?"), "seconds": round(meta.get("seconds", 0)),
+           "vae_iterations": meta.get("vae_iterations_done", 0), "vae_loss_end": vae_loss[-1][1] if vae_loss else None,
+           "iterations": meta.get("iterations_done", 0), "batch": settings.get("batch"), "lr": settings.get("lr"),
+           "compile": settings.get("compile", False), "deterministic": settings.get("deterministic", True),
+           "probe": meta.get("probe")}
+    return [*meta.get("init_from", {}).get("runs", []), own]
 
 
-def _probe_line(meta: dict) -> str:
+def _runs_summary(runs: list[dict]) -> str:
+    minutes = f"{sum(r['seconds'] for r in runs) / 60:.1f} minutes"
+    if len(runs) == 1:
+        return f"one run, {minutes}"
+    return f"{len(runs)} runs, each starting from the weights the one before wrote (`--init-from`), {minutes} in all"
+
+
+def _runs_table(runs: list[dict]) -> str:
+    rows = ["  | run | where | VAE iterations | transformer iterations | lr | kernels | seconds | probe: train / held-out |",
+            "  | --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
+    for number, run in enumerate(runs, 1):
+        kernels = ("compiled, " if run["compile"] else "eager, ") + ("deterministic" if run["deterministic"] else "non-deterministic")
+        found = run.get("probe")
+        probe_text = f"{found['train']}% / {found['heldout']}% (guidance {found['guidance']:g})" if found else "-"
+        rows.append(f"  | {number} | {run['device']} | {run['vae_iterations']} | {run['iterations']} | {run['lr']:g} | {kernels} "
+                    f"| {run['seconds']} | {probe_text} |")
+    return "\n".join(rows)
+
+
+def _probe_line(meta: dict, runs: list[dict]) -> str:
     found = meta.get("probe")
     if not found:
         return ""
@@ -479,8 +522,8 @@ def _probe_line(meta: dict) -> str:
             f"{found['train']}% of training captions and {found['heldout']}% of held-out captions back correctly "
             f"({found['steps']} steps, guidance {found['guidance']}, {found['size']} px). Full evaluation, 16-bit vs FP8: "
             f"`bench/eval_shapes.py`." + (
-                f" **Undertrained**: the transformer ran {meta.get('iterations_done', 0)} iterations and its loss was "
-                "still falling; train longer for a model that draws what it is asked." if found["train"] < 90 else "")
+                f" **Below the 90% target on held-out captions** after {sum(r['iterations'] for r in runs)} transformer "
+                "iterations: train on from this folder (`--init-from`) to close the gap." if found["heldout"] < 90 else "")
             + "\n")
 
 
@@ -543,11 +586,9 @@ def load_weights(pipe, folder: Path) -> dict:
     vae = json.loads((folder / "vae" / "config.json").read_text())
     pipe.vae.register_to_config(scaling_factor=vae["scaling_factor"], shift_factor=vae["shift_factor"])
     log = folder / "training_log.json"
-    before = json.loads(log.read_text()) if log.is_file() else {}
-    previous = before.get("init_from", {})
-    return {"folder": str(folder),
-            "vae_iterations": before.get("vae_iterations_done", 0) + previous.get("vae_iterations", 0),
-            "iterations": before.get("iterations_done", 0) + previous.get("iterations", 0)}
+    runs = training_runs(json.loads(log.read_text())) if log.is_file() else []
+    return {"folder": str(folder), "runs": runs, "vae_iterations": sum(r["vae_iterations"] for r in runs),
+            "iterations": sum(r["iterations"] for r in runs)}
 
 
 def train(config: ModelConfig, settings: TrainSettings, out: Path, device: torch.device,
@@ -620,11 +661,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training resolutions, one per iteration, cycled (default: %(default)s)")
     parser.add_argument("--no-deterministic", action="store_true",
                         help="allow non-deterministic (faster) CUDA kernels; runs stay seeded")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer's training step")
     parser.add_argument("--probe", type=int, default=0, metavar="N",
                         help="after training, print the detector's caption accuracy on N training and N held-out captions")
     parser.add_argument("--checkpoint-dir", type=Path, help="also write weights + log here every --checkpoint-every s")
     parser.add_argument("--checkpoint-every", type=float, default=120.0)
-    parser.add_argument("--from-checkpoint", type=Path, help="write --out from this checkpoint folder; no training")
+    parser.add_argument("--from-checkpoint", type=Path,
+                        help="write --out from this checkpoint folder; no training (--probe still scores it)")
     parser.add_argument("--init-from", type=Path, metavar="PIPELINE",
                         help="start from this pipeline folder's weights (same config), e.g. the shipped model; with "
                         "--vae-iterations 0 its VAE is kept as it is")
@@ -635,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_checkpoint:
         pipe, meta = load_checkpoint(args.from_checkpoint)
+        pipe.set_progress_bar_config(disable=True)
+        if args.probe:
+            meta["probe"] = probe(pipe, torch.device(args.device), args.probe)
         write_pipeline(pipe, args.out, meta)
         print(f"wrote {args.out} from {args.from_checkpoint}")
         return 0
@@ -644,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr, vae_lr=args.vae_lr, warmup=args.warmup, cfg_dropout=args.cfg_dropout, ema=args.ema,
         train_text_encoders=not args.freeze_text_encoders, time_limit=args.time_limit, vae_share=args.vae_share,
         seed=args.seed, log_every=args.log_every, resolutions=tuple(int(r) for r in args.resolutions.split(",")), probe=args.probe,
-        deterministic=not args.no_deterministic,
+        deterministic=not args.no_deterministic, compile=args.compile,
     )
     train(config, settings, args.out, torch.device(args.device), args.checkpoint_dir, args.checkpoint_every, args.init_from)
     return 0
