@@ -241,7 +241,6 @@ def test_live_gpu_panel_with_a_fake_gpu(app_browser_models, app_page):
         before = len(sampler.history())
         page.wait_for_timeout(2500)
         assert len(sampler.history()) > before
-        page.screenshot(path=SHOTS / "app-gpu-fake.png", full_page=True)
 
         _field(page, "prompt").fill("a cat")
         page.locator("#compare-btn").click()
