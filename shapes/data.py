@@ -210,11 +210,9 @@ def _a_orange(caption: str) -> str:
 
 def variants(caption: str) -> set[str]:
     """Every string `variant(caption, rng)` can return."""
-    found = set()
-    for text in (caption, caption[0].upper() + caption[1:]):
-        for text in (text, text + "."):
-            found |= {text, _a_orange(text)}
-    return found
+    forms = {caption, caption[0].upper() + caption[1:]}
+    forms |= {form + "." for form in forms}
+    return forms | {_a_orange(form) for form in forms}
 
 
 def all_specs(which: str = "train") -> list[Spec]:
@@ -226,6 +224,11 @@ def all_specs(which: str = "train") -> list[Spec]:
                   for size in (None, *SIZE_WORDS) for position in (None, *POSITIONS)]
         specs += [Spec(background, (first, second)) for first in objects for second in objects if first != second]
     return [spec for spec in specs if split(spec) == which]
+
+
+def all_captions(which: str = "train") -> set[str]:
+    """Every caption string of split `which`, as `variant` may write it (what training can ever draw)."""
+    return set().union(*(variants(spec.caption) for spec in all_specs(which)))
 
 
 _SHAPE_IDS = {shape: i for i, shape in enumerate(SHAPES)}

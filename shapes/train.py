@@ -241,7 +241,7 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
     ema_params = [p for name in modules for p in ema[name].parameters()]
     encode = PromptEncoder(pipe)
     if settings.time_limit:  # the speed the time limit is planned on must not include first-time tokenization
-        encode.warm(set().union(*(data.variants(spec.caption) for spec in data.all_specs("train"))) | {""})
+        encode.warm(data.all_captions("train") | {""})  # "" is the caption-dropout prompt
     transformer = torch.compile(pipe.transformer) if settings.compile else pipe.transformer
     rng = random.Random(settings.seed + 202)
     generator = torch.Generator(device).manual_seed(settings.seed + 303)
