@@ -25,7 +25,8 @@ Compute (what `load_pipeline` does with a quanto transformer):
 `Fp8Linear.from_linear` quantizes a 16-bit linear layer with exactly quanto's qfloat8 arithmetic (what
 `convert` writes), so a model quantized in memory computes bit for bit what the converted checkpoint does.
 `fuse_projections` concatenates linear layers that read the same input (attention's q/k/v) into one layer:
-exact for FP8 too, because the scales are per output row.
+exact for FP8 too, because the scales are per output row. `fuse_gelu_quantize` moves each MLP's GELU into its
+second FP8 layer, which on CUDA computes GELU and the activation quantization in one Triton kernel (`kernels`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .settings import T5_BLOCK
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -244,6 +246,7 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight", weight.to(FP8_DTYPE))
         self.register_buffer("weight_scale", scale.reshape(1, -1).to(torch.float32))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.input_gelu = False  # apply tanh-GELU to the input first (set by `fuse_gelu_quantize`)
         if mode != "dequant" and not self.scaled_mm_shape_ok:
             self.mode = "dequant"
 
@@ -284,24 +287,35 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        rows = x.reshape(-1, self.in_features)
+        if self.input_gelu and self.mode == "scaled_mm" and kernels.supports(rows):
+            x_fp8, x_scale = kernels.gelu_quantize_rows(rows)  # GELU + quantization in one pass
+            return self._rowwise_mm(x_fp8, x_scale, bias, x)
+        if self.input_gelu:
+            x = F.gelu(x, approximate="tanh")
+            rows = x.reshape(-1, self.in_features)
         if self.mode == "dequant":
             weight = self.weight.to(x.dtype) * self.weight_scale.reshape(-1, 1).to(x.dtype)
             return F.linear(x, weight, bias)
-        rows = x.reshape(-1, self.in_features)
         if self.mode == "scaled_mm":
-            x_fp8, x_scale = quantize_rows(rows)
-            out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                                   bias=bias, out_dtype=x.dtype)
-        else:  # tensor-wise activation scale; the per-channel weight scale multiplies the output
-            x_fp8, x_scale = quantize_tensor(rows)
-            out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=x_scale.new_ones(()),
-                                   out_dtype=torch.float32)
-            out = out * self.weight_scale
-            out = (out if bias is None else out + bias).to(x.dtype)
+            return self._rowwise_mm(*quantize_rows(rows), bias, x)
+        # tensor-wise activation scale; the per-channel weight scale multiplies the output
+        x_fp8, x_scale = quantize_tensor(rows)
+        out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=x_scale.new_ones(()),
+                               out_dtype=torch.float32)
+        out = out * self.weight_scale
+        out = (out if bias is None else out + bias).to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _rowwise_mm(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, bias: torch.Tensor | None,
+                    x: torch.Tensor) -> torch.Tensor:
+        out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                               bias=bias, out_dtype=x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+                + (", input_gelu=True" if self.input_gelu else ""))
 
 
 
@@ -451,3 +465,26 @@ def projections_fused(model: nn.Module) -> int:
     from diffusers.models.attention_processor import Attention
 
     return sum(1 for m in model.modules() if isinstance(m, Attention) and getattr(m, "to_qkv", None) is not None)
+
+
+def fuse_gelu_quantize(model: nn.Module) -> int:
+    """Let each MLP's second FP8 layer apply the tanh-GELU itself, so on CUDA GELU and the activation quantization
+    run as one kernel (`sd35fp8.kernels.gelu_quantize_rows`); elsewhere the layer applies `F.gelu` first (the same
+    arithmetic as before). Returns how many MLPs were rewired; `gelu_fused(model)` counts them later."""
+    from diffusers.models.activations import GELU
+    from diffusers.models.attention import FeedForward
+
+    count = 0
+    for mlp in [m for m in model.modules() if isinstance(m, FeedForward)]:
+        first, last = mlp.net[0], mlp.net[-1]
+        if isinstance(first, GELU) and first.approximate == "tanh" and isinstance(first.proj, Fp8Linear) \
+                and isinstance(last, Fp8Linear):
+            mlp.net[0] = first.proj
+            last.input_gelu = True
+            count += 1
+    return count
+
+
+def gelu_fused(model: nn.Module) -> int:
+    """How many FP8 layers of `model` apply the GELU of their input themselves (`fuse_gelu_quantize`)."""
+    return sum(1 for m in model.modules() if isinstance(m, Fp8Linear) and m.input_gelu)

@@ -150,8 +150,10 @@ def load_pipeline(
     offload: bool = False,
     compile: bool | str = False,
     compile_mode: str | None = None,
+    compile_dynamic: bool = True,
     compile_cache: str | bool | None = "auto",
     fuse_projections: bool | str = "auto",
+    fuse_gelu: bool | str = "auto",
     attention: str = "auto",
     cuda_graphs: bool | str = "auto",
     text_encoders: str = "auto",
@@ -168,9 +170,10 @@ def load_pipeline(
     cores, else tensor-wise ones, else per-layer dequantization (always on the CPU).
 
     Speed pieces (each can be switched off; "auto" = fastest measured on this hardware, off on the CPU):
-    `fuse_projections`, `attention` ("sdpa", "fp8_cudnn"), `compile` (False/"off", True/"regional", "full",
-    "aot"; the first generation at each new kind of input pays the compilation, a new size does not),
-    `compile_mode`, `compile_cache` (folder kept between runs), `cuda_graphs`. Placement: `offload` (accelerate's
+    `fuse_projections`, `fuse_gelu` (FP8 MLPs: GELU + quantization in one Triton kernel), `attention` ("sdpa",
+    "fp8_cudnn"), `compile` (False/"off", True/"regional", "full", "aot"; the first generation at each new kind of
+    input pays the compilation, a new size does not), `compile_mode`, `compile_dynamic` (symbolic token/batch
+    dims; False compiles for the first shape seen), `compile_cache` (folder kept between runs), `cuda_graphs`. Placement: `offload` (accelerate's
     model CPU offload, for 12 GB cards), `text_encoders` ("gpu", "on_demand": in CPU memory, each copied to the
     GPU only while it encodes; "auto": on demand on GPUs of 24 GB or less). `prompt_cache`: True for a new LRU
     cache of prompt embeddings, a `PromptCache` to share one, False for none.
@@ -184,8 +187,8 @@ def load_pipeline(
         raise ValueError(f"unknown FP8 path {fp8_path!r}; choose auto or one of {', '.join(FP8_PATHS)}")
     if text_encoders not in ("auto", "gpu", "on_demand"):
         raise ValueError(f"unknown text_encoders {text_encoders!r}; choose auto, gpu or on_demand")
-    options = SpeedOptions(fuse_projections=fuse_projections, attention=attention, compile=compile,
-                           compile_mode=compile_mode, compile_cache=compile_cache, cuda_graphs=cuda_graphs,
+    options = SpeedOptions(fuse_projections=fuse_projections, fuse_gelu=fuse_gelu, attention=attention,
+                           compile=compile, compile_mode=compile_mode, compile_dynamic=compile_dynamic, compile_cache=compile_cache, cuda_graphs=cuda_graphs,
                            aot_dir=aot_dir, compile_backend=compile_backend)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or PRECISIONS[precision].dtype or torch.bfloat16
@@ -300,8 +303,8 @@ def load_transformer(source: str, precision: str, *, dtype: torch.dtype | None =
 def with_transformer(loaded: LoadedPipeline, transformer: SD3Transformer2DModel, precision: str,
                      source: str | None = None, **speed) -> LoadedPipeline:
     """A second pipeline that shares `loaded`'s text encoders (and their placement), tokenizers, VAE, prompt cache
-    and scheduler config. `speed` takes `load_pipeline`'s speed options (fuse_projections, attention, compile,
-    compile_mode, compile_cache, cuda_graphs, aot_dir) for the new transformer; the same "auto" defaults apply."""
+    and scheduler config. `speed` takes `load_pipeline`'s speed options (fuse_projections, fuse_gelu, attention,
+    compile, compile_mode, compile_cache, cuda_graphs, aot_dir) for the new transformer; the same "auto" defaults apply."""
     started = time.perf_counter()
     scheduler = loaded.pipe.scheduler.__class__.from_config(loaded.pipe.scheduler.config)
     components = dict(loaded.pipe.components, transformer=transformer.to(loaded.device), scheduler=scheduler)

@@ -3,7 +3,7 @@
 `load_pipeline(...)` and `with_transformer(...)` take these options as keyword arguments (see `SpeedOptions`);
 "auto" means the fastest configuration measured on that hardware (bench/results/gpu_h200_speed.json), and
 every piece is off on the CPU unless asked for. `prepare_transformer` applies them in a fixed order: fused
-projections -> attention backend -> compilation (regional / full / AOTInductor) -> CUDA graphs.
+projections -> GELU + quantization fusion -> attention backend -> compilation (regional / full / AOTInductor) -> CUDA graphs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 from .attention import ATTENTION_BACKENDS, ATTENTION_LABELS, FALLBACKS, attention_of, cudnn_fp8_available, set_attention
 from .compile import COMPILE_CHOICES, CudaGraphTransformer, apply_aot_packages, aot_compile_blocks, compile_transformer, \
     configure_compile_cache
-from .fp8 import fp8_path_of, fuse_projections, projections_fused
+from . import kernels
+from .fp8 import fp8_path_of, fuse_gelu_quantize, fuse_projections, gelu_fused, projections_fused
 from .settings import SPEED
 
 # What "auto" picks on a CUDA GPU, from the H200 measurements (bench/NOTES.md, gpu_h200_*.json). Attention: cuDNN's
@@ -33,6 +34,7 @@ class SpeedOptions:
     """Switches of the speed pieces. `True`/`"auto"`/`False` as documented per field."""
 
     fuse_projections: bool | str = "auto"  # concatenate q/k/v (and add_q/k/v) into one GEMM; auto: on CUDA
+    fuse_gelu: bool | str = "auto"  # FP8 MLPs: GELU + activation quantization in one Triton kernel; auto: on CUDA
     attention: str = "auto"  # "sdpa" | "fp8_cudnn" | "fp8_reference"; auto: fastest measured here (else sdpa)
     compile: bool | str = False  # False/"off" | True/"regional" | "full" | "aot" | "auto" (regional on CUDA)
     compile_mode: str | None = None  # inductor mode, e.g. "max-autotune-no-cudagraphs"
@@ -53,6 +55,7 @@ class SpeedOptions:
         """Every "auto" replaced by what it means on `device`."""
         cuda = torch.device(device).type == "cuda"
         fuse = cuda if self.fuse_projections == "auto" else bool(self.fuse_projections)
+        fuse_gelu = cuda and kernels.available() if self.fuse_gelu == "auto" else bool(self.fuse_gelu)
         attention = self.attention
         if attention == "auto":
             attention = "sdpa"
@@ -67,8 +70,8 @@ class SpeedOptions:
         cache = self.compile_cache
         if cache == "auto" or cache is True:
             cache = SPEED.compile_cache_dir if compile_choice != "off" else None
-        return replace(self, fuse_projections=fuse, attention=attention, compile=compile_choice, cuda_graphs=graphs,
-                       compile_cache=cache or None, compile_requested=self.compile)
+        return replace(self, fuse_projections=fuse, fuse_gelu=fuse_gelu, attention=attention, compile=compile_choice,
+                       cuda_graphs=graphs, compile_cache=cache or None, compile_requested=self.compile)
 
 
 def aot_fingerprint(transformer: torch.nn.Module, device: torch.device) -> str:
@@ -92,6 +95,12 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
     if options.fuse_projections:
         fuse_projections(transformer)
     pieces["fused_projections"] = projections_fused(transformer)
+    reason = kernels.check(device) if options.fuse_gelu and torch.device(device).type == "cuda" else None
+    if reason is not None:
+        pieces["fused_gelu_fallback"] = f"GELU + quantization kernel unavailable ({reason}); separate kernels instead"
+    elif options.fuse_gelu:
+        fuse_gelu_quantize(transformer)
+    pieces["fused_gelu"] = gelu_fused(transformer)
     backend = options.attention
     if backend == "fp8_cudnn":
         reason = cudnn_fp8_available()
@@ -141,6 +150,8 @@ def describe_pieces(pieces: dict) -> str:
         parts.append(f"FP8 {pieces['fp8_path']}")
     if pieces.get("fused_projections"):
         parts.append(f"fused q/k/v in {pieces['fused_projections']} attentions")
+    if pieces.get("fused_gelu"):
+        parts.append(f"GELU + FP8 quantization in one kernel in {pieces['fused_gelu']} MLPs")
     if pieces.get("attention"):
         parts.append(ATTENTION_LABELS.get(pieces["attention"], str(pieces["attention"])))
     if pieces.get("compile") and pieces["compile"] != "off":

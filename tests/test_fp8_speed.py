@@ -1,18 +1,25 @@
 """Speed pieces, checked for numerics on the CPU against the 16-bit layers: in-memory FP8 quantization equal to
-convert's, fused projections, tensor-wise FP8, the FP8 capability probe, FP8 attention, prompt cache,
+convert's, fused projections, the fused GELU + quantization kernel, tensor-wise FP8, the FP8 capability probe, FP8 attention, prompt cache,
 on-demand text encoders, VAE tiling and ZeroGPU durations."""
 
 import copy
 import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from sd35fp8 import fp8
+import torch.nn.functional as F
+
+from sd35fp8 import fp8, kernels
 from sd35fp8.attention import JointAttention, fp8_attention, set_attention
-from sd35fp8.fp8 import Fp8Linear, apply_fp8_path, fuse_projections, quantize_linears, quanto_quantize
+from sd35fp8.fp8 import Fp8Linear, apply_fp8_path, fuse_gelu_quantize, fuse_projections, gelu_fused, quantize_linears, \
+    quanto_quantize
 from sd35fp8.generate import generate
 from sd35fp8.loading import load_pipeline, load_transformer, with_transformer
 from sd35fp8.metrics import relative_error
@@ -76,6 +83,87 @@ def test_fused_transformer_matches_unfused_16_bit_layer(precision):
     out = step(model)
     assert relative_error(out, expected) < 2e-2
     assert relative_error(out, step(reference)) < (2e-2 if precision == "bf16" else 0.1)
+
+
+@pytest.mark.parametrize("mode", ["scaled_mm", "scaled_mm_tensorwise", "dequant"])
+def test_gelu_moved_into_the_fp8_layer_computes_the_same_mlp(mode):
+    model = tiny_transformer()
+    quantize_linears(model, mode)
+    expected = step(model)
+    mlps = sum(1 for block in model.transformer_blocks for ff in (block.ff, block.ff_context) if ff is not None)
+    assert fuse_gelu_quantize(model) == mlps == gelu_fused(model)
+    assert isinstance(model.transformer_blocks[0].ff.net[0], Fp8Linear)  # the GELU module is gone
+    assert torch.equal(step(model), expected)  # on the CPU the layer applies F.gelu itself: the same arithmetic
+
+
+def test_fp8_layer_feeds_the_fused_kernels_output_to_its_gemm(monkeypatch):
+    """Where the kernel runs (CUDA), the layer must use its FP8 rows and scales exactly as quantize_rows' output."""
+    torch.manual_seed(2)
+    layer = Fp8Linear.from_linear(nn.Linear(128, 64, dtype=torch.bfloat16), "scaled_mm")
+    x = torch.randn(3, 7, 128, dtype=torch.bfloat16)
+    expected = layer(F.gelu(x, approximate="tanh"))
+    calls = []
+    monkeypatch.setattr(kernels, "supports", lambda rows: True)
+    monkeypatch.setattr(kernels, "gelu_quantize_rows",
+                        lambda rows: calls.append(rows.shape) or fp8.quantize_rows(F.gelu(rows, approximate="tanh")))
+    layer.input_gelu = True
+    assert torch.equal(layer(x), expected) and calls == [(21, 128)]
+
+
+@pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+def test_gelu_quantize_kernel_arithmetic_in_tritons_interpreter():
+    """The Triton kernel itself, run by Triton's CPU interpreter (a fresh process: the interpreter is chosen when
+    the kernel is defined). Its FP8 cast is the GPU's and is not emulated faithfully, so the kernel writes float32
+    here: the values right before the cast, and the scales, against GELU + quantize_rows in torch. The interpreter
+    cannot run the tanh.approx instruction either: tanh goes through a sigmoid here (compiled for the GPU above)."""
+    code = textwrap.dedent("""
+        import torch, torch.nn.functional as F
+        from sd35fp8 import kernels
+        from sd35fp8.fp8 import FP8_MAX
+        torch.manual_seed(0)
+        x = (torch.randn(37, 1000) * 3).to(torch.bfloat16)
+        x[3] = 0  # an all-zero row: the scale floor, no division by zero
+        data, scale = torch.empty(x.shape), torch.empty(37, 1)
+        kernels.launch_gelu_quantize_rows(x, data, scale, approx_tanh=False)
+        gelu = F.gelu(x, approximate="tanh").float()
+        expected_scale = (gelu.abs().amax(1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+        expected = (gelu / expected_scale).clamp(-FP8_MAX, FP8_MAX)
+        assert torch.equal(scale, expected_scale), (scale - expected_scale).abs().max()
+        assert torch.all((data - expected).abs() <= 0.01 * expected.abs() + 0.01), (data - expected).abs().max()
+        row_max = data.abs().amax(1)[torch.arange(37) != 3]
+        assert torch.allclose(row_max, torch.full_like(row_max, FP8_MAX)) and data[3].eq(0).all()  # full E4M3 range
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+@pytest.mark.parametrize("capability", [89, 90, 120])  # Ada, Hopper, consumer Blackwell
+def test_gelu_quantize_kernel_compiles_for_fp8_gpus(capability):
+    """Triton builds the kernel to a cubin without a GPU: catches what only the GPU compiler would refuse (on the
+    H200 a module constant read inside the kernel did), and checks the cast rounds to nearest."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    signature = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "n_cols": "i32", "x_row_stride": "i32",
+                 "out_row_stride": "i32", "FP8_MAX": "constexpr", "BLOCK_A": "constexpr", "BLOCK_B": "constexpr",
+                 "APPROX_TANH": "constexpr"}
+    source = ASTSource(fn=kernels._gelu_quantize_rows_kernel, signature=signature,
+                       constexprs={"FP8_MAX": kernels.FP8_MAX, "BLOCK_A": 8192, "BLOCK_B": 2048, "APPROX_TANH": True})
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 8})
+    ptx = compiled.asm["ptx"]
+    assert compiled.asm["cubin"] and "tanh.approx.f32" in ptx and "cvt.rn.satfinite.e4m3x2." in ptx  # nearest
+
+
+def test_the_kernel_check_reports_instead_of_failing(monkeypatch):
+    monkeypatch.setattr(kernels, "_CHECKS", {})
+    assert kernels.check("cpu") == "the kernel runs on CUDA only"
+    monkeypatch.setattr(kernels, "triton", None)
+    monkeypatch.setattr(kernels, "_CHECKS", {})
+    assert kernels.check("cuda:0") == "triton is not installed"
 
 
 def test_processor_applies_sd35_qk_norms_like_diffusers():
@@ -250,13 +338,17 @@ def test_gpu_duration_uses_measured_seconds_per_step():
 def test_loaded_pipeline_reports_its_pieces():
     from sd35fp8.speed import describe_pieces
 
-    loaded = load_pipeline("tiny", "fp8", device="cpu", fuse_projections=True)
+    loaded = load_pipeline("tiny", "fp8", device="cpu", fuse_projections=True, fuse_gelu=True)
     pieces = loaded.pieces
     assert pieces["fp8_path"] == "dequant" and pieces["fused_projections"] == 2 and pieces["attention"] == "sdpa"
+    assert pieces["fused_gelu"] == 3  # two blocks' image MLPs and the first block's context MLP
     assert pieces["compile"] == "off" and pieces["cuda_graphs"] is False and pieces["text_encoders"] == "gpu"
     line = describe_pieces(pieces)
-    assert "fused q/k/v in 2 attentions" in line and "prompt cache" in line
-    assert load_pipeline("tiny", "fp8", device="cpu").pieces["fused_projections"] == 0  # auto: off on the CPU
+    assert "fused q/k/v in 2 attentions" in line and "GELU + FP8 quantization in one kernel in 3 MLPs" in line
+    assert "prompt cache" in line
+    assert generate(loaded, GenerationRequest("a cat", steps=1, width=64, height=64)).ok
+    auto = load_pipeline("tiny", "fp8", device="cpu").pieces  # auto: both off on the CPU
+    assert auto["fused_projections"] == 0 and auto["fused_gelu"] == 0
 
 
 def test_auto_compile_keeps_the_tensorwise_path_eager():
