@@ -16,14 +16,17 @@ TITLES = {"large": "SD3.5 Large", "medium": "SD3.5 Medium"}
 
 
 def load_rows(results: Path) -> list[tuple[str, list[dict]]]:
-    """Measured rows per model, each configuration once (the first file that has it)."""
+    """Measured rows per model of one run (the run of the first row: rows kept from earlier runs are not drawn),
+    each configuration once (the first file that has it)."""
     by_model: dict[str, dict[str, dict]] = {}
+    run = None
     for name in FILES:
         path = results / name
         if not path.is_file():
             continue
         for row in json.loads(path.read_text()):
-            if row.get("latency_s") is not None:
+            run = row.get("run") if run is None else run
+            if row.get("latency_s") is not None and row.get("run") == run:
                 by_model.setdefault(row["model"], {}).setdefault(row["config"], row)
     return [(TITLES.get(model, model), list(rows.values())) for model, rows in by_model.items()]
 
@@ -59,8 +62,7 @@ def plot(results: Path, out: Path) -> Path:
         ax_mem.invert_yaxis()
         ax_mem.set_xlim(0, max(peak + [16]) * 1.35)
     gpu = groups[0][1][0].get("gpu", "GPU")
-    fig.suptitle(f"{gpu} — RANDOM weights (speed/memory only; blue bf16, red FP8; torchao's row ran eagerly)",
-                 fontsize=10)
+    fig.suptitle(f"{gpu}, one process — RANDOM weights (speed/memory only; blue bf16, red FP8)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
