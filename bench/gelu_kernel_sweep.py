@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bench.runner import cuda_median_ms
 from sd35fp8 import kernels
 from sd35fp8.kernels import _gelu_tanh
 
@@ -95,21 +96,6 @@ def variants():
             yield f"looped_fast_c{chunk}_w{warps}", lambda x, d, s, c=chunk, w=warps: looped_fast(x, d, s, w, c)
 
 
-def median_ms(fn, iters=30) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -127,7 +113,7 @@ def main(argv=None) -> int:
             try:
                 run(x, data, scale)
                 same = (data.view(torch.uint8) == reference.view(torch.uint8)).float().mean().item()
-                ms = median_ms(lambda: run(x, data, scale))
+                ms = cuda_median_ms(torch, lambda: run(x, data, scale), iters=30)
                 entry[label] = {"ms": round(ms, 4), "gb_per_s": round(rows * cols * 3 / ms / 1e6, 1),
                                 "equal_bytes_vs_exact": round(same, 6),
                                 "scales_equal": bool(torch.equal(scale, reference_scale))}
