@@ -170,9 +170,21 @@ class Models:
         reference = dataclasses.replace(reference, device=fp8.device, load_seconds=time.perf_counter() - started)
         return cls(fp8, reference, base=base_source, base_note=note, swap=swap, offload=offload)
 
-    def compile_ahead_of_time(self) -> list[dict]:
-        """ZeroGPU: compile both transformers ahead of time with `spaces` (call inside one `@spaces.GPU`)."""
-        return [zerogpu_compile(loaded) for loaded in (self.fp8, self.reference) if loaded is not None]
+    def compile_ahead_of_time(self, spaces_module=None) -> list[dict]:
+        """ZeroGPU: compile both transformers ahead of time with `spaces` (call inside one `@spaces.GPU`). A
+        transformer whose export or compilation fails keeps serving: its blocks not compiled run eagerly, and its
+        report and `pieces["compile"]` say why."""
+        reports = []
+        for loaded in (self.fp8, self.reference):
+            if loaded is None:
+                continue
+            try:
+                reports.append(zerogpu_compile(loaded, spaces_module=spaces_module))
+            except Exception as error:  # any refusal of export/AOTInductor: slower requests beat no Space
+                reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+                loaded.pieces["compile"] = f"eager (ahead-of-time compile failed: {reason})"
+                reports.append({"error": reason, "fallback": "eager"})
+        return reports
 
     # ------------------------------------------------------------------------------------------ facts
 

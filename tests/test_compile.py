@@ -143,3 +143,17 @@ def test_zerogpu_path_compiles_blocks_ahead_of_time(tmp_path):
     assert report["kinds"]["block"]["blocks"] == 1 and loaded.pieces["compile"].startswith("aot (spaces)")
     result = generate(loaded, request)
     assert result.ok and ssim(result.image, eager.image) > 0.99
+
+
+def test_a_failed_ahead_of_time_compile_leaves_the_app_serving(tmp_path):
+    from space.runtime import Models
+
+    class RefusingSpaces(StandInSpaces):
+        def aoti_compile(self, exported):
+            raise RuntimeError("AOTInductor refused the graph\nlong details")
+
+    models = Models.load("tiny", "tiny", device="cpu", compile="off")
+    reports = models.compile_ahead_of_time(spaces_module=RefusingSpaces(tmp_path))
+    assert reports == [{"error": "RuntimeError: AOTInductor refused the graph", "fallback": "eager"}] * 2
+    assert models.fp8.pieces["compile"].startswith("eager (ahead-of-time compile failed: RuntimeError")
+    assert generate(models.fp8, GenerationRequest("a cat", steps=1, width=64, height=64)).ok
