@@ -3,7 +3,8 @@
 `load_pipeline(...)` and `with_transformer(...)` take these options as keyword arguments (see `SpeedOptions`);
 "auto" means the fastest configuration measured on that hardware (bench/results/gpu_h200_speed.json), and
 every piece is off on the CPU unless asked for. `prepare_transformer` applies them in a fixed order: fused
-projections -> GELU + quantization fusion -> attention backend -> compilation (regional / full / AOTInductor) -> CUDA graphs.
+projections -> GELU + quantization fusion -> attention backend -> compilation (regional / full / AOTInductor) ->
+CUDA graphs.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from . import kernels
 from .attention import ATTENTION_BACKENDS, ATTENTION_LABELS, FALLBACKS, attention_of, cudnn_fp8_available, set_attention
 from .compile import COMPILE_CHOICES, CudaGraphTransformer, apply_aot_packages, aot_compile_blocks, compile_transformer, \
     configure_compile_cache
-from . import kernels
 from .fp8 import fp8_path_of, fuse_gelu_quantize, fuse_projections, gelu_fused, projections_fused
 from .settings import SPEED
 
