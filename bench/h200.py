@@ -66,14 +66,14 @@ TORCHAO_COMPILE = dict(fuse_projections=False, fuse_gelu=False, attention="sdpa"
 CONFIGS = {c.name: c for c in [
     Config("bf16_eager", "bf16", dict(fuse_projections=False, fuse_gelu=False, attention="sdpa", compile=False),
            estimate={"large": 20, "medium": 15}),
-    Config("fp8_best", "fp8", {**FUSED, **REGIONAL}, issue="both", estimate={"large": 50, "medium": 40},
+    Config("fp8_best", "fp8", {**FUSED, **REGIONAL}, issue="both", estimate={"large": 65, "medium": 55},
            extra=("second_size", "profile", "kernels")),
     Config("fp8_warm_cache", "fp8", {**FUSED, **REGIONAL}, issue="everywhere", estimate={"large": 45, "medium": 35},
            extra=("child:fp8_best_plain",)),
-    Config("fp8_best_plain", "fp8", {**FUSED, **REGIONAL}, issue="both", estimate={"large": 42, "medium": 35}),
+    Config("fp8_best_plain", "fp8", {**FUSED, **REGIONAL}, issue="both", estimate={"large": 55, "medium": 55}),
     Config("fp8_no_gelu_fusion", "fp8", {**FUSED, **REGIONAL, "fuse_gelu": False}, estimate={"large": 45, "medium": 35},
            extra=("profile",)),
-    Config("fp8_aot_child", "fp8", {**FUSED, "compile": "aot"}, issue="everywhere", estimate={"large": 110, "medium": 90},
+    Config("fp8_aot_child", "fp8", {**FUSED, "compile": "aot"}, issue="everywhere", estimate={"large": 200, "medium": 150},
            extra=("child:fp8_aot", "reference")),
     Config("fp8_tensorwise_compile_child", "fp8", {**FUSED, **REGIONAL, "fp8_path": "scaled_mm_tensorwise"},
            issue="everywhere", estimate={"large": 70, "medium": 50},
@@ -105,12 +105,14 @@ CONFIGS = {c.name: c for c in [
     Config("fp8_full_compile", "fp8", {**FUSED, "compile": "full"}, issue="everywhere",
            estimate={"large": 200, "medium": 120}),
 ]}
+# Measured on the H200 (bench/NOTES.md): estimates above are first-image times plus the timed runs; the AOT child
+# was still compiling at 109 s. The plan puts first what has not been measured with the shipped code.
 PLANS = {  # compilations that hung on the H200 (torchao, tensor-wise) run in child processes with a timeout
-    "large": ["bf16_eager", "fp8_best", "bf16_compile_fused", "fp8_no_gelu_fusion", "torchao_fp8_compile_child",
-              "fp8_eager", "fp8_cudagraphs", "fp8_16gb", "fp8_warm_cache", "fp8_aot_child", "fp8_tensorwise_eager",
-              "fp8_offload", "fp8_tensorwise_compile_child", "fp8_fp8attn_compile", "fp8_compile_unfused", "fp8_max_autotune",
-              "fp8_full_compile"],
-    "medium": ["bf16_eager", "fp8_best_plain", "bf16_compile_fused", "torchao_fp8_compile_child", "fp8_eager",
+    "large": ["bf16_eager", "fp8_best", "bf16_compile_fused", "fp8_warm_cache", "fp8_cudagraphs", "fp8_16gb",
+              "fp8_aot_child", "fp8_no_gelu_fusion", "torchao_fp8_compile_child", "fp8_eager", "fp8_tensorwise_eager",
+              "fp8_offload", "fp8_tensorwise_compile_child", "fp8_fp8attn_compile", "fp8_compile_unfused",
+              "fp8_max_autotune", "fp8_full_compile"],
+    "medium": ["bf16_eager", "fp8_best_plain", "bf16_compile_fused", "fp8_eager", "torchao_fp8_compile_child",
                "fp8_fp8attn_compile"],
 }
 BUILD_ESTIMATE = {"large": 45, "medium": 25, "tiny": 1}
