@@ -293,6 +293,8 @@ class ModelBench:
                 return "attention"
             if low.startswith("triton_"):
                 return "fused elementwise/norm/quantize (triton)"
+            if low.startswith("_gelu_quantize"):
+                return "GELU + quantize kernel (sd35fp8.kernels)"
             if any(s in low for s in ("gemm", "xmma", "cutlass", "nvjet", "scaled_mm", "sm90_", "matmul", "f8f8")):
                 return "matmul"
             return "other"
