@@ -189,6 +189,18 @@ def test_fp8_modes_match_the_16_bit_layer(mode):
     assert relative_error(layer(x), linear(x)) < 0.05
 
 
+def test_tensorwise_output_does_not_overflow_in_fp16():
+    """Before the per-channel weight scale, a layer with small weights has outputs thousands of times too large:
+    beyond fp16's 65504 here, so the GEMM must not write fp16."""
+    torch.manual_seed(3)
+    linear = nn.Linear(256, 32, dtype=torch.float16)
+    linear.weight.data *= 1e-3  # weight scale ~1e-6: pre-scale outputs ~1e5
+    x = torch.randn(4, 256, dtype=torch.float16) * 50
+    out = Fp8Linear.from_linear(linear, "scaled_mm_tensorwise")(x)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert relative_error(out, linear(x)) < 0.05
+
+
 def test_probe_falls_back_to_tensorwise_then_dequant(monkeypatch):
     real = torch._scaled_mm
 
