@@ -98,7 +98,9 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
     if options.fuse_projections:
         fuse_projections(transformer)
     pieces["fused_projections"] = projections_fused(transformer)
-    reason = kernels.check(device) if options.fuse_gelu and torch.device(device).type == "cuda" else None
+    # the kernel runs only in row-wise FP8 layers on CUDA: check it there (once per device), nowhere else
+    kernel_runs = options.fuse_gelu and torch.device(device).type == "cuda" and fp8_path_of(transformer) == "scaled_mm"
+    reason = kernels.check(device) if kernel_runs else None
     if reason is not None:
         pieces["fused_gelu_fallback"] = f"GELU + quantization kernel unavailable ({reason}); separate kernels instead"
     elif options.fuse_gelu:
