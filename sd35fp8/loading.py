@@ -173,10 +173,10 @@ def load_pipeline(
     `fuse_projections`, `fuse_gelu` (FP8 MLPs: GELU + quantization in one Triton kernel), `attention` ("sdpa",
     "fp8_cudnn"), `compile` (False/"off", True/"regional", "full", "aot"; the first generation at each new kind of
     input pays the compilation, a new size does not), `compile_mode`, `compile_dynamic` (symbolic token/batch
-    dims; False compiles for the first shape seen), `compile_cache` (folder kept between runs), `cuda_graphs`. Placement: `offload` (accelerate's
-    model CPU offload, for 12 GB cards), `text_encoders` ("gpu", "on_demand": in CPU memory, each copied to the
-    GPU only while it encodes; "auto": on demand on GPUs of 24 GB or less). `prompt_cache`: True for a new LRU
-    cache of prompt embeddings, a `PromptCache` to share one, False for none.
+    dims; False compiles for the first shape seen), `compile_cache` (folder kept between runs), `cuda_graphs`.
+    Placement: `offload` (accelerate's model CPU offload, for 12 GB cards), `text_encoders` ("gpu", "on_demand":
+    in CPU memory, each copied to the GPU only while it encodes; "auto": on demand on GPUs of 24 GB or less).
+    `prompt_cache`: True for a new LRU cache of prompt embeddings, a `PromptCache` to share one, False for none.
     `LoadedPipeline.pieces` records which pieces ran. Every load is checked: no weight may be left on `meta`.
     """
     from .prompts import OnDemandEncoders, PromptCache
@@ -188,8 +188,9 @@ def load_pipeline(
     if text_encoders not in ("auto", "gpu", "on_demand"):
         raise ValueError(f"unknown text_encoders {text_encoders!r}; choose auto, gpu or on_demand")
     options = SpeedOptions(fuse_projections=fuse_projections, fuse_gelu=fuse_gelu, attention=attention,
-                           compile=compile, compile_mode=compile_mode, compile_dynamic=compile_dynamic, compile_cache=compile_cache, cuda_graphs=cuda_graphs,
-                           aot_dir=aot_dir, compile_backend=compile_backend)
+                           compile=compile, compile_mode=compile_mode, compile_dynamic=compile_dynamic,
+                           compile_cache=compile_cache, cuda_graphs=cuda_graphs, aot_dir=aot_dir,
+                           compile_backend=compile_backend)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or PRECISIONS[precision].dtype or torch.bfloat16
     options = options.resolved(device)
@@ -304,7 +305,8 @@ def with_transformer(loaded: LoadedPipeline, transformer: SD3Transformer2DModel,
                      source: str | None = None, **speed) -> LoadedPipeline:
     """A second pipeline that shares `loaded`'s text encoders (and their placement), tokenizers, VAE, prompt cache
     and scheduler config. `speed` takes `load_pipeline`'s speed options (fuse_projections, fuse_gelu, attention,
-    compile, compile_mode, compile_cache, cuda_graphs, aot_dir) for the new transformer; the same "auto" defaults apply."""
+    compile, compile_mode, compile_dynamic, compile_cache, cuda_graphs, aot_dir) for the new transformer; the same
+    "auto" defaults apply."""
     started = time.perf_counter()
     scheduler = loaded.pipe.scheduler.__class__.from_config(loaded.pipe.scheduler.config)
     components = dict(loaded.pipe.components, transformer=transformer.to(loaded.device), scheduler=scheduler)

@@ -18,7 +18,7 @@ from sd35fp8.fp8 import FP8_PATH_LABELS
 from sd35fp8.generate import GenerationResult, OutOfMemory, generate
 from sd35fp8.hub import base_model_of
 from sd35fp8.loading import (
-    SHAPES, TINY, LoadedPipeline, LoadError, default_device, format_bytes, load_pipeline, load_transformer, module_bytes, with_transformer,
+    BUILT_IN, SHAPES, TINY, LoadedPipeline, LoadError, default_device, format_bytes, load_pipeline, load_transformer, module_bytes, with_transformer,
 )
 from sd35fp8.request import GenerationRequest
 from sd35fp8.settings import LIMITS, AppSettings
@@ -85,7 +85,7 @@ def defaults_for(model: str, base: str | None = None) -> Defaults:
 
 def resolve_base(model: str, base: str | None) -> tuple[str | None, str]:
     """Where the 16-bit reference comes from, and a sentence saying how it was found."""
-    if model in (TINY, SHAPES) and not base:
+    if model in BUILT_IN and not base:
         return model, "the built-in model's own 16-bit weights"
     if base:
         return base, "given with --base / BASE_MODEL_ID"
@@ -191,7 +191,7 @@ class Models:
     @property
     def built_in(self) -> str | None:
         """"shapes" or "tiny" for the built-in models, else None."""
-        return self.fp8.source if self.fp8.source in (TINY, SHAPES) else None
+        return self.fp8.source if self.fp8.source in BUILT_IN else None
 
     @property
     def precisions(self) -> list[str]:

@@ -31,6 +31,8 @@ CSS = """
 /* Scale results to their frame, so that small images (the tiny model's) are not lost in it. */
 #result-image img, #fp8-image img, #ref-image img, #heatmap img { width: 100%; height: 100%; object-fit: contain; }
 """
+
+
 def launch_kwargs(settings: AppSettings | None = None) -> dict:
     """Arguments of `demo.launch()` that shape the page (gradio 6 takes theme and css there)."""
     settings = settings or AppSettings()
