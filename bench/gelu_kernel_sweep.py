@@ -24,6 +24,7 @@ from bench.runner import cuda_median_ms
 from sd35fp8 import kernels
 from sd35fp8.kernels import _gelu_tanh
 
+# MLP activations at 1024², CFG batch 2: image + text tokens (Large, Medium), and text tokens alone (Large context)
 SHAPES = {"large": (8858, 9728), "medium": (8858, 6144), "large_context": (666, 9728)}
 
 

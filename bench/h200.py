@@ -520,9 +520,8 @@ def dump_fp8_kernels(path: Path) -> dict:
 
 
 def gelu_quantize_micro(torch, device) -> dict:
-    """tanh-GELU + row-wise FP8 quantization of the MLP activation (Large 8858 x 9728, Medium 8858 x 6144: CFG batch
-    2 at 1024², image and text tokens): what inductor generates vs `sd35fp8.kernels.gelu_quantize_rows`, time and
-    agreement of the FP8 bytes and scales."""
+    """tanh-GELU + row-wise FP8 quantization of the MLP activation at SD3.5's shapes (`gelu_kernel_sweep.SHAPES`):
+    what inductor generates vs `sd35fp8.kernels.gelu_quantize_rows`, time and agreement of the FP8 bytes and scales."""
     import torch.nn.functional as F
 
     from sd35fp8 import kernels
@@ -530,9 +529,11 @@ def gelu_quantize_micro(torch, device) -> dict:
 
     if device.type != "cuda" or not kernels.available():
         return {"skipped": "needs CUDA and triton"}
+    from bench.gelu_kernel_sweep import SHAPES  # imports triton: only here
+
     inductor = torch.compile(lambda x: _quantize_rows_eager(F.gelu(x, approximate="tanh")), dynamic=True)
     report = {}
-    for name, (rows, cols) in {"large": (8858, 9728), "medium": (8858, 6144)}.items():
+    for name, (rows, cols) in SHAPES.items():
         x = (torch.randn(rows, cols, device=device) * 2).to(torch.bfloat16)
         ours, our_scale = kernels.gelu_quantize_rows(x)
         theirs, their_scale = inductor(x)
