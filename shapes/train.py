@@ -521,7 +521,7 @@ def _probe_line(meta: dict, runs: list[dict]) -> str:
     return (f"- **Quick check after training** (`--probe`): the analytic detector (`shapes/detector.py`) read "
             f"{found['train']}% of training captions and {found['heldout']}% of held-out captions back correctly "
             f"({found['steps']} steps, guidance {found['guidance']}, {found['size']} px). Full evaluation, 16-bit vs FP8: "
-            f"`bench/eval_shapes.py`." + (
+            f"`python -m bench.eval_shapes`." + (
                 f" **Below the 90% target on held-out captions** after {sum(r['iterations'] for r in runs)} transformer "
                 "iterations: train on from this folder (`--init-from`) to close the gap." if found["heldout"] < 90 else "")
             + "\n")
