@@ -62,9 +62,11 @@ FUSED = dict(fuse_projections=True, attention="sdpa")
 REGIONAL = dict(compile="regional")
 # torchao's model compiled the way its README shows (static shapes): with dynamic token/batch dims the compilation
 # did not finish on the H200 within 340 s (bench/NOTES.md)
-TORCHAO_COMPILE = dict(fuse_projections=False, fuse_gelu=False, attention="sdpa", compile_dynamic=False, **REGIONAL)
+TORCHAO_COMPILE = dict(fuse_projections=False, fuse_gelu=False, fuse_norm=False, attention="sdpa", compile_dynamic=False,
+                       **REGIONAL)
 CONFIGS = {c.name: c for c in [
-    Config("bf16_eager", "bf16", dict(fuse_projections=False, fuse_gelu=False, attention="sdpa", compile=False),
+    Config("bf16_eager", "bf16", dict(fuse_projections=False, fuse_gelu=False, fuse_norm=False, attention="sdpa",
+                                      compile=False),
            estimate={"large": 20, "medium": 15}),
     Config("fp8_best", "fp8", {**FUSED, **REGIONAL}, issue="both", estimate={"large": 65, "medium": 55},
            extra=("second_size", "profile", "kernels")),
@@ -72,6 +74,8 @@ CONFIGS = {c.name: c for c in [
            extra=("child:fp8_best_plain",)),
     Config("fp8_best_plain", "fp8", {**FUSED, **REGIONAL}, issue="both", estimate={"large": 55, "medium": 55}),
     Config("fp8_no_gelu_fusion", "fp8", {**FUSED, **REGIONAL, "fuse_gelu": False}, estimate={"large": 45, "medium": 35},
+           extra=("profile",)),
+    Config("fp8_no_norm_fusion", "fp8", {**FUSED, **REGIONAL, "fuse_norm": False}, estimate={"large": 45, "medium": 35},
            extra=("profile",)),
     Config("fp8_aot_child", "fp8", {**FUSED, "compile": "aot"}, issue="everywhere", estimate={"large": 200, "medium": 150},
            extra=("child:fp8_aot", "reference")),
@@ -109,7 +113,7 @@ CONFIGS = {c.name: c for c in [
 # was still compiling at 109 s. The plan puts first what has not been measured with the shipped code.
 PLANS = {  # compilations that hung on the H200 (torchao, tensor-wise) run in child processes with a timeout
     "large": ["bf16_eager", "fp8_best", "bf16_compile_fused", "fp8_warm_cache", "fp8_cudagraphs", "fp8_16gb",
-              "fp8_aot_child", "fp8_no_gelu_fusion", "torchao_fp8_compile_child", "fp8_eager", "fp8_tensorwise_eager",
+              "fp8_aot_child", "fp8_no_norm_fusion", "fp8_no_gelu_fusion", "torchao_fp8_compile_child", "fp8_eager", "fp8_tensorwise_eager",
               "fp8_offload", "fp8_tensorwise_compile_child", "fp8_fp8attn_compile", "fp8_compile_unfused",
               "fp8_max_autotune", "fp8_full_compile"],
     "medium": ["bf16_eager", "fp8_best_plain", "bf16_compile_fused", "fp8_eager", "torchao_fp8_compile_child",
@@ -295,6 +299,8 @@ class ModelBench:
                 return "fused elementwise/norm/quantize (triton)"
             if low.startswith("_gelu_quantize"):
                 return "GELU + quantize kernel (sd35fp8.kernels)"
+            if low.startswith("_norm_quantize"):
+                return "adaLN + quantize kernels (sd35fp8.kernels)"
             if any(s in low for s in ("gemm", "xmma", "cutlass", "nvjet", "scaled_mm", "sm90_", "matmul", "f8f8")):
                 return "matmul"
             return "other"
@@ -547,6 +553,36 @@ def gelu_quantize_micro(torch, device) -> dict:
     return report
 
 
+def norm_quantize_micro(torch, device) -> dict:
+    """adaLN (LayerNorm + modulation, with and without the gated residual add) + row-wise FP8 quantization at SD3.5's
+    image-token shapes: what inductor generates for `kernels.norm_quantize_reference` vs the kernels."""
+    from sd35fp8 import kernels
+
+    if device.type != "cuda" or not kernels.available():
+        return {"skipped": "needs CUDA and triton"}
+    inductor = torch.compile(kernels.norm_quantize_reference, dynamic=True)
+    report = {}
+    for name, cols in (("large", 2432), ("medium", 1536)):
+        h, y = ((torch.randn(2, 4096, cols, device=device) * 2).to(torch.bfloat16) for _ in range(2))
+        shift, scale, gate = (torch.randn(2, cols, device=device).to(torch.bfloat16) for _ in range(3))
+        for variant, extra, ours in (
+                ("norm", (), lambda: kernels.norm_quantize_rows(h, shift, scale, 1e-6)),
+                ("add_norm", (y, gate), lambda: kernels.add_norm_quantize_rows(h, y, gate, shift, scale, 1e-6))):
+            theirs = inductor(h, shift, scale, 1e-6, *extra)
+            mine = ours()
+            entry = {"shape": [2, 4096, cols],
+                     "inductor_ms": round(cuda_median_ms(torch, lambda: inductor(h, shift, scale, 1e-6, *extra),
+                                                         iters=20), 4),
+                     "kernel_ms": round(cuda_median_ms(torch, ours, iters=20), 4),
+                     "bytes_equal_fraction": round(float((mine[-2].view(torch.uint8) == theirs[1].view(torch.uint8))
+                                                         .float().mean()), 6),
+                     "scale_max_rel_diff": float(((mine[-1] - theirs[2]).abs() / theirs[2]).max())}
+            moved = h.numel() * (3 + (4 if extra else 0))  # read h, write FP8 (+ read y, write the new h)
+            entry["kernel_gb_per_s"] = round(moved / entry["kernel_ms"] / 1e6, 1)
+            report[f"{name}_{variant}"] = entry
+    return report
+
+
 def attention_micro(torch, device, tiny: bool) -> dict:
     """16-bit SDPA (PyTorch's pick, cuDNN on Hopper) vs cuDNN FP8 sdpa_fp8 at SD3.5's shapes: kernel time, time with
     quantization, error against float32 attention."""
@@ -690,6 +726,12 @@ def main(argv=None) -> int:
             if ok:
                 checks["gelu_quantize_micro"] = gelu_quantize_micro(torch, device)
                 log(f"gelu + quantize micro: {json.dumps(checks['gelu_quantize_micro'])}")
+                save_checks()
+    if not args.no_micro:
+        with stages.stage("checks/norm_quantize_micro", 20) as ok:
+            if ok:
+                checks["norm_quantize_micro"] = norm_quantize_micro(torch, device)
+                log(f"adaLN + quantize micro: {json.dumps(checks['norm_quantize_micro'])}")
                 save_checks()
     if not args.no_micro and not args.no_attention_micro:
         with stages.stage("checks/attention_micro", 25) as ok:

@@ -25,7 +25,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .fp8 import FP8_DTYPE, FP8_MAX, tensor_amax
+from .fp8 import FP8_DTYPE, FP8_MAX, Fp8Activation, tensor_amax
 
 ATTENTION_BACKENDS = ("sdpa", "fp8_cudnn", "fp8_reference")
 ATTENTION_LABELS = {
@@ -204,7 +204,8 @@ def _project(attention, fused_name: str, names: tuple[str, str, str], x: torch.T
 
 class JointAttention:
     """Processor for diffusers' `Attention` in SD3/SD3.5 blocks (joint and the dual-attention self-attention),
-    running separate or fused projections and the chosen attention backend."""
+    running separate or fused projections and the chosen attention backend. Its inputs may be 16-bit tensors or
+    `Fp8Activation`s already quantized for the FP8 projections (`sd35fp8.blocks`)."""
 
     def __init__(self, backend: str = "sdpa"):
         if backend not in ATTENTION_BACKENDS:
@@ -213,7 +214,8 @@ class JointAttention:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args, **kwargs):
-        batch, tokens = hidden_states.shape[0], hidden_states.shape[1]
+        shaped = hidden_states.data if isinstance(hidden_states, Fp8Activation) else hidden_states  # (B, T, C)
+        batch, tokens = shaped.shape[0], shaped.shape[1]
         heads = attn.heads
         query, key, value = _project(attn, "to_qkv", ("to_q", "to_k", "to_v"), hidden_states)
         head_dim = key.shape[-1] // heads

@@ -31,6 +31,8 @@ second FP8 layer, which on CUDA computes GELU and the activation quantization in
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -249,6 +251,20 @@ def scale_channels(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | 
     return _fused("channels", _scale_channels_eager)(out, scale, bias, dtype)
 
 
+class Fp8Activation(NamedTuple):
+    """An activation already quantized for an FP8 layer: E4M3 rows (..., in_features), float32 scales (..., 1), and
+    the 16-bit dtype the layer computes in (what `sd35fp8.blocks` hands the attention and MLP layers)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
+def dequantize_activation(x: Fp8Activation) -> torch.Tensor:
+    """The 16-bit tensor an `Fp8Activation` stands for."""
+    return (x.data.float() * x.scale).to(x.dtype)
+
+
 class Fp8Linear(nn.Module):
     """A linear layer holding E4M3 weights with one float32 scale per output channel."""
 
@@ -300,12 +316,17 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"unknown Fp8Linear mode {mode!r}")
         self.mode = mode if mode == "dequant" or self.scaled_mm_shape_ok else "dequant"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if isinstance(x, Fp8Activation):  # quantized by the kernel that produced it (`sd35fp8.blocks`)
+            if self.mode == "scaled_mm":
+                return self._rowwise_mm(x.data.reshape(-1, self.in_features), x.scale.reshape(-1, 1), bias,
+                                        x.data.shape[:-1], x.dtype)
+            x = dequantize_activation(x)
         rows = x.reshape(-1, self.in_features)
         if self.input_gelu and self.mode == "scaled_mm" and kernels.supports(rows):
             x_fp8, x_scale = kernels.gelu_quantize_rows(rows)  # GELU + quantization in one pass
-            return self._rowwise_mm(x_fp8, x_scale, bias, x)
+            return self._rowwise_mm(x_fp8, x_scale, bias, x.shape[:-1], x.dtype)
         if self.input_gelu:
             x = F.gelu(x, approximate="tanh")
             rows = x.reshape(-1, self.in_features)
@@ -313,7 +334,7 @@ class Fp8Linear(nn.Module):
             weight = self.weight.to(x.dtype) * self.weight_scale.reshape(-1, 1).to(x.dtype)
             return F.linear(x, weight, bias)
         if self.mode == "scaled_mm":
-            return self._rowwise_mm(*quantize_rows(rows), bias, x)
+            return self._rowwise_mm(*quantize_rows(rows), bias, x.shape[:-1], x.dtype)
         # tensor-wise activation scale; the per-channel weight scale multiplies the output. The GEMM writes bf16
         # (half of float32's bytes; float32's range, which fp16 lacks before the weight scale brings values down)
         x_fp8, x_scale = quantize_tensor(rows)
@@ -322,10 +343,10 @@ class Fp8Linear(nn.Module):
         return scale_channels(out, self.weight_scale, bias, x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _rowwise_mm(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, bias: torch.Tensor | None,
-                    x: torch.Tensor) -> torch.Tensor:
+                    leading: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                               bias=bias, out_dtype=x.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+                               bias=bias, out_dtype=dtype)
+        return out.reshape(*leading, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"

@@ -11,11 +11,20 @@ the kernel from its generated code (no graph break). The arithmetic matches `F.g
 `x.dtype` followed by `sd35fp8.fp8.quantize_rows`, with two shortcuts: tanh is the GPU's `tanh.approx.f32` and each
 element is multiplied by 1/scale instead of divided by scale (99.87% of the FP8 bytes equal to the exact arithmetic's,
 the rest one E4M3 step apart). GELU is rounded to `x.dtype` before the row max, as the unfused path does.
+
+`norm_quantize_rows(x, shift, scale, eps)` = SD3's adaLN input to an FP8 layer: LayerNorm (no affine) of each row,
+modulated by its batch's `(1 + scale)` and `shift`, then E4M3 rows with one float32 scale per row; and
+`add_norm_quantize_rows(h, y, gate, shift, scale, eps)` first adds the gated residual (`h + gate * y`, rounded to
+`h.dtype` and returned: the block's new hidden state) and normalizes that. One program per row, one read of the
+row: inductor's version of the same computation is a looped three-pass reduction (LayerNorm statistics, row
+max, cast) that took 83-109 us a call on SD3.5 Large's image tokens on an H200 where the bytes allow ~15-30 us
+(bench/NOTES.md). `sd35fp8.blocks` calls them; `norm_quantize_reference` is the same arithmetic in torch.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -95,32 +104,161 @@ if triton is not None:
         return data, scale
 
 
-def check(device: torch.device | str) -> str | None:
-    """Run the kernel once on `device` against the torch arithmetic; None if it agrees, else why not (cached).
-    `load_pipeline` calls this before fusing, so a GPU or Triton that cannot run it falls back instead of failing."""
-    key = str(device)
+def norm_supports(x: torch.Tensor) -> bool:
+    """Whether the LayerNorm + modulation + quantize kernels run for this (B, T, C) input."""
+    return (available() and x.is_cuda and x.dim() == 3 and x.dtype in (torch.bfloat16, torch.float16)
+            and x.shape[2] <= MAX_COLUMNS and x.is_contiguous())
+
+
+def norm_quantize_reference(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                            residual: torch.Tensor | None = None, gate: torch.Tensor | None = None):
+    """What the norm kernels compute, in torch: (new hidden state or `h`, E4M3 rows, float32 row scales).
+
+    `h` (B, T, C); `shift`, `scale`, `gate` (B, C). The gated residual is added in float32 and rounded to `h.dtype`;
+    LayerNorm and modulation run in float32 and are rounded to `h.dtype` before the row max (as a 16-bit
+    modulated activation followed by `quantize_rows` is)."""
+    from .fp8 import _quantize_rows_eager
+
+    if residual is not None:
+        h = (h.float() + gate.float()[:, None] * residual.float()).to(h.dtype)
+    normed = F.layer_norm(h.float(), (h.shape[-1],), eps=eps)
+    modulated = (normed * (1 + scale.float()[:, None]) + shift.float()[:, None]).to(h.dtype)
+    data, row_scale = _quantize_rows_eager(modulated.reshape(-1, h.shape[-1]))
+    return h, data, row_scale
+
+
+if triton is not None:
+
+    @triton.jit
+    def _norm_quantize_rows_kernel(h_ptr, residual_ptr, gate_ptr, shift_ptr, scale_ptr, h_out_ptr, out_ptr,
+                                   row_scale_ptr, n_cols, tokens, eps, FP8_MAX: tl.constexpr,
+                                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+        # rows of h, residual, h_out, out are contiguous with n_cols columns; shift/scale/gate are (B, n_cols)
+        row = tl.program_id(0).to(tl.int64)
+        batch = row // tokens
+        cols_a = tl.arange(0, BLOCK_A)
+        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        mask_b = cols_b < n_cols
+        offset = row * n_cols
+        h_a = tl.load(h_ptr + offset + cols_a).to(tl.float32)
+        h_b = tl.load(h_ptr + offset + cols_b, mask=mask_b, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            gate_row = gate_ptr + batch * n_cols
+            y_a = tl.load(residual_ptr + offset + cols_a).to(tl.float32)
+            y_b = tl.load(residual_ptr + offset + cols_b, mask=mask_b, other=0.0).to(tl.float32)
+            new_a = (h_a + tl.load(gate_row + cols_a).to(tl.float32) * y_a).to(h_out_ptr.dtype.element_ty)
+            new_b = (h_b + tl.load(gate_row + cols_b, mask=mask_b, other=0.0).to(tl.float32) * y_b).to(
+                h_out_ptr.dtype.element_ty)
+            tl.store(h_out_ptr + offset + cols_a, new_a)
+            tl.store(h_out_ptr + offset + cols_b, new_b, mask=mask_b)
+            h_a = new_a.to(tl.float32)
+            h_b = new_b.to(tl.float32)
+        mean = (tl.sum(h_a, axis=0) + tl.sum(h_b, axis=0)) / n_cols
+        d_a = h_a - mean
+        d_b = tl.where(mask_b, h_b - mean, 0.0)
+        rstd = 1.0 / tl.sqrt((tl.sum(d_a * d_a, axis=0) + tl.sum(d_b * d_b, axis=0)) / n_cols + eps)
+        shift_row, scale_row = shift_ptr + batch * n_cols, scale_ptr + batch * n_cols
+        m_a = d_a * rstd * (1.0 + tl.load(scale_row + cols_a).to(tl.float32)) + tl.load(shift_row + cols_a).to(
+            tl.float32)
+        m_b = d_b * rstd * (1.0 + tl.load(scale_row + cols_b, mask=mask_b, other=0.0).to(tl.float32)) + tl.load(
+            shift_row + cols_b, mask=mask_b, other=0.0).to(tl.float32)
+        m_a = m_a.to(h_ptr.dtype.element_ty).to(tl.float32)  # rounded like a 16-bit modulated activation
+        m_b = tl.where(mask_b, m_b.to(h_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        amax = tl.maximum(tl.max(tl.abs(m_a), axis=0), tl.max(tl.abs(m_b), axis=0))
+        row_scale = tl.maximum(amax / FP8_MAX, 1e-12)
+        inverse = 1.0 / row_scale
+        tl.store(out_ptr + offset + cols_a, tl.clamp(m_a * inverse, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + offset + cols_b, tl.clamp(m_b * inverse, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty),
+                 mask=mask_b)
+        tl.store(row_scale_ptr + row, row_scale)
+
+    def launch_norm_quantize_rows(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                                  data: torch.Tensor, row_scale: torch.Tensor, residual: torch.Tensor | None = None,
+                                  gate: torch.Tensor | None = None, h_out: torch.Tensor | None = None,
+                                  num_warps: int | None = None) -> None:
+        """Run a norm kernel into preallocated outputs (`data` may be float32: the values before the FP8 cast);
+        with `residual`, `gate` and `h_out` it adds the gated residual first and writes the sum to `h_out`."""
+        cols = h.shape[-1]
+        block_a = 1 << (cols.bit_length() - 1)
+        block_b = max(16, triton.next_power_of_2(cols - block_a)) if cols > block_a else 16
+        has_residual = residual is not None
+        torch.library.wrap_triton(_norm_quantize_rows_kernel)[(h.shape[0] * h.shape[1],)](
+            h, residual if has_residual else h, gate.contiguous() if has_residual else shift,
+            shift.contiguous(), scale.contiguous(), h_out if has_residual else h, data, row_scale, cols, h.shape[1],
+            eps, FP8_MAX=FP8_MAX, BLOCK_A=block_a, BLOCK_B=block_b, HAS_RESIDUAL=has_residual,
+            num_warps=num_warps or (8 if block_a >= 2048 else 4))
+
+    @torch.library.triton_op("sd35fp8::norm_quantize_rows", mutates_args=())
+    def norm_quantize_rows(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """LayerNorm + adaLN modulation + row-wise E4M3 of a (B, T, C) 16-bit CUDA tensor: (data (B*T, C), scales)."""
+        data = torch.empty((h.shape[0] * h.shape[1], h.shape[2]), dtype=torch.float8_e4m3fn, device=h.device)
+        row_scale = torch.empty((data.shape[0], 1), dtype=torch.float32, device=h.device)
+        launch_norm_quantize_rows(h, shift, scale, eps, data, row_scale)
+        return data, row_scale
+
+    @torch.library.triton_op("sd35fp8::add_norm_quantize_rows", mutates_args=())
+    def add_norm_quantize_rows(h: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                               scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`h + gate * residual` (returned), then `norm_quantize_rows` of it: (new h, data, scales)."""
+        h_out = torch.empty_like(h)
+        data = torch.empty((h.shape[0] * h.shape[1], h.shape[2]), dtype=torch.float8_e4m3fn, device=h.device)
+        row_scale = torch.empty((data.shape[0], 1), dtype=torch.float32, device=h.device)
+        launch_norm_quantize_rows(h, shift, scale, eps, data, row_scale, residual, gate, h_out)
+        return h_out, data, row_scale
+
+
+KERNELS = ("gelu", "norm")  # what `check` can test: gelu_quantize_rows, the two norm kernels
+
+
+def check(device: torch.device | str, kernel: str = "gelu") -> str | None:
+    """Run `kernel` ("gelu" or "norm") once on `device` against the torch arithmetic; None if it agrees, else why
+    not (cached). `prepare_transformer` calls this before fusing, so a GPU or Triton that cannot run a kernel falls
+    back to the separate kernels instead of failing."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    key = f"{torch.device(device)}:{kernel}"
     if key not in _CHECKS:
-        _CHECKS[key] = _check(torch.device(device))
+        _CHECKS[key] = _check(torch.device(device), kernel)
     return _CHECKS[key]
 
 
-def _check(device: torch.device) -> str | None:
-    import torch.nn.functional as F
+def _agreement(data: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor | None = None,
+               expected_scale: torch.Tensor | None = None) -> tuple[float, float]:
+    """(share of equal elements, FP8 compared byte for byte; largest relative scale error)."""
+    if data.dtype == torch.float8_e4m3fn:
+        data, expected = data.view(torch.uint8), expected.view(torch.uint8)
+    same = (data == expected).float().mean().item()
+    error = 0.0 if scale is None else ((scale - expected_scale).abs() / expected_scale).max().item()
+    return same, error
 
+
+def _check(device: torch.device, kernel: str) -> str | None:
     from .fp8 import _quantize_rows_eager
 
     if not available():
         return "triton is not installed"
     if device.type != "cuda":
         return "the kernel runs on CUDA only"
+    generator = torch.Generator().manual_seed(0)
     try:
-        x = (torch.randn(64, 1000, generator=torch.Generator().manual_seed(0)) * 3).to(device, torch.bfloat16)
-        data, scale = gelu_quantize_rows(x)
-        expected_data, expected_scale = _quantize_rows_eager(F.gelu(x, approximate="tanh"))
-        same = (data.view(torch.uint8) == expected_data.view(torch.uint8)).float().mean().item()
-        scale_error = ((scale - expected_scale).abs() / expected_scale).max().item()
+        if kernel == "gelu":
+            x = (torch.randn(64, 1000, generator=generator) * 3).to(device, torch.bfloat16)
+            data, scale = gelu_quantize_rows(x)
+            expected_data, expected_scale = _quantize_rows_eager(F.gelu(x, approximate="tanh"))
+            results = [_agreement(data, expected_data, scale, expected_scale)]
+        else:
+            h, y = ((torch.randn(2, 40, 1000, generator=generator) * 3).to(device, torch.bfloat16) for _ in range(2))
+            shift, scale, gate = (torch.randn(2, 1000, generator=generator).to(device, torch.bfloat16) for _ in range(3))
+            _, data, row_scale = norm_quantize_reference(h, shift, scale, 1e-6)
+            ours = norm_quantize_rows(h, shift, scale, 1e-6)
+            new_h, added_data, added_scale = add_norm_quantize_rows(h, y, gate, shift, scale, 1e-6)
+            expected_h, expected_data, expected_scale = norm_quantize_reference(h, shift, scale, 1e-6, y, gate)
+            results = [_agreement(ours[0], data, ours[1], row_scale), _agreement(new_h, expected_h),
+                       _agreement(added_data, expected_data, added_scale, expected_scale)]
     except Exception as error:  # a Triton or driver that cannot build or run it
         return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    same, scale_error = min(r[0] for r in results), max(r[1] for r in results)
     if same < 0.99 or scale_error > 1e-2:
         return f"disagrees with torch: {same:.1%} equal bytes, scale error {scale_error:.2%}"
     return None

@@ -12,7 +12,7 @@ from .fp8 import (FP8_PATHS, apply_block_fp8, apply_fp8_path, fp8_path_of, keep_
                   quantize_linears, select_fp8_path)
 from .errors import BadInput
 from .settings import PRECISIONS, SPEED
-from .speed import SpeedOptions, prepare_transformer
+from .speed import prepare_transformer, speed_options
 from .tiny import SHAPES_DIR, SHAPES_MODEL_NAME, TINY_MODEL_NAME, build_tiny_pipeline, load_shapes_pipeline
 
 TINY = "tiny"  # the random tiny pipeline the tests use
@@ -148,18 +148,9 @@ def load_pipeline(
     fp8_path: str = "auto",
     revision: str | None = None,
     offload: bool = False,
-    compile: bool | str = False,
-    compile_mode: str | None = None,
-    compile_dynamic: bool = True,
-    compile_cache: str | bool | None = "auto",
-    fuse_projections: bool | str = "auto",
-    fuse_gelu: bool | str = "auto",
-    attention: str = "auto",
-    cuda_graphs: bool | str = "auto",
     text_encoders: str = "auto",
     prompt_cache: bool | object = True,
-    aot_dir: str | None = None,
-    compile_backend: str = "inductor",
+    **speed,
 ) -> LoadedPipeline:
     """Load an SD3 pipeline in `precision` ("fp8", "bf16", "fp16") from a Hub id, a folder, "tiny", or a
     `StableDiffusion3Pipeline` object (in memory; for "fp8" its 16-bit transformer is quantized exactly as
@@ -169,11 +160,11 @@ def load_pipeline(
     transformer on `fp8_path`: "auto" probes the GPU once (`probe_scaled_mm`) and picks row-wise FP8 tensor
     cores, else tensor-wise ones, else per-layer dequantization (always on the CPU).
 
-    Speed pieces (each can be switched off; "auto" = fastest measured on this hardware, off on the CPU):
-    `fuse_projections`, `fuse_gelu` (FP8 MLPs: GELU + quantization in one Triton kernel), `attention` ("sdpa",
-    "fp8_cudnn"), `compile` (False/"off", True/"regional", "full", "aot"; the first generation at each new kind of
-    input pays the compilation, a new size does not), `compile_mode`, `compile_dynamic` (symbolic token/batch
-    dims; False compiles for the first shape seen), `compile_cache` (folder kept between runs), `cuda_graphs`.
+    Speed pieces: `speed` takes the fields of `sd35fp8.speed.SpeedOptions` as keywords (fuse_projections,
+    fuse_gelu, fuse_norm, attention, compile, compile_mode, compile_dynamic, compile_cache, cuda_graphs, aot_dir,
+    compile_backend; each documented there). Each can be switched off; "auto" = fastest measured on this hardware,
+    off on the CPU. `compile` is off unless asked for; the first generation at each new kind of input pays the
+    compilation, a new size does not.
     Placement: `offload` (accelerate's model CPU offload, for 12 GB cards), `text_encoders` ("gpu", "on_demand":
     in CPU memory, each copied to the GPU only while it encodes; "auto": on demand on GPUs of 24 GB or less).
     `prompt_cache`: True for a new LRU cache of prompt embeddings, a `PromptCache` to share one, False for none.
@@ -187,10 +178,7 @@ def load_pipeline(
         raise ValueError(f"unknown FP8 path {fp8_path!r}; choose auto or one of {', '.join(FP8_PATHS)}")
     if text_encoders not in ("auto", "gpu", "on_demand"):
         raise ValueError(f"unknown text_encoders {text_encoders!r}; choose auto, gpu or on_demand")
-    options = SpeedOptions(fuse_projections=fuse_projections, fuse_gelu=fuse_gelu, attention=attention,
-                           compile=compile, compile_mode=compile_mode, compile_dynamic=compile_dynamic,
-                           compile_cache=compile_cache, cuda_graphs=cuda_graphs, aot_dir=aot_dir,
-                           compile_backend=compile_backend)
+    options = speed_options(speed)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or PRECISIONS[precision].dtype or torch.bfloat16
     options = options.resolved(device)
@@ -304,16 +292,15 @@ def load_transformer(source: str, precision: str, *, dtype: torch.dtype | None =
 def with_transformer(loaded: LoadedPipeline, transformer: SD3Transformer2DModel, precision: str,
                      source: str | None = None, **speed) -> LoadedPipeline:
     """A second pipeline that shares `loaded`'s text encoders (and their placement), tokenizers, VAE, prompt cache
-    and scheduler config. `speed` takes `load_pipeline`'s speed options (fuse_projections, fuse_gelu, attention,
-    compile, compile_mode, compile_dynamic, compile_cache, cuda_graphs, aot_dir) for the new transformer; the same
-    "auto" defaults apply."""
+    and scheduler config. `speed` takes `load_pipeline`'s speed options (the fields of `SpeedOptions`) for the new
+    transformer; the same "auto" defaults apply."""
     started = time.perf_counter()
     scheduler = loaded.pipe.scheduler.__class__.from_config(loaded.pipe.scheduler.config)
     components = dict(loaded.pipe.components, transformer=transformer.to(loaded.device), scheduler=scheduler)
     pipe = StableDiffusion3Pipeline(**components)
     check_loaded(pipe)
     pipe.set_progress_bar_config(disable=True)
-    options = SpeedOptions(**speed).resolved(loaded.device)
+    options = speed_options(speed).resolved(loaded.device)
     pieces = {"fp8_path": fp8_path_of(transformer), "fp8_probe": None}
     pieces |= prepare_transformer(transformer, loaded.device, options,
                                   run_once=warmup_call(pipe))

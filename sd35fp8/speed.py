@@ -3,20 +3,21 @@
 `load_pipeline(...)` and `with_transformer(...)` take these options as keyword arguments (see `SpeedOptions`);
 "auto" means the fastest configuration measured on that hardware (bench/results/gpu_h200_speed.json), and
 every piece is off on the CPU unless asked for. `prepare_transformer` applies them in a fixed order: fused
-projections -> GELU + quantization fusion -> attention backend -> compilation (regional / full / AOTInductor) ->
-CUDA graphs.
+projections -> GELU + quantization fusion -> attention backend -> adaLN + quantization fusion -> compilation
+(regional / full / AOTInductor) -> CUDA graphs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
 from . import kernels
+from .blocks import fuse_norm_quantize, norm_fused
 from .attention import ATTENTION_BACKENDS, ATTENTION_LABELS, FALLBACKS, attention_of, cudnn_fp8_available, set_attention
 from .compile import COMPILE_CHOICES, CudaGraphTransformer, apply_aot_packages, aot_compile_blocks, compile_transformer, \
     configure_compile_cache
@@ -38,6 +39,7 @@ class SpeedOptions:
 
     fuse_projections: bool | str = "auto"  # concatenate q/k/v (and add_q/k/v) into one GEMM; auto: on CUDA
     fuse_gelu: bool | str = "auto"  # FP8 MLPs: GELU + activation quantization in one Triton kernel; auto: on CUDA
+    fuse_norm: bool | str = "auto"  # FP8 blocks: adaLN (+ residual) + activation quantization in one kernel; auto: CUDA
     attention: str = "auto"  # "sdpa" | "fp8_cudnn" | "fp8_reference"; auto: fastest measured here (else sdpa)
     compile: bool | str = False  # False/"off" | True/"regional" | "full" | "aot" | "auto" (regional on CUDA)
     compile_mode: str | None = None  # inductor mode, e.g. "max-autotune-no-cudagraphs"
@@ -59,6 +61,7 @@ class SpeedOptions:
         cuda = torch.device(device).type == "cuda"
         fuse = cuda if self.fuse_projections == "auto" else bool(self.fuse_projections)
         fuse_gelu = cuda and kernels.available() if self.fuse_gelu == "auto" else bool(self.fuse_gelu)
+        fuse_norm = cuda and kernels.available() if self.fuse_norm == "auto" else bool(self.fuse_norm)
         attention = self.attention
         if attention == "auto":
             attention = "sdpa"
@@ -73,8 +76,18 @@ class SpeedOptions:
         cache = self.compile_cache
         if cache == "auto" or cache is True:
             cache = SPEED.compile_cache_dir if compile_choice != "off" else None
-        return replace(self, fuse_projections=fuse, fuse_gelu=fuse_gelu, attention=attention, compile=compile_choice,
+        return replace(self, fuse_projections=fuse, fuse_gelu=fuse_gelu, fuse_norm=fuse_norm, attention=attention,
+                       compile=compile_choice,
                        cuda_graphs=graphs, compile_cache=cache or None, compile_requested=self.compile)
+
+
+def speed_options(speed: dict) -> SpeedOptions:
+    """`SpeedOptions(**speed)`, refusing unknown names with the list of known ones."""
+    known = {f.name for f in fields(SpeedOptions)} - {"compile_requested"}
+    unknown = sorted(set(speed) - known)
+    if unknown:
+        raise TypeError(f"unknown speed option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    return SpeedOptions(**speed)
 
 
 def aot_fingerprint(transformer: torch.nn.Module, device: torch.device) -> str:
@@ -98,9 +111,9 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
     if options.fuse_projections:
         fuse_projections(transformer)
     pieces["fused_projections"] = projections_fused(transformer)
-    # the kernel runs only in row-wise FP8 layers on CUDA: check it there (once per device), nowhere else
-    kernel_runs = options.fuse_gelu and torch.device(device).type == "cuda" and fp8_path_of(transformer) == "scaled_mm"
-    reason = kernels.check(device) if kernel_runs else None
+    # the kernels run only in row-wise FP8 layers on CUDA: check them there (once per device), nowhere else
+    kernels_run = torch.device(device).type == "cuda" and fp8_path_of(transformer) == "scaled_mm"
+    reason = kernels.check(device, "gelu") if options.fuse_gelu and kernels_run else None
     if reason is not None:
         pieces["fused_gelu_fallback"] = f"GELU + quantization kernel unavailable ({reason}); separate kernels instead"
     elif options.fuse_gelu:
@@ -117,6 +130,12 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
         backend = "sdpa"
     set_attention(transformer, backend)
     pieces["attention"] = attention_of(transformer)
+    reason = kernels.check(device, "norm") if options.fuse_norm and kernels_run else None
+    if reason is not None:
+        pieces["fused_norm_fallback"] = f"adaLN + quantization kernels unavailable ({reason}); separate kernels instead"
+    elif options.fuse_norm:
+        fuse_norm_quantize(transformer)
+    pieces["fused_norm"] = norm_fused(transformer)
     if options.compile in ("regional", "full") and options.compile_requested in (True, "auto") \
             and fp8_path_of(transformer) == "scaled_mm_tensorwise":
         # Measured on the H200: compiling the tensor-wise path (forced) did not finish within 250 s, so "auto"/True
@@ -157,6 +176,8 @@ def describe_pieces(pieces: dict) -> str:
         parts.append(f"fused q/k/v in {pieces['fused_projections']} attentions")
     if pieces.get("fused_gelu"):
         parts.append(f"GELU + FP8 quantization in one kernel in {pieces['fused_gelu']} MLPs")
+    if pieces.get("fused_norm"):
+        parts.append(f"adaLN + FP8 quantization in one kernel in {pieces['fused_norm']} blocks")
     if pieces.get("attention"):
         parts.append(ATTENTION_LABELS.get(pieces["attention"], str(pieces["attention"])))
     if pieces.get("compile") and pieces["compile"] != "off":
