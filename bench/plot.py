@@ -16,16 +16,16 @@ TITLES = {"large": "SD3.5 Large", "medium": "SD3.5 Medium"}
 
 
 def load_rows(results: Path) -> list[tuple[str, list[dict]]]:
-    """Measured rows per model of one run (the run of the first row: rows kept from earlier runs are not drawn),
-    each configuration once (the first file that has it)."""
+    """Measured rows per model, each model's from one run (the run of its first row: rows of other runs are not
+    drawn), each configuration once (the first file that has it)."""
     by_model: dict[str, dict[str, dict]] = {}
-    run = None
+    runs: dict[str, str | None] = {}
     for name in FILES:
         path = results / name
         if not path.is_file():
             continue
         for row in json.loads(path.read_text()):
-            run = row.get("run") if run is None else run
+            run = runs.setdefault(row["model"], row.get("run"))
             if row.get("latency_s") is not None and row.get("run") == run:
                 by_model.setdefault(row["model"], {}).setdefault(row["config"], row)
     return [(TITLES.get(model, model), list(rows.values())) for model, rows in by_model.items()]
