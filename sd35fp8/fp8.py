@@ -117,9 +117,17 @@ def quantize_blockwise(weight: torch.Tensor, block: tuple[int, int] = T5_BLOCK) 
 
 def dequantize_blockwise(data: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = T5_BLOCK,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The 16-bit (or `dtype`) weight that E4M3 `data` and its per-block `weight_scale_inv` stand for."""
+    """The 16-bit (or `dtype`) weight that E4M3 `data` and its per-block `weight_scale_inv` stand for.
+
+    Where the blocks tile the weight exactly (T5's layers) each block is scaled by broadcasting, without building
+    the full-size scale matrix the general case needs (two `repeat_interleave` copies of the weight's size per call:
+    `Fp8BlockLinear` calls this for every layer of every prompt). Both give the same values."""
+    rows, cols = data.shape
+    if rows % block[0] == 0 and cols % block[1] == 0:
+        tiles = data.view(rows // block[0], block[0], cols // block[1], block[1]).to(dtype)
+        return (tiles * scale_inv.to(dtype)[:, None, :, None]).view(rows, cols)
     scale = scale_inv.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
-    return data.to(dtype) * scale[: data.shape[0], : data.shape[1]].to(dtype)
+    return data.to(dtype) * scale[:rows, :cols].to(dtype)
 
 
 def transformers_quant_config(exclude: list[str] | None = None) -> dict:

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from sd35fp8.fp8 import Fp8Linear, apply_fp8_path, fp8_path_of, quantize_blockwise, quanto_quantize
+from sd35fp8.fp8 import Fp8Linear, apply_fp8_path, dequantize_blockwise, fp8_path_of, quantize_blockwise, \
+    quanto_quantize
 from sd35fp8.generate import Stopped, generate
 from sd35fp8.loading import LoadError, check_loaded, load_pipeline, load_transformer, with_transformer
 from sd35fp8.request import GenerationRequest, InvalidRequest, parse_setting
@@ -70,6 +71,15 @@ def test_blockwise_quantization_round_trip():
     assert data.dtype == torch.float8_e4m3fn and scale.shape == (2, 3)
     restored = data.float() * scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:200, :300]
     assert relative_error(restored, weight) < 0.05
+    assert torch.equal(dequantize_blockwise(data, scale), restored)  # partial blocks: the general path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_blockwise_dequantization_of_whole_blocks_equals_the_general_formula(dtype):
+    weight = torch.randn(256, 384) * torch.logspace(-3, 1, 256)[:, None]
+    data, scale = quantize_blockwise(weight)
+    general = data.to(dtype) * scale.repeat_interleave(128, 0).repeat_interleave(128, 1).to(dtype)
+    assert torch.equal(dequantize_blockwise(data, scale, dtype=dtype), general)
 
 
 @requires_sm89
