@@ -4,7 +4,7 @@
 data: one program per row holds the whole row (<= 16384 columns) in registers, so the row max and the cast need no
 second read. It replaces what inductor generates for the same three steps on SD3.5's MLP activation (a looped
 two-pass reduction evaluating GELU twice): 0.41 -> 0.11 ms at 8858 x 9728 on an H200 (launch settings swept by
-bench/gelu_kernel_sweep.py; bench/NOTES.md).
+bench/gelu_kernel_sweep.py; bench/NOTES.md); in the compiled SD3.5 Large step its 75 calls take 2.8 ms.
 
 Registered with `torch.library.triton_op`, so torch.compile and torch.export see one opaque op and inductor calls
 the kernel from its generated code (no graph break). The arithmetic matches `F.gelu(x, approximate="tanh")` in
@@ -17,7 +17,8 @@ modulated by its batch's `(1 + scale)` and `shift`, then E4M3 rows with one floa
 `add_norm_quantize_rows(h, y, gate, shift, scale, eps)` first adds the gated residual (`h + gate * y`, rounded to
 `h.dtype` and returned: the block's new hidden state) and normalizes that. One program per row, one read of the
 row: inductor's version of the same computation is a looped three-pass reduction (LayerNorm statistics, row
-max, cast) that took 83-109 us a call on SD3.5 Large's image tokens on an H200 where the bytes allow ~15-30 us
+max, cast) that took 83-109 us a call on SD3.5 Large's image tokens on an H200 where the bytes allow ~15-30 us.
+In the compiled Large step the 151 calls take 4.5 ms; the Triton time of the step fell from 14.6 to 11.6 ms
 (bench/NOTES.md). `sd35fp8.blocks` calls them; `norm_quantize_reference` is the same arithmetic in torch.
 """
 

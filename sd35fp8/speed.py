@@ -28,8 +28,9 @@ from .settings import SPEED
 # FP8 sdpa was slower than its 16-bit kernel at head_dim 64 (1.16 vs 1.01 ms at 2x38x4429x64; in the model the
 # FP8 kernel saved 4.8 ms a step but quantizing Q/K/V cost more), so "auto" never selects FP8 attention.
 AUTO_ATTENTION_FP8_MIN_CAPABILITY: tuple[int, int] | None = None  # None: FP8 attention is never auto-selected
-# CUDA graphs on the H200 (Large FP8, compiled): 102.0 vs 105.2 ms a step, but 3.19 vs 3.21 s end to end (0.6%), and
-# every new image size captures another graph and its memory: off unless asked for
+# CUDA graphs on the H200 (Large FP8, compiled, same process): 98.5 vs 101.1 ms a step, 3.01 vs 3.09 s end to end
+# (2.8%; 0.6% before the adaLN kernels); every new image size captures another graph and keeps its memory, and the
+# app serves several sizes from threads: off unless asked for
 AUTO_CUDA_GRAPHS = False
 
 
