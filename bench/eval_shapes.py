@@ -2,7 +2,8 @@
 
     python -m bench.eval_shapes [--count 200] [--paths dequant,quanto,scaled_mm] [--device auto]
 
-1. converts the model with `python -m convert` into a temporary folder (the FP8 variant users would publish);
+1. converts the model with `python -m convert` (on the CPU) into a temporary folder (the FP8 variant users would
+   publish);
 2. renders each held-out caption (`shapes.data.eval_specs`: unseen colour/shape pairs and unseen two-object
    captions, never trained on) with the 16-bit model and with the FP8 variant on each FP8 compute path, all
    through `sd35fp8.loading.load_pipeline` and `sd35fp8.generate.generate`, same seed per caption;
@@ -178,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         fp8_dir = args.fp8_dir
         if fp8_dir is None:
             fp8_dir = Path(work) / "tiny-shapes-fp8"
-            convert(args.model, fp8_dir, device.type)
+            # Verified on the CPU whatever --device says (convert's --device only picks where it verifies; the files
+            # are the same): on CUDA its reload moves quanto's FP8 weights to the GPU, where quanto repacks them for
+            # its Marlin kernels, which first builds its CUDA extension with nvcc (the likely reason an H200 call's
+            # evaluation ran out of its 96 s inside convert's transformer verification).
+            convert(args.model, fp8_dir, "cpu")
         base = load_pipeline(str(args.model), args.dtype if args.dtype != "fp32" else "fp16", device=device, dtype=dtype)
         base_images, base_latency = render_all(base, specs, settings, "16-bit")
         del base
