@@ -721,23 +721,16 @@ def main(argv=None) -> int:
             rows[target].add({"model": model, "config": config_name, **info})
 
     stages = Stages(deadline, record_failure)
-    if not args.no_micro:
-        with stages.stage("checks/gelu_quantize_micro", 20) as ok:
+    micros = [("gelu_quantize_micro", lambda: gelu_quantize_micro(torch, device), True),
+              ("norm_quantize_micro", lambda: norm_quantize_micro(torch, device), True),
+              ("attention_micro", lambda: attention_micro(torch, device, args.tiny), not args.no_attention_micro)]
+    for key, measure, wanted in micros:
+        if args.no_micro or not wanted:
+            continue
+        with stages.stage(f"checks/{key}", 25) as ok:
             if ok:
-                checks["gelu_quantize_micro"] = gelu_quantize_micro(torch, device)
-                log(f"gelu + quantize micro: {json.dumps(checks['gelu_quantize_micro'])}")
-                save_checks()
-    if not args.no_micro:
-        with stages.stage("checks/norm_quantize_micro", 20) as ok:
-            if ok:
-                checks["norm_quantize_micro"] = norm_quantize_micro(torch, device)
-                log(f"adaLN + quantize micro: {json.dumps(checks['norm_quantize_micro'])}")
-                save_checks()
-    if not args.no_micro and not args.no_attention_micro:
-        with stages.stage("checks/attention_micro", 25) as ok:
-            if ok:
-                checks["attention_micro"] = attention_micro(torch, device, args.tiny)
-                log(f"attention micro: {json.dumps(checks['attention_micro'])}")
+                checks[key] = measure()
+                log(f"{key}: {json.dumps(checks[key])}")
                 save_checks()
     for model, names in plan_of(args):
         model_name = "tiny" if args.tiny else model

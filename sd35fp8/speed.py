@@ -101,6 +101,23 @@ def aot_fingerprint(transformer: torch.nn.Module, device: torch.device) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+KERNEL_LABELS = {"gelu": "GELU + quantization kernel", "norm": "adaLN + quantization kernels"}
+
+
+def _kernel_piece(pieces: dict, transformer: torch.nn.Module, device: torch.device, kernel: str, wanted: bool,
+                  fuse, count) -> None:
+    """Rewire the transformer for one of `sd35fp8.kernels` if asked, unless the kernel fails its check on the
+    device (then record why in pieces["fused_<kernel>_fallback"]); pieces["fused_<kernel>"] counts the rewired
+    parts. The kernels run only in row-wise FP8 layers on CUDA: they are checked there (once per device) only."""
+    runs = torch.device(device).type == "cuda" and fp8_path_of(transformer) == "scaled_mm"
+    reason = kernels.check(device, kernel) if wanted and runs else None
+    if reason is not None:
+        pieces[f"fused_{kernel}_fallback"] = f"{KERNEL_LABELS[kernel]} unavailable ({reason}); separate kernels instead"
+    elif wanted:
+        fuse(transformer)
+    pieces[f"fused_{kernel}"] = count(transformer)
+
+
 def prepare_transformer(transformer: torch.nn.Module, device: torch.device, options: SpeedOptions,
                         run_once=None) -> dict:
     """Apply the (resolved) speed options to a transformer already on `device`; returns what ran.
@@ -112,14 +129,7 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
     if options.fuse_projections:
         fuse_projections(transformer)
     pieces["fused_projections"] = projections_fused(transformer)
-    # the kernels run only in row-wise FP8 layers on CUDA: check them there (once per device), nowhere else
-    kernels_run = torch.device(device).type == "cuda" and fp8_path_of(transformer) == "scaled_mm"
-    reason = kernels.check(device, "gelu") if options.fuse_gelu and kernels_run else None
-    if reason is not None:
-        pieces["fused_gelu_fallback"] = f"GELU + quantization kernel unavailable ({reason}); separate kernels instead"
-    elif options.fuse_gelu:
-        fuse_gelu_quantize(transformer)
-    pieces["fused_gelu"] = gelu_fused(transformer)
+    _kernel_piece(pieces, transformer, device, "gelu", options.fuse_gelu, fuse_gelu_quantize, gelu_fused)
     backend = options.attention
     if backend == "fp8_cudnn":
         reason = cudnn_fp8_available()
@@ -131,12 +141,7 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
         backend = "sdpa"
     set_attention(transformer, backend)
     pieces["attention"] = attention_of(transformer)
-    reason = kernels.check(device, "norm") if options.fuse_norm and kernels_run else None
-    if reason is not None:
-        pieces["fused_norm_fallback"] = f"adaLN + quantization kernels unavailable ({reason}); separate kernels instead"
-    elif options.fuse_norm:
-        fuse_norm_quantize(transformer)
-    pieces["fused_norm"] = norm_fused(transformer)
+    _kernel_piece(pieces, transformer, device, "norm", options.fuse_norm, fuse_norm_quantize, norm_fused)
     if options.compile in ("regional", "full") and options.compile_requested in (True, "auto") \
             and fp8_path_of(transformer) == "scaled_mm_tensorwise":
         # Measured on the H200: compiling the tensor-wise path (forced) did not finish within 250 s, so "auto"/True
