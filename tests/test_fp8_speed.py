@@ -541,3 +541,23 @@ def test_auto_compile_keeps_the_tensorwise_path_eager():
     explicit = prepare_transformer(tiny_transformer(), torch.device("cpu"),
                                    SpeedOptions(compile="regional", compile_backend="eager").resolved("cpu"))
     assert explicit["compile"].startswith("regional")
+
+
+def test_fused_adaln_blocks_export_for_aot_inductor():
+    """compile="aot" exports each block kind with torch.export: the fused block must export and compute the same."""
+    from sd35fp8.blocks import fuse_norm_quantize
+    from sd35fp8.compile import capture_block_calls
+
+    model = tiny_transformer()
+    quantize_linears(model, "scaled_mm")
+    fuse_projections(model)
+    set_attention(model, "sdpa")
+    assert fuse_norm_quantize(model) == 2
+    with capture_block_calls(model) as calls:
+        step(model)
+    for kind, (args, kwargs) in calls.items():
+        block = model.transformer_blocks[0 if kind == "block" else -1]
+        exported = torch.export.export(block, args, kwargs)
+        ours, theirs = exported.module()(*args, **kwargs), block(*args, **kwargs)
+        for got, want in zip(ours, theirs):
+            assert (got is None and want is None) or torch.equal(got, want), kind
