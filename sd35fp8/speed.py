@@ -92,12 +92,14 @@ def speed_options(speed: dict) -> SpeedOptions:
 
 
 def aot_fingerprint(transformer: torch.nn.Module, device: torch.device) -> str:
-    """Folder name for AOTInductor packages of this transformer's block code, dtypes, FP8 modes and device."""
+    """Folder name for AOTInductor packages of this transformer's block code (the fusions it runs), dtypes, FP8
+    modes and device."""
     config = dict(getattr(transformer, "config", {}))
     dtypes = sorted({str(p.dtype) for p in transformer.parameters()})
     capability = torch.cuda.get_device_capability(device) if torch.device(device).type == "cuda" else "cpu"
-    text = json.dumps([config, dtypes, fp8_path_of(transformer), projections_fused(transformer), str(capability),
-                       torch.__version__], sort_keys=True, default=str)
+    text = json.dumps([config, dtypes, fp8_path_of(transformer), projections_fused(transformer),
+                       gelu_fused(transformer), norm_fused(transformer), str(capability), torch.__version__],
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -561,3 +561,18 @@ def test_fused_adaln_blocks_export_for_aot_inductor():
         ours, theirs = exported.module()(*args, **kwargs), block(*args, **kwargs)
         for got, want in zip(ours, theirs):
             assert (got is None and want is None) or torch.equal(got, want), kind
+
+
+def test_aot_packages_of_fused_and_unfused_blocks_live_apart():
+    """An AOTInductor package holds one block code: a transformer with other fusions must not load it."""
+    from sd35fp8.blocks import fuse_norm_quantize
+    from sd35fp8.speed import aot_fingerprint
+
+    model = tiny_transformer()
+    quantize_linears(model, "scaled_mm")
+    set_attention(model, "sdpa")
+    seen = {aot_fingerprint(model, torch.device("cpu"))}
+    for fuse in (fuse_gelu_quantize, fuse_norm_quantize):
+        assert fuse(model) > 0
+        seen.add(aot_fingerprint(model, torch.device("cpu")))
+    assert len(seen) == 3
