@@ -6,11 +6,12 @@ attention processor and the MLP as a 16-bit tensor, and each FP8 layer then quan
 torch.compile inductor fuses this into one reduction kernel per norm, but a looped three-pass one (83-109 us a call
 on SD3.5 Large's image tokens on an H200, about 5x what the bytes need). `Fp8NormBlock` is the same block with a
 forward that calls `sd35fp8.kernels.norm_quantize_rows` / `add_norm_quantize_rows` instead and hands the FP8 rows
-to the layers as an `Fp8Activation` (H200, Large, compiled: 103.2 -> 101.0 ms a step; eager FP8: 179 -> 150 ms,
-with the GELU kernel). Same weights, same modules, same arithmetic up to rounding (the sums run in float32 and are
-rounded once); only blocks whose every consumer of a normalized activation is a row-wise FP8 layer
-are converted, and only once `sd35fp8.attention.JointAttention` runs their attention. Where Triton cannot run (the CPU) the same forward runs the torch reference of the kernels, which is
-what the CPU tests compare against diffusers' block.
+to the layers as an `Fp8Activation` (H200, Large, compiled: 103.2 -> 101.0 ms a step; eager FP8 179 -> 150 ms
+together with GELU kernel v2). Same weights, same modules, same arithmetic up to rounding (the sums run in float32
+and are rounded once). Only blocks whose every consumer of a normalized activation is a row-wise FP8 layer are
+converted, and only once `sd35fp8.attention.JointAttention` runs their attention. Where Triton cannot run (the CPU)
+the same forward runs the torch reference of the kernels, which is what the CPU tests compare against diffusers'
+block.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Speed pieces, checked for numerics on the CPU against the 16-bit layers: in-memory FP8 quantization equal to
-convert's, fused projections, the fused GELU + quantization kernel, tensor-wise FP8, the FP8 capability probe, FP8 attention, prompt cache,
-on-demand text encoders, VAE tiling and ZeroGPU durations."""
+convert's, fused projections, the GELU and adaLN + quantization kernels (Triton's interpreter, cubins built without
+a GPU, the blocks that call them), tensor-wise FP8, the FP8 capability probe, FP8 attention, prompt cache, on-demand
+text encoders, VAE tiling and ZeroGPU durations."""
 
 import copy
 import dataclasses
