@@ -145,6 +145,25 @@ def cuda_median_ms(torch, fn, iters: int = 10, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def cuda_graph_ms(torch, fn, repeat: int = 20) -> float | None:
+    """GPU milliseconds of one `fn()`: `repeat` calls captured in one CUDA graph and replayed, so a short kernel's
+    Python launch cost (which `cuda_median_ms` includes) is not timed. None if `fn` cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (compilation, autotuning) outside the capture
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(repeat):
+                fn()
+        return cuda_median_ms(torch, graph.replay, iters=10, warmup=1) / repeat
+    except Exception:  # noqa: BLE001 - a benchmark figure, not a failure of the run
+        return None
+
+
 def print_table(rows: list[dict], columns: tuple[str, ...]) -> None:
     print(" | ".join(columns))
     for row in rows:
