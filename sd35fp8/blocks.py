@@ -8,7 +8,7 @@ on SD3.5 Large's image tokens on an H200, about 5x what the bytes need). `Fp8Nor
 forward that calls `sd35fp8.kernels.norm_quantize_rows` / `add_norm_quantize_rows` instead and hands the FP8 rows
 to the layers as an `Fp8Activation` (H200, Large, compiled: 103.2 -> 101.0 ms a step; eager FP8 179 -> 150 ms
 together with GELU kernel v2). Same weights, same modules, same arithmetic up to rounding (the sums run in float32
-and are rounded once). Only blocks whose every consumer of a normalized activation is a row-wise FP8 layer are
+and are rounded once). Only blocks whose every consumer of a normalized activation is an FP8-GEMM layer are
 converted, and only once `sd35fp8.attention.JointAttention` runs their attention. Where Triton cannot run (the CPU)
 the same forward runs the torch reference of the kernels, which is what the CPU tests compare against diffusers'
 block.
@@ -23,7 +23,7 @@ from torch import nn
 
 from . import kernels
 from .attention import JointAttention
-from .fp8 import Fp8Activation, Fp8Linear
+from .fp8 import FP8_GEMM_MODES, Fp8Activation, Fp8Linear
 
 
 def _norm_quantize(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> Fp8Activation:
@@ -95,7 +95,7 @@ def _first_mlp_layer(mlp: nn.Module | None) -> nn.Module | None:
 
 
 def _convertible(block: nn.Module) -> bool:
-    """A stock block whose norms the kernels compute and whose normalized activations feed row-wise FP8 layers."""
+    """A stock block whose norms the kernels compute and whose normalized activations feed FP8-GEMM layers."""
     if type(block) is not JointTransformerBlock or block._chunk_size is not None:
         return False
     norm1, context = block.norm1, block.norm1_context
@@ -114,7 +114,7 @@ def _convertible(block: nn.Module) -> bool:
     consumers += [getattr(attention, name, None) for attention in attentions for name in names]
     consumers += [getattr(block.attn, name, None) for name in ("to_added_qkv", "add_q_proj", "add_k_proj", "add_v_proj")]
     used = [layer for layer in consumers if layer is not None]
-    return all(isinstance(layer, Fp8Linear) and layer.mode == "scaled_mm" for layer in used)
+    return all(isinstance(layer, Fp8Linear) and layer.mode in FP8_GEMM_MODES for layer in used)
 
 
 def fuse_norm_quantize(model: nn.Module) -> int:

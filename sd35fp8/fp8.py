@@ -16,9 +16,9 @@ Compute (what `load_pipeline` does with a quanto transformer):
   * "scaled_mm": FP8 tensor cores through `torch._scaled_mm`, activations quantized per row on the fly,
     weights used as stored (no 16-bit copy). Needs compute capability >= 8.9 (Ada, Hopper, Blackwell) and a
     cuBLAS that takes row-wise scales: `probe_scaled_mm` checks that on the actual GPU at load.
-  * "scaled_mm_tensorwise": FP8 tensor cores with one activation scale per tensor; the per-channel weight
-    scale is applied to the GEMM output (one multiply, fused into the next kernel under torch.compile). For
-    GPUs whose `_scaled_mm` refuses row-wise scales.
+  * "scaled_mm_tensorwise": for GPUs whose `_scaled_mm` refuses row-wise scales: the same row-wise FP8
+    activations, a GEMM with unit tensor-wise scales writing bf16, and both scales (per activation row, per weight
+    channel) applied to its output in float32 (one multiply, fused into the next kernel under torch.compile).
   * "dequant": weight-only; each layer's weight is expanded to 16-bit right before its matmul.
   * "quanto": leave quanto's own modules in place (what a stock-diffusers user runs).
 
@@ -45,12 +45,13 @@ FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 FP8_PATHS = ("scaled_mm", "scaled_mm_tensorwise", "dequant", "quanto")
 FP8_PATH_LABELS = {
     "scaled_mm": "FP8 tensor cores (torch._scaled_mm, row-wise scales)",
-    "scaled_mm_tensorwise": "FP8 tensor cores (torch._scaled_mm, tensor-wise activation scale, per-channel weight "
-                            "scale on the output; this GPU refused row-wise scales)",
+    "scaled_mm_tensorwise": "FP8 tensor cores (torch._scaled_mm with unit tensor-wise scales, the row and channel "
+                            "scales applied to its output; this GPU refused row-wise scales)",
     "dequant": "FP8 weights, dequantized to 16-bit per layer (no FP8 tensor cores)",
     "quanto": "optimum-quanto weight-only kernels",
 }
 LAYER_MODES = ("scaled_mm", "scaled_mm_tensorwise", "dequant")
+FP8_GEMM_MODES = ("scaled_mm", "scaled_mm_tensorwise")  # the modes that run FP8 GEMMs on row-quantized activations
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -215,11 +216,6 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     return x.abs().amax(dim=-1).amax() if x.dim() > 1 else x.abs().amax()
 
 
-def _quantize_tensor_eager(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = (tensor_amax(rows).float() / FP8_MAX).clamp(min=1e-12)
-    return (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
-
-
 _FUSED: dict[str, object] = {}
 
 
@@ -237,26 +233,19 @@ def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _fused("rows", _quantize_rows_eager)(rows)
 
 
-def quantize_tensor(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3 data and one float32 scale for the whole tensor."""
-    if rows.device.type != "cuda" or _tracing():
-        return _quantize_tensor_eager(rows)
-    return _fused("tensor", _quantize_tensor_eager)(rows)
-
-
-def _scale_channels_eager(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                          dtype: torch.dtype) -> torch.Tensor:
-    scaled = out.float() * scale
+def _scale_output_eager(out: torch.Tensor, row_scale: torch.Tensor, channel_scale: torch.Tensor,
+                        bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    scaled = out.float() * row_scale * channel_scale
     return (scaled if bias is None else scaled + bias.float()).to(dtype)
 
 
-def scale_channels(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """`out * scale (+ bias)` per output channel in float32, rounded once to `dtype`; one fused kernel on CUDA
-    (eager, a float32 GEMM output and three separate passes cost 331 ms a Large step on the H200)."""
+def scale_output(out: torch.Tensor, row_scale: torch.Tensor, channel_scale: torch.Tensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """`out * row_scale * channel_scale (+ bias)` in float32, rounded once to `dtype`: what a GEMM with row-wise
+    scales computes in its epilogue; one fused kernel on CUDA."""
     if out.device.type != "cuda" or _tracing():
-        return _scale_channels_eager(out, scale, bias, dtype)
-    return _fused("channels", _scale_channels_eager)(out, scale, bias, dtype)
+        return _scale_output_eager(out, row_scale, channel_scale, bias, dtype)
+    return _fused("output", _scale_output_eager)(out, row_scale, channel_scale, bias, dtype)
 
 
 class Fp8Activation(NamedTuple):
@@ -327,33 +316,34 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if isinstance(x, Fp8Activation):  # quantized by the kernel that produced it (`sd35fp8.blocks`)
-            if self.mode == "scaled_mm":
-                return self._rowwise_mm(x.data.reshape(-1, self.in_features), x.scale.reshape(-1, 1), bias,
-                                        x.data.shape[:-1], x.dtype)
+            if self.mode in FP8_GEMM_MODES:
+                return self._fp8_mm(x.data.reshape(-1, self.in_features), x.scale.reshape(-1, 1), bias,
+                                    x.data.shape[:-1], x.dtype)
             x = dequantize_activation(x)
         rows = x.reshape(-1, self.in_features)
-        if self.input_gelu and self.mode == "scaled_mm" and kernels.supports(rows):
+        if self.input_gelu and self.mode in FP8_GEMM_MODES and kernels.supports(rows):
             x_fp8, x_scale = kernels.gelu_quantize_rows(rows)  # GELU + quantization in one pass
-            return self._rowwise_mm(x_fp8, x_scale, bias, x.shape[:-1], x.dtype)
+            return self._fp8_mm(x_fp8, x_scale, bias, x.shape[:-1], x.dtype)
         if self.input_gelu:
             x = F.gelu(x, approximate="tanh")
             rows = x.reshape(-1, self.in_features)
         if self.mode == "dequant":
             weight = self.weight.to(x.dtype) * self.weight_scale.reshape(-1, 1).to(x.dtype)
             return F.linear(x, weight, bias)
-        if self.mode == "scaled_mm":
-            return self._rowwise_mm(*quantize_rows(rows), bias, x.shape[:-1], x.dtype)
-        # tensor-wise activation scale; the per-channel weight scale multiplies the output. The GEMM writes bf16
-        # (half of float32's bytes; float32's range, which fp16 lacks before the weight scale brings values down)
-        x_fp8, x_scale = quantize_tensor(rows)
-        out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=x_scale.new_ones(()),
-                               out_dtype=torch.bfloat16)
-        return scale_channels(out, self.weight_scale, bias, x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self._fp8_mm(*quantize_rows(rows), bias, x.shape[:-1], x.dtype)
 
-    def _rowwise_mm(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, bias: torch.Tensor | None,
-                    leading: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                               bias=bias, out_dtype=dtype)
+    def _fp8_mm(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, bias: torch.Tensor | None,
+                leading: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """The FP8 GEMM of row-quantized activations: with row-wise scales in cuBLAS's epilogue ("scaled_mm"), or
+        with unit tensor-wise scales and both scales applied to its output ("scaled_mm_tensorwise"; the GEMM writes
+        bf16: unscaled products of E4M3 values exceed fp16's range)."""
+        if self.mode == "scaled_mm":
+            out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                                   bias=bias, out_dtype=dtype)
+        else:
+            one = x_scale.new_ones(())
+            out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+            out = scale_output(out, x_scale, self.weight_scale, bias, dtype)
         return out.reshape(*leading, self.out_features)
 
     def extra_repr(self) -> str:
@@ -445,7 +435,7 @@ def fp8_path_of(model: nn.Module) -> str | None:
     """Which FP8 compute path `model` runs ("scaled_mm", "scaled_mm_tensorwise", "dequant", "quanto"), or None if
     it has no FP8 layers."""
     modes = {m.mode for m in model.modules() if isinstance(m, Fp8Linear)}
-    for mode in ("scaled_mm", "scaled_mm_tensorwise"):
+    for mode in FP8_GEMM_MODES:
         if mode in modes:
             return mode
     if modes:

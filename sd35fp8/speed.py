@@ -21,7 +21,7 @@ from .blocks import fuse_norm_quantize, norm_fused
 from .attention import ATTENTION_BACKENDS, ATTENTION_LABELS, FALLBACKS, attention_of, cudnn_fp8_available, set_attention
 from .compile import COMPILE_CHOICES, CudaGraphTransformer, apply_aot_packages, aot_compile_blocks, compile_transformer, \
     configure_compile_cache
-from .fp8 import fp8_path_of, fuse_gelu_quantize, fuse_projections, gelu_fused, projections_fused
+from .fp8 import FP8_GEMM_MODES, fp8_path_of, fuse_gelu_quantize, fuse_projections, gelu_fused, projections_fused
 from .settings import SPEED
 
 # What "auto" picks on a CUDA GPU, from the H200 measurements (bench/NOTES.md, gpu_h200_*.json). Attention: cuDNN's
@@ -110,8 +110,8 @@ def _kernel_piece(pieces: dict, transformer: torch.nn.Module, device: torch.devi
                   fuse, count) -> None:
     """Rewire the transformer for one of `sd35fp8.kernels` if asked, unless the kernel fails its check on the
     device (then record why in pieces["fused_<kernel>_fallback"]); pieces["fused_<kernel>"] counts the rewired
-    parts. The kernels run only in row-wise FP8 layers on CUDA: they are checked there (once per device) only."""
-    runs = torch.device(device).type == "cuda" and fp8_path_of(transformer) == "scaled_mm"
+    parts. The kernels run only in FP8-GEMM layers on CUDA: they are checked there (once per device) only."""
+    runs = torch.device(device).type == "cuda" and fp8_path_of(transformer) in FP8_GEMM_MODES
     reason = kernels.check(device, kernel) if wanted and runs else None
     if reason is not None:
         pieces[f"fused_{kernel}_fallback"] = f"{KERNEL_LABELS[kernel]} unavailable ({reason}); separate kernels instead"
@@ -147,7 +147,8 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
     if options.compile in ("regional", "full") and options.compile_requested in (True, "auto") \
             and fp8_path_of(transformer) == "scaled_mm_tensorwise":
         # Measured on the H200: compiling the tensor-wise path (forced) did not finish within 250 s, so "auto"/True
-        # keep it eager there; ask for compile="regional" explicitly to compile it anyway.
+        # keep it eager there; ask for compile="regional" explicitly to compile it anyway. (That was with one
+        # activation scale per tensor; the path now shares row-wise quantization: re-measure before lifting this.)
         pieces["compile_skipped"] = "tensor-wise FP8 runs eagerly: its compilation did not finish on the H200 (250 s)"
         options = replace(options, compile="off")
     cache = configure_compile_cache(options.compile_cache) if options.compile != "off" else {"cache_dir": None}

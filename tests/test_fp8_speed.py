@@ -97,10 +97,11 @@ def test_gelu_moved_into_the_fp8_layer_computes_the_same_mlp(mode):
     assert torch.equal(step(model), expected)  # on the CPU the layer applies F.gelu itself: the same arithmetic
 
 
-def test_fp8_layer_feeds_the_fused_kernels_output_to_its_gemm(monkeypatch):
+@pytest.mark.parametrize("mode", ["scaled_mm", "scaled_mm_tensorwise"])
+def test_fp8_layer_feeds_the_fused_kernels_output_to_its_gemm(monkeypatch, mode):
     """Where the kernel runs (CUDA), the layer must use its FP8 rows and scales exactly as quantize_rows' output."""
     torch.manual_seed(2)
-    layer = Fp8Linear.from_linear(nn.Linear(128, 64, dtype=torch.bfloat16), "scaled_mm")
+    layer = Fp8Linear.from_linear(nn.Linear(128, 64, dtype=torch.bfloat16), mode)
     x = torch.randn(3, 7, 128, dtype=torch.bfloat16)
     expected = layer(F.gelu(x, approximate="tanh"))
     calls = []
@@ -191,13 +192,14 @@ def randomize_modulation(transformer):
     return transformer
 
 
-@pytest.mark.parametrize("build", [tiny_transformer, dual_attention_transformer])
-def test_fused_adaln_blocks_compute_what_diffusers_blocks_do(build):
+@pytest.mark.parametrize("build,mode", [(tiny_transformer, "scaled_mm"), (dual_attention_transformer, "scaled_mm"),
+                                        (tiny_transformer, "scaled_mm_tensorwise")])
+def test_fused_adaln_blocks_compute_what_diffusers_blocks_do(build, mode):
     from sd35fp8.blocks import Fp8NormBlock, fuse_norm_quantize, norm_fused
 
     reference = randomize_modulation(build())
     model = copy.deepcopy(reference)
-    quantize_linears(model, "scaled_mm")
+    quantize_linears(model, mode)
     fuse_projections(model)
     fuse_gelu_quantize(model)
     set_attention(model, "sdpa")
@@ -214,14 +216,13 @@ def test_fused_adaln_blocks_compute_what_diffusers_blocks_do(build):
     assert relative_error(out, expected) < 4e-2
 
 
-def test_fused_adaln_needs_row_wise_fp8_layers_and_our_processor():
+def test_fused_adaln_needs_fp8_gemm_layers_and_our_processor():
     from sd35fp8.blocks import fuse_norm_quantize
 
-    for mode in ("dequant", "scaled_mm_tensorwise"):
-        model = tiny_transformer()
-        quantize_linears(model, mode)
-        set_attention(model, "sdpa")
-        assert fuse_norm_quantize(model) == 0
+    model = tiny_transformer()
+    quantize_linears(model, "dequant")
+    set_attention(model, "sdpa")
+    assert fuse_norm_quantize(model) == 0
     model = tiny_transformer()
     quantize_linears(model, "scaled_mm")
     assert fuse_norm_quantize(model) == 0  # diffusers' own processor: 16-bit inputs only
@@ -239,7 +240,7 @@ def test_fp8_layers_take_an_already_quantized_activation(mode):
     activation = fp8.Fp8Activation(data.view(2, 5, 64), scale.view(2, 5, 1), torch.bfloat16)
     out = layer(activation)
     assert out.shape == (2, 5, 32) and out.dtype == torch.bfloat16
-    if mode == "scaled_mm":
+    if mode != "dequant":
         assert torch.equal(out, layer(x))  # the layer would have quantized x to exactly these rows
     assert relative_error(out, layer(fp8.dequantize_activation(activation))) < 1e-2
 
@@ -337,6 +338,16 @@ def test_fp8_modes_match_the_16_bit_layer(mode):
     x = torch.randn(3, 9, 128, dtype=torch.bfloat16)
     assert layer(x).shape == (3, 9, 64)
     assert relative_error(layer(x), linear(x)) < 0.05
+
+
+def test_tensorwise_gemm_computes_what_the_row_wise_one_does():
+    """GPUs refusing row-wise scales get the same row-quantized activations: only where the scales are applied (and one
+    more bf16 rounding of the GEMM output) differs."""
+    torch.manual_seed(6)
+    linear = nn.Linear(256, 96, dtype=torch.bfloat16)
+    rowwise, tensorwise = (Fp8Linear.from_linear(linear, mode) for mode in ("scaled_mm", "scaled_mm_tensorwise"))
+    x = torch.randn(7, 256, dtype=torch.bfloat16) * torch.logspace(-2, 1, 7, dtype=torch.bfloat16)[:, None]
+    assert relative_error(tensorwise(x), rowwise(x)) < 5e-3
 
 
 def test_tensorwise_output_does_not_overflow_in_fp16():
