@@ -16,8 +16,11 @@ from .verify import Verification
 HARDWARE_NOTE = (
     "FP8 tensor cores need compute capability 8.9 or newer (Ada: RTX 40xx, L4, L40S; Hopper: H100, H200; "
     "Blackwell). Stock diffusers runs the transformer with quanto's weight-only FP8 (memory halves, speed does "
-    "not improve) and transformers expands T5 to 16-bit at load. The SD3.5 FP8 project's `load_pipeline` keeps "
-    "both in FP8 on the GPU and, on compute capability 8.9+, runs the transformer on FP8 tensor cores."
+    "not improve) and transformers expands T5 to 16-bit at load. On a CUDA GPU, optimum-quanto (0.2.7) repacks the "
+    "FP8 weights for its Marlin kernel when they move to the GPU, which first compiles quanto's CUDA extension "
+    "(it needs the CUDA toolkit's nvcc and ninja, and can take minutes, once per torch version). The SD3.5 FP8 "
+    "project's `load_pipeline` needs neither: it keeps both in FP8 on the GPU and, on compute capability 8.9+, "
+    "runs the transformer on FP8 tensor cores."
 )
 
 
