@@ -525,15 +525,23 @@ def dump_fp8_kernels(path: Path) -> dict:
     return {"kernels_writing_fp8": len(kernels), **fused, "file": path.name}
 
 
-def kernel_times(torch, inductor, ours) -> dict:
-    """inductor's kernel vs ours: GPU time from a CUDA graph of 20 calls (`*_ms`), and timed call by call with their
-    eager Python launches (`*_launched_ms`, what an uncompiled caller pays)."""
-    times = {}
+def kernel_entry(torch, inductor, ours, moved_bytes: int) -> dict:
+    """inductor's kernel vs ours, each returning (..., FP8 data, float32 scales): GPU time from a CUDA graph of 20
+    calls (`*_ms`), timed call by call with their eager Python launches (`*_launched_ms`, what an uncompiled caller
+    pays), our bandwidth, and how far our FP8 bytes and scales are from inductor's."""
+    from sd35fp8 import kernels
+
+    entry = {}
     for name, fn in (("inductor", inductor), ("kernel", ours)):
         graphed = cuda_graph_ms(torch, fn)
-        times[f"{name}_ms"] = None if graphed is None else round(graphed, 4)
-        times[f"{name}_launched_ms"] = round(cuda_median_ms(torch, fn, iters=20), 4)
-    return times
+        entry[f"{name}_ms"] = None if graphed is None else round(graphed, 4)
+        entry[f"{name}_launched_ms"] = round(cuda_median_ms(torch, fn, iters=20), 4)
+    *_, data, scale = ours()
+    *_, expected_data, expected_scale = inductor()
+    same, scale_error = kernels.agreement(data, expected_data, scale, expected_scale)
+    entry["bytes_equal_fraction"], entry["scale_max_rel_diff"] = round(same, 6), scale_error
+    entry["kernel_gb_per_s"] = round(moved_bytes / (entry["kernel_ms"] or entry["kernel_launched_ms"]) / 1e6, 1)
+    return entry
 
 
 def gelu_quantize_micro(torch, device) -> dict:
@@ -552,16 +560,9 @@ def gelu_quantize_micro(torch, device) -> dict:
     report = {}
     for name, (rows, cols) in SHAPES.items():
         x = (torch.randn(rows, cols, device=device) * 2).to(torch.bfloat16)
-        ours, our_scale = kernels.gelu_quantize_rows(x)
-        theirs, their_scale = inductor(x)
-        entry = {"shape": [rows, cols],
-                 **kernel_times(torch, lambda: inductor(x), lambda: kernels.gelu_quantize_rows(x)),
-                 "bytes_equal_fraction": round(float((ours.view(torch.uint8) == theirs.view(torch.uint8)).float().mean()),
-                                               6),
-                 "scale_max_rel_diff": float(((our_scale - their_scale).abs() / their_scale).max())}
-        seconds = entry["kernel_ms"] or entry["kernel_launched_ms"]
-        entry["kernel_gb_per_s"] = round(rows * cols * 3 / seconds / 1e6, 1)  # read bf16, write FP8
-        report[name] = entry
+        moved = rows * cols * 3  # read bf16, write FP8
+        report[name] = {"shape": [rows, cols],
+                        **kernel_entry(torch, lambda: inductor(x), lambda: kernels.gelu_quantize_rows(x), moved)}
     return report
 
 
@@ -580,16 +581,9 @@ def norm_quantize_micro(torch, device) -> dict:
         for variant, extra, ours in (
                 ("norm", (), lambda: kernels.norm_quantize_rows(h, shift, scale, 1e-6)),
                 ("add_norm", (y, gate), lambda: kernels.add_norm_quantize_rows(h, y, gate, shift, scale, 1e-6))):
-            theirs = inductor(h, shift, scale, 1e-6, *extra)
-            mine = ours()
-            entry = {"shape": [2, 4096, cols],
-                     **kernel_times(torch, lambda: inductor(h, shift, scale, 1e-6, *extra), ours),
-                     "bytes_equal_fraction": round(float((mine[-2].view(torch.uint8) == theirs[1].view(torch.uint8))
-                                                         .float().mean()), 6),
-                     "scale_max_rel_diff": float(((mine[-1] - theirs[2]).abs() / theirs[2]).max())}
             moved = h.numel() * (3 + (4 if extra else 0))  # read h, write FP8 (+ read y, write the new h)
-            entry["kernel_gb_per_s"] = round(moved / (entry["kernel_ms"] or entry["kernel_launched_ms"]) / 1e6, 1)
-            report[f"{name}_{variant}"] = entry
+            report[f"{name}_{variant}"] = {"shape": [2, 4096, cols], **kernel_entry(
+                torch, lambda: inductor(h, shift, scale, 1e-6, *extra), ours, moved)}
     return report
 
 

@@ -25,6 +25,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from .errors import error_summary
 from .fp8 import FP8_DTYPE, FP8_MAX, Fp8Activation, tensor_amax
 
 ATTENTION_BACKENDS = ("sdpa", "fp8_cudnn", "fp8_reference")
@@ -151,7 +152,7 @@ def sdpa_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: to
                 graph.execute(pack, workspace, handle=handle)
                 return out
             except Exception as error:  # noqa: BLE001 - fall back to the reference for this shape, say why
-                FALLBACKS[key] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+                FALLBACKS[key] = error_summary(error, 300)
                 log.warning("cuDNN FP8 attention refused shape %s (%s); using the reference kernel", key, FALLBACKS[key])
     return sdpa_fp8_reference(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, attn_scale)
 

@@ -26,12 +26,15 @@ from .attention import JointAttention
 from .fp8 import FP8_GEMM_MODES, Fp8Activation, Fp8Linear
 
 
+def _activation(data: torch.Tensor, row_scale: torch.Tensor, h: torch.Tensor) -> Fp8Activation:
+    """The kernels' (B*T, C) rows and (B*T, 1) scales as an activation shaped like `h` (B, T, C)."""
+    return Fp8Activation(data.view(h.shape), row_scale.view(*h.shape[:-1], 1), h.dtype)
+
+
 def _norm_quantize(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> Fp8Activation:
     if kernels.norm_supports(h):
-        data, row_scale = kernels.norm_quantize_rows(h, shift, scale, eps)
-    else:
-        _, data, row_scale = kernels.norm_quantize_reference(h, shift, scale, eps)
-    return Fp8Activation(data.view(h.shape), row_scale.view(*h.shape[:-1], 1), h.dtype)
+        return _activation(*kernels.norm_quantize_rows(h, shift, scale, eps), h)
+    return _activation(*kernels.norm_quantize_reference(h, shift, scale, eps)[1:], h)
 
 
 def _add_norm_quantize(h: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
@@ -40,7 +43,7 @@ def _add_norm_quantize(h: torch.Tensor, residual: torch.Tensor, gate: torch.Tens
         h, data, row_scale = kernels.add_norm_quantize_rows(h, residual, gate, shift, scale, eps)
     else:
         h, data, row_scale = kernels.norm_quantize_reference(h, shift, scale, eps, residual, gate)
-    return h, Fp8Activation(data.view(h.shape), row_scale.view(*h.shape[:-1], 1), h.dtype)
+    return h, _activation(data, row_scale, h)
 
 
 class Fp8NormBlock(JointTransformerBlock):

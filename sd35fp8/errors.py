@@ -41,6 +41,11 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def error_summary(error: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message` (at most `limit` characters of it): why a fallback was taken."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:limit]}"
+
+
 def run_command(main: Callable[[], int], redact: Callable[[str], str] = lambda text: text,
                 on_interrupt: str = "interrupted") -> int:
     """Run a command's `main()`: project errors become `error: <message>` on stderr and their exit code."""

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .errors import error_summary
 from .settings import T5_BLOCK
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -186,7 +187,7 @@ def probe_scaled_mm(device: torch.device | str, *, refresh: bool = False) -> dic
             error = float((out - expected).norm() / expected.norm())
             result[name] = "ok" if error < 0.1 else f"refused: wrong result (relative error {error:.3f})"
         except Exception as failure:  # noqa: BLE001 - any refusal means: do not use this scaling here
-            result[name] = f"refused: {type(failure).__name__}: {str(failure).splitlines()[0][:200] if str(failure) else ''}"
+            result[name] = f"refused: {error_summary(failure)}"
     _PROBES[key] = result
     return result
 

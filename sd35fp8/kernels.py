@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import error_summary
+
 try:
     import triton
     import triton.language as tl
@@ -85,13 +87,23 @@ if triton is not None:
                  mask=mask_b)
         tl.store(scale_ptr + row, scale)
 
+    def _tiles(cols: int) -> tuple[int, int]:
+        """The two power-of-two tiles a row of `cols` columns is held in: the largest power of two <= cols, and
+        the next power of two >= the rest (at least 16)."""
+        block_a = 1 << (cols.bit_length() - 1)
+        return block_a, max(16, triton.next_power_of_2(cols - block_a)) if cols > block_a else 16
+
+    def _fp8_rows(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty outputs of a row-quantizing kernel: E4M3 (rows, cols) and float32 scales (rows, 1)."""
+        return (torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=device),
+                torch.empty((rows, 1), dtype=torch.float32, device=device))
+
     def launch_gelu_quantize_rows(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, *,
                                   approx_tanh: bool = True, num_warps: int | None = None) -> None:
         """Run the kernel into preallocated outputs. `data` may be float32 to read the values before the FP8 cast,
         `approx_tanh=False` evaluates tanh through a sigmoid (for Triton's CPU interpreter)."""
         cols = x.shape[1]
-        block_a = 1 << (cols.bit_length() - 1)  # the largest power of two <= cols
-        block_b = max(16, triton.next_power_of_2(cols - block_a)) if cols > block_a else 16
+        block_a, block_b = _tiles(cols)
         torch.library.wrap_triton(_gelu_quantize_rows_kernel)[(x.shape[0],)](
             x, data, scale, cols, x.stride(0), data.stride(0), FP8_MAX=FP8_MAX, BLOCK_A=block_a, BLOCK_B=block_b,
             APPROX_TANH=approx_tanh, num_warps=num_warps or (8 if block_a >= 8192 else 4))
@@ -99,8 +111,7 @@ if triton is not None:
     @torch.library.triton_op("sd35fp8::gelu_quantize_rows", mutates_args=())
     def gelu_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tanh-GELU then row-wise E4M3 quantization of a 2-D 16-bit CUDA tensor: (data, float32 scales [rows, 1])."""
-        data = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-        scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+        data, scale = _fp8_rows(x.shape[0], x.shape[1], x.device)
         launch_gelu_quantize_rows(x, data, scale)
         return data, scale
 
@@ -180,8 +191,7 @@ if triton is not None:
         """Run a norm kernel into preallocated outputs (`data` may be float32: the values before the FP8 cast);
         with `residual`, `gate` and `h_out` it adds the gated residual first and writes the sum to `h_out`."""
         cols = h.shape[-1]
-        block_a = 1 << (cols.bit_length() - 1)
-        block_b = max(16, triton.next_power_of_2(cols - block_a)) if cols > block_a else 16
+        block_a, block_b = _tiles(cols)
         has_residual = residual is not None
         torch.library.wrap_triton(_norm_quantize_rows_kernel)[(h.shape[0] * h.shape[1],)](
             h, residual if has_residual else h, gate.contiguous() if has_residual else shift,
@@ -193,8 +203,7 @@ if triton is not None:
     def norm_quantize_rows(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """LayerNorm + adaLN modulation + row-wise E4M3 of a (B, T, C) 16-bit CUDA tensor: (data (B*T, C), scales)."""
-        data = torch.empty((h.shape[0] * h.shape[1], h.shape[2]), dtype=torch.float8_e4m3fn, device=h.device)
-        row_scale = torch.empty((data.shape[0], 1), dtype=torch.float32, device=h.device)
+        data, row_scale = _fp8_rows(h.shape[0] * h.shape[1], h.shape[2], h.device)
         launch_norm_quantize_rows(h, shift, scale, eps, data, row_scale)
         return data, row_scale
 
@@ -203,8 +212,7 @@ if triton is not None:
                                scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`h + gate * residual` (returned), then `norm_quantize_rows` of it: (new h, data, scales)."""
         h_out = torch.empty_like(h)
-        data = torch.empty((h.shape[0] * h.shape[1], h.shape[2]), dtype=torch.float8_e4m3fn, device=h.device)
-        row_scale = torch.empty((data.shape[0], 1), dtype=torch.float32, device=h.device)
+        data, row_scale = _fp8_rows(h.shape[0] * h.shape[1], h.shape[2], h.device)
         launch_norm_quantize_rows(h, shift, scale, eps, data, row_scale, residual, gate, h_out)
         return h_out, data, row_scale
 
@@ -224,7 +232,7 @@ def check(device: torch.device | str, kernel: str = "gelu") -> str | None:
     return _CHECKS[key]
 
 
-def _agreement(data: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor | None = None,
+def agreement(data: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor | None = None,
                expected_scale: torch.Tensor | None = None) -> tuple[float, float]:
     """(share of equal elements, FP8 compared byte for byte; largest relative scale error)."""
     if data.dtype == torch.float8_e4m3fn:
@@ -247,7 +255,7 @@ def _check(device: torch.device, kernel: str) -> str | None:
             x = (torch.randn(64, 1000, generator=generator) * 3).to(device, torch.bfloat16)
             data, scale = gelu_quantize_rows(x)
             expected_data, expected_scale = _quantize_rows_eager(F.gelu(x, approximate="tanh"))
-            results = [_agreement(data, expected_data, scale, expected_scale)]
+            results = [agreement(data, expected_data, scale, expected_scale)]
         else:
             h, y = ((torch.randn(2, 40, 1000, generator=generator) * 3).to(device, torch.bfloat16) for _ in range(2))
             shift, scale, gate = (torch.randn(2, 1000, generator=generator).to(device, torch.bfloat16) for _ in range(3))
@@ -255,10 +263,10 @@ def _check(device: torch.device, kernel: str) -> str | None:
             ours = norm_quantize_rows(h, shift, scale, 1e-6)
             new_h, added_data, added_scale = add_norm_quantize_rows(h, y, gate, shift, scale, 1e-6)
             expected_h, expected_data, expected_scale = norm_quantize_reference(h, shift, scale, 1e-6, y, gate)
-            results = [_agreement(ours[0], data, ours[1], row_scale), _agreement(new_h, expected_h),
-                       _agreement(added_data, expected_data, added_scale, expected_scale)]
+            results = [agreement(ours[0], data, ours[1], row_scale), agreement(new_h, expected_h),
+                       agreement(added_data, expected_data, added_scale, expected_scale)]
     except Exception as error:  # a Triton or driver that cannot build or run it
-        return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        return error_summary(error)
     same, scale_error = min(r[0] for r in results), max(r[1] for r in results)
     if same < 0.99 or scale_error > 1e-2:
         return f"disagrees with torch: {same:.1%} equal bytes, scale error {scale_error:.2%}"

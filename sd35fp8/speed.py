@@ -61,8 +61,9 @@ class SpeedOptions:
         """Every "auto" replaced by what it means on `device`."""
         cuda = torch.device(device).type == "cuda"
         fuse = cuda if self.fuse_projections == "auto" else bool(self.fuse_projections)
-        fuse_gelu = cuda and kernels.available() if self.fuse_gelu == "auto" else bool(self.fuse_gelu)
-        fuse_norm = cuda and kernels.available() if self.fuse_norm == "auto" else bool(self.fuse_norm)
+        kernels_run = cuda and kernels.available()  # "auto" for each of `sd35fp8.kernels`' pieces
+        fuse_gelu = kernels_run if self.fuse_gelu == "auto" else bool(self.fuse_gelu)
+        fuse_norm = kernels_run if self.fuse_norm == "auto" else bool(self.fuse_norm)
         attention = self.attention
         if attention == "auto":
             attention = "sdpa"
@@ -78,8 +79,8 @@ class SpeedOptions:
         if cache == "auto" or cache is True:
             cache = SPEED.compile_cache_dir if compile_choice != "off" else None
         return replace(self, fuse_projections=fuse, fuse_gelu=fuse_gelu, fuse_norm=fuse_norm, attention=attention,
-                       compile=compile_choice,
-                       cuda_graphs=graphs, compile_cache=cache or None, compile_requested=self.compile)
+                       compile=compile_choice, cuda_graphs=graphs, compile_cache=cache or None,
+                       compile_requested=self.compile)
 
 
 def speed_options(speed: dict) -> SpeedOptions:

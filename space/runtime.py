@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sd35fp8.errors import error_summary
 from sd35fp8.fp8 import FP8_PATH_LABELS
 from sd35fp8.generate import GenerationResult, OutOfMemory, generate
 from sd35fp8.hub import base_model_of
@@ -181,7 +182,7 @@ class Models:
             try:
                 reports.append(zerogpu_compile(loaded, spaces_module=spaces_module))
             except Exception as error:  # any refusal of export/AOTInductor: slower requests beat no Space
-                reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+                reason = error_summary(error)
                 loaded.pieces["compile"] = f"eager (ahead-of-time compile failed: {reason})"
                 reports.append({"error": reason, "fallback": "eager"})
         return reports
