@@ -415,6 +415,8 @@ class ModelBench:
         row["first_image_peak_vram_gb"] = self.own_peak(loaded, result)
         row["first_image_prompt_cache_hit"] = result.prompt_cache_hit
         row["compile_counters_after_first_image"] = {k: v - counters_before[k] for k, v in compile_counters().items()}
+        if config.compiled:
+            row["compile_seconds_so_far"] = compile_breakdown()
         if "second_size" in config.extra:
             before = compile_counters()
             width, height = SECOND_SIZE if not args.tiny else (96, 128)
@@ -498,6 +500,30 @@ class ModelBench:
             row["cache"] = "warm"
             row["cache_note"] = "fresh process, compile cache written by this run's fp8_best (an app restart)"
         return row
+
+
+COMPILE_PHASES = {  # torch._dynamo.utils.compile_times() entries: where a (warm-cache) first image spends its time
+    "_compile.compile_inner": "dynamo_total", "bytecode_tracing": "dynamo_tracing",
+    "create_aot_dispatcher_function": "aot_autograd", "fx_codegen_and_compile": "inductor_codegen",
+    "PyCodeCache.load_by_key_path": "load_compiled_modules", "async_compile.wait": "triton_compile_wait",
+    "build_guards": "guards"}
+
+
+def compile_breakdown() -> dict:
+    """Seconds this process spent in each compile phase (cumulative) and its compile-cache hits and misses."""
+    from torch._dynamo.utils import compile_times, counters
+
+    seconds = {}
+    for line in (compile_times(repr="str") or "").splitlines():
+        name, _, values = line.partition(",")
+        if name.strip() in COMPILE_PHASES:
+            try:
+                seconds[COMPILE_PHASES[name.strip()]] = round(sum(float(v) for v in values.split(",")), 2)
+            except ValueError:
+                continue
+    caches = {f"{group}.{key}": value for group in ("inductor", "aot_autograd")
+              for key, value in counters[group].items() if "cache" in key}
+    return {"seconds": seconds, "caches": caches}
 
 
 def dump_fp8_kernels(path: Path) -> dict:

@@ -3,9 +3,10 @@
 * `PromptCache`: embeddings of recent prompts (the three encoders' output for a prompt, its negative prompt and
   the CFG setting), bounded by entries and bytes, kept on the CPU. A repeated prompt skips the text encoders;
   the FP16-vs-FP8 comparison encodes once for both pipelines because they share the encoders and the cache.
-* `OnDemandEncoders`: text encoders whose weights stay in (pinned) CPU memory and are copied to the GPU one
-  encoder at a time, only while that encoder runs; their GPU copies are dropped right after (nothing is copied
-  back). This is the 16 GB placement: during denoising only the transformer and the VAE hold VRAM.
+* `OnDemandEncoders`: the 16 GB placement. The two small CLIP encoders stay on the GPU; T5 (4.7 GB in FP8)
+  keeps its weights in pinned CPU memory and streams them to the GPU block by block while it encodes, the copy
+  of the next block overlapping the compute of this one; each block's GPU copy is dropped once it has run
+  (nothing is copied back). During denoising only the transformer, the VAE and the CLIP encoders hold VRAM.
 """
 
 from __future__ import annotations
@@ -96,20 +97,34 @@ class PromptCache:
 
 
 class OnDemandEncoders:
-    """Keep a pipeline's text encoders in (pinned) CPU memory; each one's weights are copied to `device` by a
-    forward pre-hook when it runs and dropped by a forward hook when it returns, so the pipeline's own
-    `encode_prompt` works unchanged and at most one encoder holds VRAM at a time."""
+    """The 16 GB placement of a pipeline's text encoders. The small ones (`resident`, CLIP-L and CLIP-G: 1.6 GB for
+    SD3.5) stay on `device`; each other encoder (T5) keeps its weights in (pinned) CPU memory and streams them to
+    `device` block by block while it encodes: its stem (embeddings, final norm) when it starts, block i + 1 on a
+    side CUDA stream while block i computes, and each block's GPU copy is dropped as soon as the block has run
+    (nothing is copied back). So T5 holds its stem plus two blocks of VRAM, and its copy hides behind its compute.
+    Hooks do it all, so the pipeline's own `encode_prompt` runs unchanged."""
 
-    def __init__(self, pipe, device: torch.device, pin: bool = True, hooks: bool | None = None):
+    def __init__(self, pipe, device: torch.device, pin: bool = True, hooks: bool | None = None,
+                 resident: tuple[str, ...] = ("text_encoder", "text_encoder_2")):
         self.device = torch.device(device)
         self.modules = [getattr(pipe, name) for name in ENCODER_NAMES if getattr(pipe, name, None) is not None]
-        self.slots: dict[int, list[tuple[nn.Module, str, str, torch.Tensor]]] = {}
+        self.resident = [getattr(pipe, name) for name in resident if getattr(pipe, name, None) is not None]
+        self.streamed = [module for module in self.modules if all(module is not r for r in self.resident)]
+        cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.units: dict[int, list[list[tuple[nn.Module, str, str, torch.Tensor]]]] = {}  # stem, block 0, block 1...
+        self.pending: dict[tuple[int, int], tuple[dict, object]] = {}  # copies under way: placed tensors, event
         self.hooks = []
-        self.uploads = 0
-        for module in self.modules:
+        self.uploads = 0  # blocks (and stems) copied to the device
+        self.most_units_placed = self.units_placed = 0  # stems + blocks on the device (or on their way)
+        for module in self.resident:
+            module.to(self.device)
+        for module in self.streamed:
             module.to("cpu")
+            blocks = _repeated_layers(module)
+            owner_unit = {id(owner): 1 + index for index, block in enumerate(blocks) for owner in block.modules()}
+            units: list[list] = [[] for _ in range(1 + len(blocks))]
             masters: dict[int, torch.Tensor] = {}
-            slots = []
             for owner in module.modules():
                 for kind in ("_parameters", "_buffers"):
                     for name, tensor in getattr(owner, kind).items():
@@ -117,16 +132,19 @@ class OnDemandEncoders:
                             continue
                         if id(tensor) not in masters:  # tied weights stay tied
                             data = tensor.detach()
-                            if pin and self.device.type == "cuda" and not data.is_pinned():
+                            if pin and cuda and not data.is_pinned():
                                 data = data.pin_memory()
                             masters[id(tensor)] = data
-                        slots.append((owner, kind, name, masters[id(tensor)]))
-            for owner, kind, name, master in slots:
-                self._set(owner, kind, name, master)
-            self.slots[id(module)] = slots
-            if hooks or (hooks is None and self.device.type == "cuda"):
-                self.hooks.append(module.register_forward_pre_hook(self._upload))
-                self.hooks.append(module.register_forward_hook(self._drop, always_call=True))
+                        units[owner_unit.get(id(owner), 0)].append((owner, kind, name, masters[id(tensor)]))
+                        self._set(owner, kind, name, masters[id(tensor)])
+            self.units[id(module)] = units
+            if hooks or (hooks is None and cuda):
+                self.hooks.append(module.register_forward_pre_hook(self._start))
+                self.hooks.append(module.register_forward_hook(self._finish, always_call=True))
+                for index, block in enumerate(blocks, start=1):
+                    self.hooks.append(block.register_forward_pre_hook(self._block_hook(module, index, True)))
+                    self.hooks.append(block.register_forward_hook(self._block_hook(module, index, False),
+                                                                  always_call=True))
 
     @staticmethod
     def _set(owner: nn.Module, kind: str, name: str, tensor: torch.Tensor) -> None:
@@ -135,20 +153,72 @@ class OnDemandEncoders:
         else:
             owner._buffers[name] = tensor
 
-    def _upload(self, module, _args):
+    def _prefetch(self, module: nn.Module, unit: int) -> None:
+        """Start copying one unit's weights to the device (on the side stream: it overlaps the current compute)."""
+        units = self.units[id(module)]
+        if unit >= len(units) or (id(module), unit) in self.pending:
+            return
         placed: dict[int, torch.Tensor] = {}
-        for owner, kind, name, master in self.slots[id(module)]:
-            if id(master) not in placed:
-                placed[id(master)] = master.to(self.device, non_blocking=True, copy=True)
-            self._set(owner, kind, name, placed[id(master)])
+        for *_, master in units[unit]:
+            if id(master) not in placed:  # allocated on the compute stream, which frees it in order
+                placed[id(master)] = torch.empty_like(master, device=self.device)
+        event = None
+        if self.copy_stream is not None:
+            # the copies may reuse memory of blocks dropped earlier: wait for the compute that read it
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                for *_, master in units[unit]:
+                    placed[id(master)].copy_(master, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+        else:
+            for *_, master in units[unit]:
+                placed[id(master)].copy_(master)
+        self.pending[(id(module), unit)] = (placed, event)
         self.uploads += 1
+        self._count()
 
-    def _drop(self, module, _args, _output):
-        for owner, kind, name, master in self.slots[id(module)]:
+    def _place(self, module: nn.Module, unit: int) -> None:
+        self._prefetch(module, unit)  # no-op when already under way
+        placed, event = self.pending.pop((id(module), unit))
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        for owner, kind, name, master in self.units[id(module)][unit]:
+            self._set(owner, kind, name, placed[id(master)])
+        self.units_placed += 1
+        self._count()
+
+    def _count(self) -> None:
+        self.most_units_placed = max(self.most_units_placed, self.units_placed + len(self.pending))
+
+    def _drop(self, module: nn.Module, unit: int) -> None:
+        for owner, kind, name, master in self.units[id(module)][unit]:
             self._set(owner, kind, name, master)
+        self.units_placed -= 1
+
+    def _start(self, module, _args):
+        self._place(module, 0)
+        self._prefetch(module, 1)
+
+    def _block_hook(self, module: nn.Module, unit: int, before: bool):
+        def hook(_block, _args, _output=None):
+            if before:
+                self._place(module, unit)
+                self._prefetch(module, unit + 1)
+            else:
+                self._drop(module, unit)
+        return hook
+
+    def _finish(self, module, _args, _output):
+        """Back to the CPU masters, including whatever an exception left placed or under way."""
+        for unit in self.units[id(module)]:
+            for owner, kind, name, master in unit:
+                self._set(owner, kind, name, master)
+        self.pending = {key: value for key, value in self.pending.items() if key[0] != id(module)}
+        self.units_placed = 0
 
     def bytes(self) -> int:
-        seen = {id(m): m for slots in self.slots.values() for *_, m in slots}
+        seen = {id(m): m for units in self.units.values() for unit in units for *_, m in unit}
         return sum(t.numel() * t.element_size() for t in seen.values())
 
     def remove(self) -> None:
@@ -157,7 +227,17 @@ class OnDemandEncoders:
         self.hooks = []
 
     def describe(self) -> str:
-        return f"text encoders on demand ({self.bytes() / 1e9:.2f} GB in CPU memory, one on the GPU while it encodes)"
+        return (f"text encoders on demand ({self.bytes() / 1e9:.2f} GB in CPU memory, streamed to the GPU block by "
+                f"block while encoding; {len(self.resident)} small ones stay on the GPU)")
+
+
+def _repeated_layers(module: nn.Module) -> list[nn.Module]:
+    """The encoder's stack of layers: its `nn.ModuleList` holding the most parameters (T5's `encoder.block`,
+    CLIP's `text_model.encoder.layers`); empty when it has none (then the whole encoder is one unit)."""
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        return []
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
 
 
 def prompt_key(pipe, prompt: str, negative_prompt: str | None, cfg: bool) -> tuple:

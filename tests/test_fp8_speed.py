@@ -462,19 +462,29 @@ def test_cached_embeddings_give_the_same_image_as_the_pipeline():
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
-def test_on_demand_encoders_move_weights_only_while_encoding():
+def test_on_demand_encoders_stream_t5_block_by_block():
     pipe = build_tiny_pipeline()
     reference = pipe.encode_prompt("a cat", None, None, device="cpu", do_classifier_free_guidance=False)[0]
+    clip_params = {n: p.data_ptr() for n, p in pipe.text_encoder.named_parameters()}
     placement = OnDemandEncoders(pipe, torch.device("cpu"), pin=False, hooks=True)  # copies to "cpu" stand in
-    masters = {name: p.data_ptr() for name, p in pipe.text_encoder_3.named_parameters()}
-    during = []
-    pipe.text_encoder_3.register_forward_pre_hook(  # runs after the placement's own pre-hook
-        lambda m, a: during.append({n: p.data_ptr() for n, p in m.named_parameters()}))
+    t5 = pipe.text_encoder_3
+    masters = {name: p.data_ptr() for name, p in t5.named_parameters()}
+    blocks = list(t5.encoder.block)
+    seen = []  # per block: did it run on uploaded copies, and which other blocks held copies meanwhile
+    for index, block in enumerate(blocks):
+        def look(module, _args, index=index):  # runs after the placement's own pre-hook
+            own = all(p.data_ptr() != masters[f"encoder.block.{index}.{n}"] for n, p in module.named_parameters())
+            others = [i for i, b in enumerate(blocks) if i != index and
+                      any(p.data_ptr() != masters[f"encoder.block.{i}.{n}"] for n, p in b.named_parameters())]
+            seen.append((own, others))
+        block.register_forward_pre_hook(look)
     out = pipe.encode_prompt("a cat", None, None, device="cpu", do_classifier_free_guidance=False)[0]
-    assert torch.allclose(out, reference, atol=1e-5) and placement.uploads == 3  # CLIP-L, CLIP-G, T5, one at a time
-    assert all(during[0][name] != ptr for name, ptr in masters.items())  # ran on the uploaded copies
-    assert {n: p.data_ptr() for n, p in pipe.text_encoder_3.named_parameters()} == masters  # dropped after
-    assert "text encoders on demand" in placement.describe()
+    assert torch.allclose(out, reference, atol=1e-5)
+    assert seen == [(True, [])] * len(blocks)  # each block ran on its copy; the one before it was already dropped
+    assert placement.uploads == 1 + len(blocks) and placement.most_units_placed == 3  # stem, this block, the next
+    assert {n: p.data_ptr() for n, p in t5.named_parameters()} == masters  # all dropped after
+    assert {n: p.data_ptr() for n, p in pipe.text_encoder.named_parameters()} == clip_params  # CLIP stays put
+    assert "streamed to the GPU block by block" in placement.describe()
     placement.remove()
 
 
