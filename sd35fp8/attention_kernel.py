@@ -1,0 +1,314 @@
+"""FP8 (E4M3) flash-attention forward in Triton, written for Hopper (H100/H200, SM 9.0); runs on SM >= 8.9.
+
+`flash_attention_fp8(q8, k8, v8, descale_q, descale_k, descale_v, attn_scale)` computes non-causal, unmasked
+attention over (B, S, H, D) E4M3 tensors with per-tensor float32 descales (the layout and scales of
+`sd35fp8.attention`'s FP8 backends) and returns bf16 (B, S, H, D). Registered as the `torch.library.triton_op`
+`sd35fp8::flash_attention_fp8`: torch.compile and torch.export see one op; inductor calls the kernel from its code.
+
+Algorithm (one program = BLOCK_M query rows of one (batch, head); a loop over the keys in BLOCK_N blocks):
+  * S = q8 . k8^T as an FP8 tensor-core dot with float32 accumulation, times descale_q * descale_k * attn_scale *
+    log2(e): the softmax runs in base 2 (`exp2`, one MUFU instruction), the scale folded into one FMA per element
+    (the running row max is kept in those scaled units; the scale is positive, so max and scale commute).
+  * Online softmax in float32: running max m, running sum l, the accumulator rescaled by exp2(m_old - m_new).
+  * P = exp2(S - m) <= 1 is quantized to E4M3 as P * P_SCALE (P_SCALE = 256 as in `sd35fp8.attention`, a power of
+    two: the scaling is exact). The multiply is folded into the exponent: exp2(S - (m - log2 P_SCALE)) = P *
+    P_SCALE, so l accumulates P_SCALE * sum(P) and the final division by l also divides by P_SCALE.
+  * acc += P8 . V8 as an FP8 dot (float32 accumulation); out = acc * descale_v / l, stored as bf16.
+  * The sequence needs not be a multiple of the blocks: all key blocks but the last run without masks, the last
+    one masks the columns >= S to -inf (and loads zeros there); rows >= S are computed on zero queries and not
+    stored. The descales are read from device memory (no host sync; CUDA-graph capturable).
+
+Layout of V (the second dot's B operand). PTX's `wgmma.mma_async` takes FP8 (e4m3/e5m2) operands from shared
+memory only K-major: the transpose-on-load it offers is for 16-bit types only (PTX ISA, wgmma descriptors and
+"imm-trans" restrictions; FlashAttention-3 and FlashInfer transpose V in shared memory for FP8 for this reason,
+and Triton's attention tutorial passes V with the sequence innermost for FP8). For P @ V the reduction (K)
+dimension is the key sequence, so V in (B, S, H, D) is N-major (head_dim innermost) and the wrong way round;
+K in (B, S, H, D) is right for Q @ K^T (its K dimension is head_dim, which is innermost). So the kernel takes V
+in either layout:
+  * `v_transposed=False`: v8 (B, S, H, D) as produced today. Triton 3.6 still emits FP8 wgmma for P @ V, but (its
+    sm_90 TTGIR, checked by the tests) each V tile is then loaded into registers inside the loop and stored to
+    shared memory transposed: a synchronous load per key block, outside the software pipeline that brings K in
+    by asynchronous copies (cp.async, num_stages buffers); bench/attention_fp8_micro.py measures the cost;
+  * `v_transposed=True`: v8 (B, H, D, S_pad) with S_pad = S rounded up to 16 (`transpose_v` builds it; the
+    quantization kernel that writes v8 can write this layout directly at no cost). 16-element padding keeps every
+    row of V^T 16-byte aligned for vectorized / async copies (S = 4429 is odd); the padding is never read
+    unmasked. This is the layout FP8 wgmma wants: V tiles come through the same pipelined asynchronous copies as
+    K, and the transpose is a free view of shared memory. This is the layout to use (the quantization of V
+    writing it); the other one is kept for callers holding (B, S, H, D) data.
+P @ V's accumulation: by default (`Config.promote_acc`) each key block's FP8 products are summed by the tensor
+core into fresh registers and added to the float32 accumulator (the "acc + dot" form, which Triton keeps as two
+operations); `promote_acc=False` lets wgmma accumulate into acc across all key blocks, as FlashAttention-3 does,
+inside the tensor core's reduced-precision FP8 accumulation (one add and 32 registers a thread fewer).
+
+Configurations: `choose_config(head_dim)` picks one of `CONFIGS` (no autotuning: launch settings are fixed,
+compilations are cached by Triton, and torch.compile sees a fixed kernel); `config=` overrides it (the benchmark
+sweeps `CONFIGS`). Importable without Triton: `available()` is False and `supports()` refuses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: callers use another attention backend
+    triton = None
+
+P_SCALE = 256.0  # = sd35fp8.attention.P_SCALE (not imported: keep this module free of the pipeline's imports)
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (64, 128)
+
+
+class Config(NamedTuple):
+    """Launch settings of the kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    promote_acc: bool = True  # P @ V summed per key block by the tensor core, then added to acc in float32
+
+    def label(self) -> str:
+        return (f"m{self.block_m}_n{self.block_n}_w{self.num_warps}_s{self.num_stages}"
+                + ("" if self.promote_acc else "_chained"))
+
+
+# A small fixed set, swept by bench/attention_fp8_micro.py. BLOCK_M rows are split over warpgroups of 4 warps
+# (wgmma's M is 64 per warpgroup); S tile registers per thread = BLOCK_M * BLOCK_N / (32 * num_warps).
+# ptxas (sm_90a) for head_dim 64, none spilling: 188 registers a thread at 128 x 128 / 8 warps (one CTA per SM),
+# 127 at 128 x 64 / 8 warps (two), 168 at 64 x 128 / 4 warps, 253-255 at 256 x 64 / 8 and 128 x 64 / 4, 128 at
+# 256 x 128 / 16; 128 x 128 / 4 warps spills and is left out. For head_dim 128 the 4-warp 128-row and the 256-row
+# configs spill.
+CONFIGS = (
+    Config(128, 128, 8, 2),
+    Config(128, 128, 8, 3),
+    Config(128, 128, 8, 4),
+    Config(128, 64, 8, 4),
+    Config(128, 64, 4, 3),
+    Config(64, 128, 4, 3),
+    Config(256, 64, 8, 2),
+    Config(256, 128, 16, 2),
+)
+
+
+def choose_config(head_dim: int) -> Config:
+    """The default launch settings for a head dimension: 128 x 128 tiles on 8 warps (two warpgroups of 64 rows),
+    no spills at either head dimension. Chosen from register counts, not from timings: run
+    bench/attention_fp8_micro.py on the GPU and set the best config here."""
+    return Config(128, 128, 8, 3) if head_dim <= 64 else Config(128, 128, 8, 2)
+
+
+def available() -> bool:
+    """True where the kernel can be built: Triton importable (tensors are checked by `supports`)."""
+    return triton is not None
+
+
+def supports(q8: torch.Tensor) -> bool:
+    """Whether `flash_attention_fp8` runs for this query: E4M3 (B, S, H, D) on a CUDA GPU of compute capability
+    >= 8.9 (FP8 tensor cores), head_dim 64 or 128."""
+    if not (available() and q8.is_cuda and q8.dim() == 4 and q8.dtype == torch.float8_e4m3fn
+            and q8.shape[-1] in HEAD_DIMS):
+        return False
+    return torch.cuda.get_device_capability(q8.device) >= (8, 9)
+
+
+def transpose_v(v8: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, D) E4M3 -> the kernel's K-major V: (B, H, D, S_pad), S_pad = S rounded up to 16, zero padded.
+    (Through bytes: torch has no FP8 pad / copy kernels on every device.)"""
+    batch, seq, heads, dim = v8.shape
+    padded = -(-seq // 16) * 16
+    out = torch.zeros((batch, heads, dim, padded), dtype=torch.uint8, device=v8.device)
+    out[..., :seq] = v8.view(torch.uint8).permute(0, 2, 3, 1)
+    return out.view(torch.float8_e4m3fn)
+
+
+def patch_interpreter_for_numpy2() -> bool:
+    """Make Triton 3.6's CPU interpreter run loops whose bound is a kernel argument under NumPy >= 2.4: it stores
+    scalars as 1-element arrays and converts them with `int(array)`, which NumPy 2.4 refuses for ndim > 0. Only
+    for TRITON_INTERPRET=1 (the tests, the benchmark's --tiny run); returns whether it patched."""
+    if triton is None:
+        return False
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_sd35fp8_numpy2", False):
+        return True
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._sd35fp8_numpy2 = True
+    interpreter._patch_lang_tensor = patched
+    return True
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend_block(acc, l_i, m_i, q, k_block, v_block, start_n, seq_len, qk_scale, stride_ks, stride_vs,
+                      stride_vd, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, LOG2_P_SCALE: tl.constexpr,
+                      V_TRANSPOSED: tl.constexpr, PROMOTE_ACC: tl.constexpr, MASKED: tl.constexpr):
+        """One key block: S = q k^T, online-softmax update, acc += P8 v."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        k_ptrs = k_block + offs_n[:, None] * stride_ks + offs_d[None, :]
+        if V_TRANSPOSED:  # (D, BLOCK_N) tile, the sequence contiguous: K-major for the second dot
+            v_ptrs = v_block + offs_d[:, None] * stride_vd + offs_n[None, :]
+        else:  # (BLOCK_N, D) tile, head_dim contiguous
+            v_ptrs = v_block + offs_n[:, None] * stride_vs + offs_d[None, :]
+        if MASKED:
+            inside = offs_n < seq_len
+            k = tl.load(k_ptrs, mask=inside[:, None], other=0.0)
+            if V_TRANSPOSED:
+                v = tl.load(v_ptrs, mask=inside[None, :], other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=inside[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        if V_TRANSPOSED:
+            v = tl.trans(v)
+        qk = tl.dot(q, tl.trans(k))  # float32 accumulation of E4M3 products
+        if MASKED:
+            qk = tl.where(inside[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        # P * P_SCALE in one FMA + exp2: exp2(s * scale - (m - log2 P_SCALE))
+        p = tl.math.exp2(qk * qk_scale - (m_new - LOG2_P_SCALE)[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if PROMOTE_ACC:  # the FP8 products of this block summed by the tensor core, added to acc in float32
+            acc = acc + tl.dot(p.to(tl.float8e4nv), v)
+        else:  # the tensor core accumulates into acc across all blocks (its reduced-precision FP8 accumulation)
+            acc = tl.dot(p.to(tl.float8e4nv), v, acc)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _flash_attention_fp8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, descale_q_ptr, descale_k_ptr, descale_v_ptr,
+                                    attn_scale, seq_len, heads, stride_qb, stride_qs, stride_qh, stride_kb,
+                                    stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_ob,
+                                    stride_os, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                                    BLOCK_N: tl.constexpr, LOG2_P_SCALE: tl.constexpr, LOG2E: tl.constexpr,
+                                    V_TRANSPOSED: tl.constexpr, PROMOTE_ACC: tl.constexpr):
+        # q, k, o: (B, S, H, D) with D contiguous; v: the same, or (B, H, D, S_pad) with S contiguous (V_TRANSPOSED)
+        start_m = tl.program_id(0) * BLOCK_M  # consecutive programs share (batch, head): K/V stay in L2
+        batch_head = tl.program_id(1)
+        batch = (batch_head // heads).to(tl.int64)
+        head = (batch_head % heads).to(tl.int64)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_block = q_ptr + batch * stride_qb + head * stride_qh
+        q = tl.load(q_block + offs_m[:, None] * stride_qs + offs_d[None, :], mask=(offs_m < seq_len)[:, None],
+                    other=0.0)
+        k_block = k_ptr + batch * stride_kb + head * stride_kh
+        v_block = v_ptr + batch * stride_vb + head * stride_vh
+        qk_scale = tl.load(descale_q_ptr) * tl.load(descale_k_ptr) * attn_scale * LOG2E
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        full = (seq_len // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full, BLOCK_N):
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_block, v_block, start_n, seq_len, qk_scale, stride_ks,
+                                          stride_vs, stride_vd, BLOCK_N, HEAD_DIM, LOG2_P_SCALE, V_TRANSPOSED,
+                                          PROMOTE_ACC, False)
+        if full < seq_len:
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_block, v_block, full, seq_len, qk_scale, stride_ks,
+                                          stride_vs, stride_vd, BLOCK_N, HEAD_DIM, LOG2_P_SCALE, V_TRANSPOSED,
+                                          PROMOTE_ACC, True)
+        out = acc * (tl.load(descale_v_ptr) / l_i)[:, None]  # l holds P_SCALE * sum(P): one division does both
+        o_block = o_ptr + batch * stride_ob + head * stride_oh
+        tl.store(o_block + offs_m[:, None] * stride_os + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=(offs_m < seq_len)[:, None])
+
+    def launch_flash_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
+                                   descale_k: torch.Tensor, descale_v: torch.Tensor, attn_scale: float,
+                                   out: torch.Tensor, config: Config, v_transposed: bool = False) -> None:
+        """Run the kernel into a preallocated (B, S, H, D) output (bf16; float32 reads the values before the
+        bf16 rounding). q8/k8 (B, S, H, D) with D contiguous; v8 likewise, or (B, H, D, S_pad) if `v_transposed`."""
+        batch, seq, heads, dim = q8.shape
+        if v_transposed:
+            stride_vb, stride_vh, stride_vd, stride_vs = v8.stride()
+            if stride_vs != 1 or v8.shape[:3] != (batch, heads, dim) or v8.shape[3] < seq:
+                raise ValueError(f"v_transposed wants V as (B, H, D, S_pad >= S) with S contiguous, got "
+                                 f"{tuple(v8.shape)} strides {v8.stride()}")
+        else:
+            stride_vb, stride_vs, stride_vh, stride_vd = v8.stride()
+            if stride_vd != 1 or v8.shape != q8.shape:
+                raise ValueError(f"V must be (B, S, H, D) with D contiguous like q, got {tuple(v8.shape)}")
+        for name, t in (("q", q8), ("k", k8), ("out", out)):
+            if t.shape != q8.shape or t.stride(3) != 1:
+                raise ValueError(f"{name} must be (B, S, H, D) = {tuple(q8.shape)} with D contiguous")
+        grid = (triton.cdiv(seq, config.block_m), batch * heads)
+        torch.library.wrap_triton(_flash_attention_fp8_kernel)[grid](
+            q8, k8, v8, out, descale_q, descale_k, descale_v, attn_scale, seq, heads,
+            q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+            stride_vb, stride_vs, stride_vh, stride_vd, out.stride(0), out.stride(1), out.stride(2),
+            HEAD_DIM=dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, LOG2_P_SCALE=math.log2(P_SCALE),
+            LOG2E=LOG2E, V_TRANSPOSED=v_transposed, PROMOTE_ACC=config.promote_acc, num_warps=config.num_warps,
+            num_stages=config.num_stages)
+
+    @torch.library.triton_op("sd35fp8::flash_attention_fp8", mutates_args=())
+    def _flash_attention_fp8_op(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
+                                descale_k: torch.Tensor, descale_v: torch.Tensor, attn_scale: float,
+                                v_transposed: bool, block_m: int, block_n: int, num_warps: int,
+                                num_stages: int, promote_acc: bool) -> torch.Tensor:
+        """The op: bf16 (B, S, H, D) attention of E4M3 inputs; block_m == 0 picks `choose_config`."""
+        config = (Config(block_m, block_n, num_warps, num_stages, promote_acc) if block_m
+                  else choose_config(q8.shape[-1]))
+        out = torch.empty(q8.shape, dtype=torch.bfloat16, device=q8.device)
+        launch_flash_attention_fp8(q8, k8, v8, descale_q, descale_k, descale_v, attn_scale, out, config,
+                                   v_transposed)
+        return out
+
+
+def flash_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
+                        descale_k: torch.Tensor, descale_v: torch.Tensor, attn_scale: float, *,
+                        config: Config | tuple | None = None, v_transposed: bool = False) -> torch.Tensor:
+    """FP8 attention: softmax(q k^T * descale_q * descale_k * attn_scale) (v * descale_v) as bf16 (B, S, H, D).
+
+    q8, k8: (B, S, H, D) float8_e4m3fn; v8 the same, or (B, H, D, S_pad) from `transpose_v` with
+    `v_transposed=True`; descales: float32 scalars (one-element tensors on the inputs' device). `config`: a
+    `Config` (block_m, block_n, num_warps, num_stages[, promote_acc]), default `choose_config(D)`."""
+    if triton is None:
+        raise RuntimeError("flash_attention_fp8 needs Triton (check sd35fp8.attention_kernel.available())")
+    chosen = Config(*config) if config is not None else Config(0, 0, 0, 0, True)
+    return torch.ops.sd35fp8.flash_attention_fp8(q8, k8, v8, descale_q.reshape(1).float(),
+                                                  descale_k.reshape(1).float(), descale_v.reshape(1).float(),
+                                                  float(attn_scale), bool(v_transposed), *chosen)
+
+
+def flash_attention_fp8_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
+                                  descale_k: torch.Tensor, descale_v: torch.Tensor, attn_scale: float,
+                                  block_n: int | None = None) -> torch.Tensor:
+    """What the kernel computes, in float32 torch (any device; v8 (B, S, H, D)); float32 output.
+
+    Without `block_n`: `sd35fp8.attention.sdpa_fp8_reference`'s arithmetic (P normalized, then quantized to E4M3
+    with P_SCALE). With `block_n`: the kernel's own order, P quantized relative to the running max of the key
+    blocks seen so far (the kernel's online softmax), which rounds P differently."""
+    q = q8.float().transpose(1, 2) * descale_q.reshape(()).float()
+    k = k8.float().transpose(1, 2) * descale_k.reshape(()).float()
+    v = v8.float().transpose(1, 2) * descale_v.reshape(()).float()
+    scores = (q @ k.transpose(-1, -2)) * attn_scale
+    if block_n is None:
+        probabilities = torch.softmax(scores, dim=-1)
+        probabilities = (probabilities * P_SCALE).to(torch.float8_e4m3fn).float() / P_SCALE
+        return (probabilities @ v).transpose(1, 2)
+    seq = scores.shape[-1]
+    running_max = torch.full(scores.shape[:-1], float("-inf"), device=scores.device)
+    total = torch.zeros(scores.shape[:-1], device=scores.device)
+    acc = torch.zeros(*scores.shape[:-1], v.shape[-1], device=scores.device)
+    for start in range(0, seq, block_n):
+        block = scores[..., start:start + block_n]
+        new_max = torch.maximum(running_max, block.amax(-1))
+        p = torch.exp(block - new_max[..., None])
+        alpha = torch.exp(running_max - new_max)
+        total = total * alpha + p.sum(-1)
+        p8 = (p * P_SCALE).to(torch.float8_e4m3fn).float()
+        acc = acc * alpha[..., None] + p8 @ v[..., start:start + block_n, :]
+        running_max = new_max
+    return (acc / (total[..., None] * P_SCALE)).transpose(1, 2)
