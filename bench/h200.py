@@ -88,6 +88,8 @@ CONFIGS = {c.name: c for c in [
            extra=("profile",)),
     Config("fp8_fp8attn_compile", "fp8", {**REGIONAL, "fuse_projections": True, "attention": "fp8_cudnn"},
            estimate={"large": 60, "medium": 45}, extra=("profile",)),
+    Config("fp8_triton_attention", "fp8", {**REGIONAL, "fuse_projections": True, "attention": "fp8_triton"},
+           estimate={"large": 60, "medium": 50}, extra=("profile",)),
     Config("torchao_fp8_compile", "bf16", TORCHAO_COMPILE, peer=True, estimate={"large": 45, "medium": 35}),
     Config("torchao_fp8_compile_child", "bf16", TORCHAO_COMPILE, peer=True,
            estimate={"large": 120, "medium": 90}, extra=("child:torchao_fp8_compile", "reference")),
@@ -114,9 +116,9 @@ CONFIGS = {c.name: c for c in [
 PLANS = {  # compilations that hung on the H200 (torchao, tensor-wise) run in child processes with a timeout
     "large": ["bf16_eager", "fp8_best", "bf16_compile_fused", "fp8_warm_cache", "fp8_cudagraphs", "fp8_16gb",
               "fp8_aot_child", "fp8_no_norm_fusion", "fp8_no_gelu_fusion", "torchao_fp8_compile_child", "fp8_eager", "fp8_tensorwise_eager",
-              "fp8_offload", "fp8_tensorwise_compile_child", "fp8_fp8attn_compile", "fp8_compile_unfused",
+              "fp8_offload", "fp8_tensorwise_compile_child", "fp8_fp8attn_compile", "fp8_triton_attention", "fp8_compile_unfused",
               "fp8_max_autotune", "fp8_full_compile"],
-    "medium": ["bf16_eager", "fp8_best_plain", "bf16_compile_fused", "fp8_eager", "torchao_fp8_compile_child",
+    "medium": ["bf16_eager", "fp8_best_plain", "bf16_compile_fused", "fp8_triton_attention", "fp8_eager", "torchao_fp8_compile_child",
                "fp8_fp8attn_compile"],
 }
 BUILD_ESTIMATE = {"large": 45, "medium": 25, "tiny": 1}
@@ -276,6 +278,30 @@ class ModelBench:
         if not self.cuda:
             return None
         return cuda_median_ms(self.torch, lambda: self.transformer_step(pipe), iters=iters, warmup=2)
+
+    def encode_profile(self, loaded, prompt: str) -> dict:
+        """One text encoding under the profiler: its wall time against the GPU time of its host-to-device copies
+        and of its kernels (wall ~ their sum: the copies do not overlap the compute)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        from sd35fp8.prompts import encode
+
+        torch = self.torch
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            started = time.perf_counter()
+            encode(loaded.pipe, self.device, prompt, None, True)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - started
+        copies = compute = 0.0
+        for event in prof.key_averages():
+            us = getattr(event, "self_device_time_total", 0) or 0
+            if "memcpy htod" in event.key.lower():
+                copies += us
+            else:
+                compute += us
+        return {"wall_ms": round(1000 * wall, 1), "h2d_copies_ms": round(copies / 1000, 1),
+                "kernels_ms": round(compute / 1000, 1)}
 
     def profile(self, pipe) -> dict:
         from torch.profiler import ProfilerActivity, profile
@@ -446,6 +472,11 @@ class ModelBench:
             again, energy2, _ = self.timed_generation(loaded)  # the prompt cache now has it: encoders skipped
             row["repeat_prompt"] = {"latency_s": round(again.latency_s, 3), "prompt_cache_hit": again.prompt_cache_hit,
                                     "peak_vram_gb": self.own_peak(loaded, again), "encode_s": rounded(again.encode_s, 4)}
+            fresh, _, _ = self.timed_generation(loaded, prompt=PROMPT + ", oil painting")  # not in the cache
+            row["new_prompt"] = {"latency_s": round(fresh.latency_s, 3), "prompt_cache_hit": fresh.prompt_cache_hit,
+                                 "peak_vram_gb": self.own_peak(loaded, fresh), "encode_s": rounded(fresh.encode_s, 4)}
+            if self.cuda:
+                row["new_prompt"]["encode_profile"] = self.encode_profile(loaded, PROMPT + ", watercolour")
         if self.cuda and "profile" in config.extra and not args.no_profile:
             row["kernel_profile"] = self.profile(loaded.pipe)
         if "kernels" in config.extra:
@@ -484,13 +515,13 @@ class ModelBench:
         out = self.args.out / f"child_{name}.json"
         timeout = min(self.args.child_timeout, max(20.0, self.deadline.left() - 10)) if self.deadline else \
             self.args.child_timeout
-        command = [sys.executable, "-m", "bench.h200", "--child", self.model, "--child-config", name,
+        command = [sys.executable, "-X", "faulthandler", "-m", "bench.h200", "--child", self.model, "--child-config", name,
                    "--out", str(self.args.out), "--size", str(self.size), "--steps", str(self.steps)] + \
             (["--tiny"] if self.args.tiny else []) + (["--child-reference"] if reference else [])
         started = time.perf_counter()
         try:
             done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-            failure = done.stderr[-3000:] if done.returncode != 0 else None
+            failure = f"exit code {done.returncode}: " + done.stderr[-3000:] if done.returncode != 0 else None
         except subprocess.TimeoutExpired as expired:
             failure = f"child timed out after {timeout:.0f} s: " + str(expired.stderr or "")[-2000:]
         row = json.loads(out.read_text()) if out.is_file() else {}
@@ -511,16 +542,9 @@ COMPILE_PHASES = {  # torch._dynamo.utils.compile_times() entries: where a (warm
 
 def compile_breakdown() -> dict:
     """Seconds this process spent in each compile phase (cumulative) and its compile-cache hits and misses."""
-    from torch._dynamo.utils import compile_times, counters
+    from torch._dynamo.utils import compilation_time_metrics, counters
 
-    seconds = {}
-    for line in (compile_times(repr="str") or "").splitlines():
-        name, _, values = line.partition(",")
-        if name.strip() in COMPILE_PHASES:
-            try:
-                seconds[COMPILE_PHASES[name.strip()]] = round(sum(float(v) for v in values.split(",")), 2)
-            except ValueError:
-                continue
+    seconds = {label: round(sum(compilation_time_metrics.get(name, [])), 2) for name, label in COMPILE_PHASES.items()}
     caches = {f"{group}.{key}": value for group in ("inductor", "aot_autograd")
               for key, value in counters[group].items() if "cache" in key}
     return {"seconds": seconds, "caches": caches}

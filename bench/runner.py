@@ -98,6 +98,18 @@ def rounded(value, digits: int = 3):
     return None if value is None else round(value, digits)
 
 
+def pinned_upload_rate(torch, device, size: int = 2**30) -> float:
+    """GB/s of one copy from pinned CPU memory to `device` (what the 16 GB placement's T5 streaming rides on)."""
+    host = torch.empty(size, dtype=torch.uint8).pin_memory()
+    target = torch.empty(size, dtype=torch.uint8, device=device)
+    target.copy_(host, non_blocking=True)  # warm-up
+    torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    target.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return round(size / (time.perf_counter() - started) / 1e9, 1)
+
+
 def environment(torch, device) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -112,7 +124,7 @@ def environment(torch, device) -> dict:
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, capability=".".join(map(str, torch.cuda.get_device_capability(device))),
                     sm_count=props.multi_processor_count, gpu_memory_gb=gb(props.total_memory),
-                    cudnn=torch.backends.cudnn.version())
+                    cudnn=torch.backends.cudnn.version(), pinned_upload_gb_per_s=pinned_upload_rate(torch, device))
         try:
             import pynvml
 

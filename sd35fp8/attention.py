@@ -10,6 +10,11 @@ Backends (`set_attention(transformer, backend)`):
     combination of V rows, so it cannot exceed max|V|; the half leaves room for FP8 rounding of P). Under
     torch.compile the quantization fuses into the norm / concatenation kernels and the kernel runs as the
     custom op `sd35fp8::sdpa_fp8`.
+  * "fp8_triton": FP8 attention through the project's Triton flash-attention kernel (`sd35fp8.attention_kernel`,
+    bf16 output): Q and K quantized as for cuDNN, V by its amax and written with the sequence innermost
+    ((B, H, D, S padded to 16), the layout Hopper's FP8 tensor-core instructions want), in one fused kernel
+    under torch.compile. On the H200 at SD3.5 Large's shape 2x38x4429x64: 0.77 ms against cuDNN bf16's 0.95 ms
+    (bench/results/gpu_h200_attention_fp8.json). Off CUDA it runs the kernel's arithmetic in float32 torch.
   * "fp8_reference": the same quantization with the attention emulated in float32 PyTorch (any device): what
     the CPU tests check against 16-bit attention, and the fallback when cuDNN refuses a shape.
 
@@ -25,13 +30,15 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from . import attention_kernel
 from .errors import error_summary
 from .fp8 import FP8_DTYPE, FP8_MAX, Fp8Activation, tensor_amax
 
-ATTENTION_BACKENDS = ("sdpa", "fp8_cudnn", "fp8_reference")
+ATTENTION_BACKENDS = ("sdpa", "fp8_cudnn", "fp8_triton", "fp8_reference")
 ATTENTION_LABELS = {
     "sdpa": "16-bit scaled_dot_product_attention (cuDNN / flash)",
     "fp8_cudnn": "FP8 attention (cuDNN frontend sdpa_fp8)",
+    "fp8_triton": "FP8 attention (the project's Triton flash-attention kernel)",
     "fp8_reference": "FP8 attention emulated in float32 (reference, slow)",
 }
 P_SCALE = 256.0  # softmax probabilities are <= 1; a power of two keeps the scaling exact
@@ -193,6 +200,29 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bound, k_
     return (out8.float() / scale_o).to(q.dtype)
 
 
+def fp8_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bound, k_bound) -> torch.Tensor:
+    """Attention over (B, S, H, D) 16-bit q/k/v through the Triton FP8 kernel (on CUDA; its float32 arithmetic
+    elsewhere); returns (B, S, H, D) in q's dtype."""
+    q8, q_scale = _quantize_per_tensor(q, q_bound)
+    k8, k_scale = _quantize_per_tensor(k, k_bound)
+    attn_scale = 1.0 / math.sqrt(q.shape[-1])
+    if not q.is_cuda:
+        v8, v_scale = _quantize_per_tensor(v, None)
+        return attention_kernel.flash_attention_fp8_reference(q8, k8, v8, 1 / q_scale, 1 / k_scale, 1 / v_scale,
+                                                              attn_scale).to(q.dtype)
+    v8, v_scale = quantize_v_transposed(v)
+    return attention_kernel.flash_attention_fp8(q8, k8, v8, 1 / q_scale, 1 / k_scale, 1 / v_scale, attn_scale,
+                                                v_transposed=True).to(q.dtype)
+
+
+def quantize_v_transposed(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, H, D) 16-bit V -> E4M3 (B, H, D, S_pad), S_pad = S rounded up to 16 and zero padded (the Triton
+    kernel's K-major V), scaled by 448 / amax; returns (v8, scale). One fused kernel under torch.compile."""
+    scale = FP8_MAX / tensor_amax(v).float().clamp(min=1e-12)
+    v_t = F.pad(v.permute(0, 2, 3, 1), (0, -v.shape[1] % 16))
+    return (v_t.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).contiguous(), scale
+
+
 # ------------------------------------------------------------------------------------------- the processor
 
 
@@ -250,8 +280,11 @@ class JointAttention:
                 query = torch.cat([query, c_query], dim=1)
                 key = torch.cat([key, c_key], dim=1)
                 value = torch.cat([value, c_value], dim=1)
-            kernel = "cudnn" if self.backend == "fp8_cudnn" else "reference"
-            out = fp8_attention(query, key, value, _rms_bound(q_norms, head_dim), _rms_bound(k_norms, head_dim), kernel)
+            bounds = _rms_bound(q_norms, head_dim), _rms_bound(k_norms, head_dim)
+            if self.backend == "fp8_triton":
+                out = fp8_attention_triton(query, key, value, *bounds)
+            else:
+                out = fp8_attention(query, key, value, *bounds, "cudnn" if self.backend == "fp8_cudnn" else "reference")
             out = out.reshape(batch, -1, heads * head_dim)
         if context:
             out, encoder_out = out[:, :tokens], out[:, tokens:]

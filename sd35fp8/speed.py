@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import kernels
+from . import attention_kernel, kernels
 from .blocks import fuse_norm_quantize, norm_fused
 from .attention import ATTENTION_BACKENDS, ATTENTION_LABELS, FALLBACKS, attention_of, cudnn_fp8_available, set_attention
 from .compile import COMPILE_CHOICES, CudaGraphTransformer, apply_aot_packages, aot_compile_blocks, compile_transformer, \
@@ -41,7 +41,7 @@ class SpeedOptions:
     fuse_projections: bool | str = "auto"  # concatenate q/k/v (and add_q/k/v) into one GEMM; auto: on CUDA
     fuse_gelu: bool | str = "auto"  # FP8 MLPs: GELU + activation quantization in one Triton kernel; auto: on CUDA
     fuse_norm: bool | str = "auto"  # FP8 blocks: adaLN (+ residual) + activation quantization in one kernel; auto: CUDA
-    attention: str = "auto"  # "sdpa" | "fp8_cudnn" | "fp8_reference"; auto: fastest measured here (else sdpa)
+    attention: str = "auto"  # "sdpa" | "fp8_cudnn" | "fp8_triton" | "fp8_reference"; auto: fastest measured (sdpa)
     compile: bool | str = False  # False/"off" | True/"regional" | "full" | "aot" | "auto" (regional on CUDA)
     compile_mode: str | None = None  # inductor mode, e.g. "max-autotune-no-cudagraphs"
     compile_dynamic: bool = True  # symbolic token/batch dims: a new size or batch does not recompile
@@ -121,6 +121,18 @@ def _kernel_piece(pieces: dict, transformer: torch.nn.Module, device: torch.devi
     pieces[f"fused_{kernel}"] = count(transformer)
 
 
+def triton_attention_unavailable(device: torch.device) -> str | None:
+    """None where the Triton FP8 attention kernel can run on `device` (CUDA, FP8 tensor cores, Triton), else why."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"needs a CUDA GPU, not {device.type}"
+    if not attention_kernel.available():
+        return "triton is not installed"
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        return "needs FP8 tensor cores (compute capability 8.9+)"
+    return None
+
+
 def prepare_transformer(transformer: torch.nn.Module, device: torch.device, options: SpeedOptions,
                         run_once=None) -> dict:
     """Apply the (resolved) speed options to a transformer already on `device`; returns what ran.
@@ -139,7 +151,12 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
         if reason is not None:
             pieces["attention_fallback"] = f"fp8_cudnn unavailable ({reason}); 16-bit sdpa instead"
             backend = "sdpa"
-    if options.compile == "aot" and backend != "sdpa":
+    if backend == "fp8_triton":
+        reason = triton_attention_unavailable(device)
+        if reason is not None:
+            pieces["attention_fallback"] = f"fp8_triton unavailable ({reason}); 16-bit sdpa instead"
+            backend = "sdpa"
+    if options.compile == "aot" and backend not in ("sdpa", "fp8_triton"):
         pieces["attention_fallback"] = f"{backend} is a Python custom op, which AOTInductor packages cannot call; sdpa"
         backend = "sdpa"
     set_attention(transformer, backend)

@@ -18,7 +18,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from sd35fp8 import fp8, kernels
-from sd35fp8.attention import JointAttention, fp8_attention, set_attention
+from sd35fp8.attention import JointAttention, attention_of, fp8_attention, set_attention
 from sd35fp8.fp8 import Fp8Linear, apply_fp8_path, fuse_gelu_quantize, fuse_projections, gelu_fused, quantize_linears, \
     quanto_quantize
 from sd35fp8.generate import generate
@@ -416,6 +416,25 @@ def test_fp8_attention_in_the_tiny_transformer_and_its_switch():
     loaded = load_pipeline("tiny", "bf16", device="cpu", attention="fp8_reference")
     assert loaded.pieces["attention"] == "fp8_reference"
     assert load_pipeline("tiny", "bf16", device="cpu").pieces["attention"] == "sdpa"  # off by default
+
+
+def test_triton_fp8_attention_backend_numerics_layout_and_fallback():
+    from sd35fp8 import attention_kernel
+    from sd35fp8.attention import _quantize_per_tensor, quantize_v_transposed
+
+    model = tiny_transformer(torch.float32)
+    set_attention(model, "sdpa")
+    expected = step(model)
+    set_attention(model, "fp8_triton")  # off CUDA: the kernel's arithmetic in float32 torch
+    assert attention_of(model) == "fp8_triton"
+    assert relative_error(step(model), expected) < 0.1
+    v = torch.randn(2, 75, 3, 64, dtype=torch.bfloat16) * 4  # 75 tokens: padded to 80 for the kernel
+    v8_t, scale_t = quantize_v_transposed(v)
+    v8, scale = _quantize_per_tensor(v, None)
+    assert v8_t.shape == (2, 3, 64, 80) and v8_t.is_contiguous() and torch.equal(scale_t, scale)
+    assert torch.equal(v8_t.view(torch.uint8), attention_kernel.transpose_v(v8).view(torch.uint8))
+    loaded = load_pipeline("tiny", "bf16", device="cpu", attention="fp8_triton")
+    assert loaded.pieces["attention"] == "sdpa" and "needs a CUDA GPU" in loaded.pieces["attention_fallback"]
 
 
 def test_prompt_cache_bounds_and_lru():
