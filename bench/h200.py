@@ -521,7 +521,7 @@ class ModelBench:
         started = time.perf_counter()
         try:
             done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-            failure = f"exit code {done.returncode}: " + done.stderr[-3000:] if done.returncode != 0 else None
+            failure = None if done.returncode == 0 else f"exit code {done.returncode}: " + crash_report(done.stderr)
         except subprocess.TimeoutExpired as expired:
             failure = f"child timed out after {timeout:.0f} s: " + str(expired.stderr or "")[-2000:]
         row = json.loads(out.read_text()) if out.is_file() else {}
@@ -531,6 +531,13 @@ class ModelBench:
             row["cache"] = "warm"
             row["cache_note"] = "fresh process, compile cache written by this run's fp8_best (an app restart)"
         return row
+
+
+def crash_report(stderr: str) -> str:
+    """What to keep of a failed child's stderr: faulthandler's stack of a crash (before its list of extension
+    modules), else the tail."""
+    start = stderr.find("Fatal Python error")
+    return stderr[start:start + 3000] if start >= 0 else stderr[-3000:]
 
 
 COMPILE_PHASES = {  # torch._dynamo.utils.compile_times() entries: where a (warm-cache) first image spends its time

@@ -209,7 +209,8 @@ if triton is not None:
                     other=0.0)
         k_block = k_ptr + batch * stride_kb + head * stride_kh
         v_block = v_ptr + batch * stride_vb + head * stride_vh
-        qk_scale = tl.load(descale_q_ptr) * tl.load(descale_k_ptr) * attn_scale * LOG2E
+        # inductor passes Python floats to user kernels as fp64: keep the softmax arithmetic in float32
+        qk_scale = (tl.load(descale_q_ptr) * tl.load(descale_k_ptr) * attn_scale * LOG2E).to(tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)

@@ -124,13 +124,13 @@ def test_kernel_arithmetic_in_tritons_interpreter():
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]
 
 
-def build(capability: int, v_transposed: bool, config: ak.Config, dim: int = 64):
+def build(capability: int, v_transposed: bool, config: ak.Config, dim: int = 64, scale_type: str = "fp32"):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
 
     signature = {"q_ptr": "*fp8e4nv", "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "o_ptr": "*bf16",
-                 "descale_q_ptr": "*fp32", "descale_k_ptr": "*fp32", "descale_v_ptr": "*fp32", "attn_scale": "fp32",
+                 "descale_q_ptr": "*fp32", "descale_k_ptr": "*fp32", "descale_v_ptr": "*fp32", "attn_scale": scale_type,
                  "seq_len": "i32", "heads": "i32"}
     strides = ["stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs",
                "stride_vh", "stride_vd", "stride_ob", "stride_os", "stride_oh"]
@@ -161,6 +161,15 @@ def test_kernel_compiles_for_hopper_with_fp8_wgmma(v_transposed):
     assert "mma.sync" not in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx and "ex2.approx" in ptx
     copies = re.findall(r"ttg\.async_copy_global_to_local %(\w+?)_ptrs", ttgir)
     assert ("v" in copies) == v_transposed and "k" in copies, copies
+
+
+@needs_triton
+def test_kernel_compiles_with_the_fp64_scale_inductor_passes():
+    """Inside torch.compile, inductor hands the Python float `attn_scale` to the kernel as fp64 (seen on the H200:
+    the softmax state turned fp64 and the build failed); the kernel keeps its arithmetic in float32 anyway."""
+    for config in (ak.choose_config(64), ak.Config(64, 128, 4, 3)):
+        compiled = build(90, True, config, scale_type="fp64")
+        assert compiled.asm["cubin"]
 
 
 @needs_triton
