@@ -96,13 +96,36 @@ class PromptCache:
         return f"LRU, {len(self)}/{self.max_entries} prompts, {self.bytes / 2**20:.1f}/{self.max_bytes / 2**20:.0f} MiB"
 
 
+ALIGN = 256  # bytes: where each tensor starts inside a unit's packed buffer
+
+
+class _Unit:
+    """The stem or one block of a streamed encoder: every tensor it owns packed into one CPU buffer (pinned for
+    CUDA), so placing it on the GPU is one large asynchronous copy; `masters` are views into that buffer."""
+
+    def __init__(self, tensors: list[torch.Tensor], slots: list[tuple[nn.Module, str, str, int]], pin: bool):
+        self.layout, offset = [], 0
+        for tensor in tensors:
+            self.layout.append((offset, tensor.dtype, tensor.shape))
+            offset += -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
+        self.host = torch.empty(offset, dtype=torch.uint8, pin_memory=pin)
+        self.masters = self.views(self.host)
+        for master, tensor in zip(self.masters, tensors):
+            master.copy_(tensor.detach())
+        self.slots = slots  # (owner, kind, name, index into masters): where each tensor goes in the modules
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[offset:offset + shape.numel() * dtype.itemsize].view(dtype).view(shape)
+                for offset, dtype, shape in self.layout]
+
+
 class OnDemandEncoders:
     """The 16 GB placement of a pipeline's text encoders. The small ones (`resident`, CLIP-L and CLIP-G: 1.6 GB for
-    SD3.5) stay on `device`; each other encoder (T5) keeps its weights in (pinned) CPU memory and streams them to
-    `device` block by block while it encodes: its stem (embeddings, final norm) when it starts, block i + 1 on a
-    side CUDA stream while block i computes, and each block's GPU copy is dropped as soon as the block has run
-    (nothing is copied back). So T5 holds its stem plus two blocks of VRAM, and its copy hides behind its compute.
-    Hooks do it all, so the pipeline's own `encode_prompt` runs unchanged."""
+    SD3.5) stay on `device`; each other encoder (T5) keeps its weights in pinned CPU memory, one packed buffer per
+    block, and streams them to `device` block by block while it encodes: its stem (embeddings, final norm) when it
+    starts, block i + 1 on a side CUDA stream while block i computes, and each block's GPU copy is dropped as soon
+    as the block has run (nothing is copied back). So T5 holds its stem plus two blocks of VRAM, and its copy can
+    hide behind its compute. Hooks do it all, so the pipeline's own `encode_prompt` runs unchanged."""
 
     def __init__(self, pipe, device: torch.device, pin: bool = True, hooks: bool | None = None,
                  resident: tuple[str, ...] = ("text_encoder", "text_encoder_2")):
@@ -112,8 +135,8 @@ class OnDemandEncoders:
         self.streamed = [module for module in self.modules if all(module is not r for r in self.resident)]
         cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        self.units: dict[int, list[list[tuple[nn.Module, str, str, torch.Tensor]]]] = {}  # stem, block 0, block 1...
-        self.pending: dict[tuple[int, int], tuple[dict, object]] = {}  # copies under way: placed tensors, event
+        self.units: dict[int, list[_Unit]] = {}  # per streamed encoder: stem, block 0, block 1, ...
+        self.pending: dict[tuple[int, int], tuple[list[torch.Tensor], object]] = {}  # copies under way: views, event
         self.hooks = []
         self.uploads = 0  # blocks (and stems) copied to the device
         self.most_units_placed = self.units_placed = 0  # stems + blocks on the device (or on their way)
@@ -123,20 +146,25 @@ class OnDemandEncoders:
             module.to("cpu")
             blocks = _repeated_layers(module)
             owner_unit = {id(owner): 1 + index for index, block in enumerate(blocks) for owner in block.modules()}
-            units: list[list] = [[] for _ in range(1 + len(blocks))]
-            masters: dict[int, torch.Tensor] = {}
+            found: list[tuple[list, list]] = [([], []) for _ in range(1 + len(blocks))]  # tensors, slots
+            home: dict[int, tuple[int, int]] = {}  # id(tensor) -> (unit, index): tied weights stay tied
             for owner in module.modules():
                 for kind in ("_parameters", "_buffers"):
                     for name, tensor in getattr(owner, kind).items():
                         if tensor is None:
                             continue
-                        if id(tensor) not in masters:  # tied weights stay tied
-                            data = tensor.detach()
-                            if pin and cuda and not data.is_pinned():
-                                data = data.pin_memory()
-                            masters[id(tensor)] = data
-                        units[owner_unit.get(id(owner), 0)].append((owner, kind, name, masters[id(tensor)]))
-                        self._set(owner, kind, name, masters[id(tensor)])
+                        if id(tensor) not in home:
+                            unit = owner_unit.get(id(owner), 0)
+                            home[id(tensor)] = (unit, len(found[unit][0]))
+                            found[unit][0].append(tensor)
+                        unit, index = home[id(tensor)]
+                        found[unit][1].append((owner, kind, name, index))
+            units = []
+            for tensors, slots in found:
+                unit = _Unit(tensors, slots, pin and cuda)
+                for owner, kind, name, index in unit.slots:
+                    self._set(owner, kind, name, unit.masters[index])
+                units.append(unit)
             self.units[id(module)] = units
             if hooks or (hooks is None and cuda):
                 self.hooks.append(module.register_forward_pre_hook(self._start))
@@ -153,73 +181,72 @@ class OnDemandEncoders:
         else:
             owner._buffers[name] = tensor
 
-    def _prefetch(self, module: nn.Module, unit: int) -> None:
+    def _prefetch(self, module: nn.Module, index: int) -> None:
         """Start copying one unit's weights to the device (on the side stream: it overlaps the current compute)."""
         units = self.units[id(module)]
-        if unit >= len(units) or (id(module), unit) in self.pending:
+        if index >= len(units) or (id(module), index) in self.pending:
             return
-        placed: dict[int, torch.Tensor] = {}
-        for *_, master in units[unit]:
-            if id(master) not in placed:  # allocated on the compute stream, which frees it in order
-                placed[id(master)] = torch.empty_like(master, device=self.device)
+        unit = units[index]
+        flat = torch.empty_like(unit.host, device=self.device)  # allocated on the compute stream: freed in order
         event = None
         if self.copy_stream is not None:
-            # the copies may reuse memory of blocks dropped earlier: wait for the compute that read it
+            # the copy may reuse memory of blocks dropped earlier: wait for the compute that read it
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.copy_stream):
-                for *_, master in units[unit]:
-                    placed[id(master)].copy_(master, non_blocking=True)
+                flat.copy_(unit.host, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self.copy_stream)
         else:
-            for *_, master in units[unit]:
-                placed[id(master)].copy_(master)
-        self.pending[(id(module), unit)] = (placed, event)
+            flat.copy_(unit.host)
+        self.pending[(id(module), index)] = (unit.views(flat), event)
         self.uploads += 1
         self._count()
 
-    def _place(self, module: nn.Module, unit: int) -> None:
-        self._prefetch(module, unit)  # no-op when already under way
-        placed, event = self.pending.pop((id(module), unit))
+    def _place(self, module: nn.Module, index: int) -> None:
+        self._prefetch(module, index)  # no-op when already under way
+        placed, event = self.pending.pop((id(module), index))
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
-        for owner, kind, name, master in self.units[id(module)][unit]:
-            self._set(owner, kind, name, placed[id(master)])
+        for owner, kind, name, slot in self.units[id(module)][index].slots:
+            self._set(owner, kind, name, placed[slot])
         self.units_placed += 1
         self._count()
 
     def _count(self) -> None:
         self.most_units_placed = max(self.most_units_placed, self.units_placed + len(self.pending))
 
-    def _drop(self, module: nn.Module, unit: int) -> None:
-        for owner, kind, name, master in self.units[id(module)][unit]:
-            self._set(owner, kind, name, master)
+    def _drop(self, module: nn.Module, index: int) -> None:
+        unit = self.units[id(module)][index]
+        for owner, kind, name, slot in unit.slots:
+            self._set(owner, kind, name, unit.masters[slot])
         self.units_placed -= 1
 
     def _start(self, module, _args):
         self._place(module, 0)
         self._prefetch(module, 1)
 
-    def _block_hook(self, module: nn.Module, unit: int, before: bool):
+    def _block_hook(self, module: nn.Module, index: int, before: bool):
         def hook(_block, _args, _output=None):
             if before:
-                self._place(module, unit)
-                self._prefetch(module, unit + 1)
+                self._place(module, index)
+                self._prefetch(module, index + 1)
             else:
-                self._drop(module, unit)
+                self._drop(module, index)
         return hook
 
     def _finish(self, module, _args, _output):
         """Back to the CPU masters, including whatever an exception left placed or under way."""
         for unit in self.units[id(module)]:
-            for owner, kind, name, master in unit:
-                self._set(owner, kind, name, master)
+            for owner, kind, name, slot in unit.slots:
+                self._set(owner, kind, name, unit.masters[slot])
         self.pending = {key: value for key, value in self.pending.items() if key[0] != id(module)}
         self.units_placed = 0
 
     def bytes(self) -> int:
-        seen = {id(m): m for units in self.units.values() for unit in units for *_, m in unit}
-        return sum(t.numel() * t.element_size() for t in seen.values())
+        return sum(unit.host.numel() for units in self.units.values() for unit in units)
+
+    def pinned(self) -> bool:
+        return all(unit.host.is_pinned() for units in self.units.values() for unit in units)
 
     def remove(self) -> None:
         for hook in self.hooks:
@@ -227,7 +254,8 @@ class OnDemandEncoders:
         self.hooks = []
 
     def describe(self) -> str:
-        return (f"text encoders on demand ({self.bytes() / 1e9:.2f} GB in CPU memory, streamed to the GPU block by "
+        memory = "pinned CPU memory" if self.pinned() and self.device.type == "cuda" else "CPU memory"
+        return (f"text encoders on demand ({self.bytes() / 1e9:.2f} GB in {memory}, streamed to the GPU block by "
                 f"block while encoding; {len(self.resident)} small ones stay on the GPU)")
 
 

@@ -124,7 +124,8 @@ def test_kernel_arithmetic_in_tritons_interpreter():
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]
 
 
-def build(capability: int, v_transposed: bool, config: ak.Config, dim: int = 64, scale_type: str = "fp32"):
+def build(capability: int, v_transposed: bool, config: ak.Config, dim: int = 64, scale_type: str = "fp32",
+          stride_hints: bool = True):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
@@ -140,7 +141,7 @@ def build(capability: int, v_transposed: bool, config: ak.Config, dim: int = 64,
                   "stride_vs" if v_transposed else "stride_vd": 1}  # Triton specializes the unit stride
     signature.update({name: "constexpr" for name in constexprs})
     divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
-                 if name.endswith("_ptr") or (name.startswith("stride") and name not in constexprs)}
+                 if name.endswith("_ptr") or (stride_hints and name.startswith("stride") and name not in constexprs)}
     source = ASTSource(fn=ak._flash_attention_fp8_kernel, signature=signature, constexprs=constexprs, attrs=divisible)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
@@ -164,12 +165,25 @@ def test_kernel_compiles_for_hopper_with_fp8_wgmma(v_transposed):
 
 
 @needs_triton
-def test_kernel_compiles_with_the_fp64_scale_inductor_passes():
-    """Inside torch.compile, inductor hands the Python float `attn_scale` to the kernel as fp64 (seen on the H200:
-    the softmax state turned fp64 and the build failed); the kernel keeps its arithmetic in float32 anyway."""
+def test_kernel_keeps_its_fast_path_with_the_arguments_inductor_passes():
+    """Inside torch.compile with dynamic shapes, inductor hands the kernel `attn_scale` as fp64 and the strides
+    without Triton's divisible-by-16 specialization (seen on the H200: first the build failed, the softmax state
+    turning fp64; then the kernel ran at 1.54 ms instead of 0.77, no asynchronous copies of K and V). The kernel
+    keeps float32 arithmetic and rounds the strides to 16, so K and V still arrive by asynchronous copies."""
     for config in (ak.choose_config(64), ak.Config(64, 128, 4, 3)):
-        compiled = build(90, True, config, scale_type="fp64")
-        assert compiled.asm["cubin"]
+        compiled = build(90, True, config, scale_type="fp64", stride_hints=False)
+        copies = re.findall(r"ttg\.async_copy_global_to_local %(\w+?)_ptrs", compiled.asm["ttgir"])
+        assert compiled.asm["cubin"] and "k" in copies and "v" in copies, copies
+
+
+def test_launcher_refuses_strides_the_kernel_cannot_round():
+    if not ak.available():
+        pytest.skip("triton is not installed")
+    q8, k8, v8, dq, dk, dv = fp8_inputs(batch=1, seq=20, heads=1, dim=64)
+    out = torch.empty(q8.shape, dtype=torch.bfloat16)
+    odd = torch.empty(1, 20, 1, 72, dtype=torch.float8_e4m3fn)[..., :64]  # rows 72 apart: not a multiple of 16
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ak.launch_flash_attention_fp8(odd, k8, v8, dq, dk, dv, 0.125, out, ak.choose_config(64))
 
 
 @needs_triton
