@@ -160,11 +160,13 @@ class OnDemandEncoders:
                         unit, index = home[id(tensor)]
                         found[unit][1].append((owner, kind, name, index))
             units = []
-            for tensors, slots in found:
+            while found:  # one unit at a time: each source tensor is freed once its unit's buffer holds it
+                tensors, slots = found.pop(0)
                 unit = _Unit(tensors, slots, pin and cuda)
                 for owner, kind, name, index in unit.slots:
                     self._set(owner, kind, name, unit.masters[index])
                 units.append(unit)
+                del tensors
             self.units[id(module)] = units
             if hooks or (hooks is None and cuda):
                 self.hooks.append(module.register_forward_pre_hook(self._start))

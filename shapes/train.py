@@ -434,7 +434,7 @@ def model_card(pipe, meta: dict) -> str:
     runs = training_runs(meta)
     vae_runs = [run for run in runs if run["vae_iterations"]]
     if vae_runs:
-        vae_line = (f"- **VAE**: {sum(r['vae_iterations'] for r in vae_runs)} iterations, batch {settings['vae_batch']} at 128 px "
+        vae_line = (f"- **VAE**: {total(vae_runs, 'vae_iterations')} iterations, batch {settings['vae_batch']} at 128 px "
                     f"cycling through {resolutions} px (x2 at 64, x0.5 at 256), L1 + MSE + {settings['kl_weight']:g} x KL; final reconstruction loss "
                     f"{vae_runs[-1]['vae_loss_end']:.4f}. {factors} from the statistics of 1024 training latents.")
     else:
@@ -471,7 +471,7 @@ image = pipe("a red circle on a blue background", height=128, width=128, num_inf
   scene for every sample. Held out and never trained on: single-object captions of the pairs {pairs}, and every
   caption whose CRC-32 is divisible by 10.
 {vae_line}
-- **Transformer**: SD3's rectified flow (logit-normal sigmas, velocity target), {sum(r['iterations'] for r in runs)}
+- **Transformer**: SD3's rectified flow (logit-normal sigmas, velocity target), {total(runs)}
   iterations in all, batch {settings['batch']} at 128 px cycling through {resolutions} px (x2 at 64, x0.5 at 256), AdamW with warm-up and
   cosine decay per run, EMA {settings['ema']}, caption dropout {settings['cfg_dropout']} for classifier-free guidance. Text
   encoders {text_encoders}. Final loss (mean of the last logged values) {sum(tail) / len(tail):.4f}.
@@ -522,7 +522,7 @@ def _probe_line(meta: dict, runs: list[dict]) -> str:
             f"{found['train']}% of training captions and {found['heldout']}% of held-out captions back correctly "
             f"({found['steps']} steps, guidance {found['guidance']}, {found['size']} px). Full evaluation, 16-bit vs FP8, on "
             f"200 held-out captions (what the 90% target is measured on): `python -m bench.eval_shapes`." + (
-                f" **Below 90% on these held-out captions** after {sum(r['iterations'] for r in runs)} transformer "
+                f" **Below 90% on these held-out captions** after {total(runs)} transformer "
                 "iterations: train on from this folder (`--init-from`) to raise it." if found["heldout"] < 90 else "")
             + "\n")
 
@@ -575,6 +575,11 @@ def plot_losses(meta: dict, path: Path) -> None:
 T0 = time.perf_counter()
 
 
+def total(runs: list[dict], key: str = "iterations") -> int:
+    """A model's iterations (or VAE iterations) summed over the training runs that made it."""
+    return sum(run[key] for run in runs)
+
+
 def load_weights(pipe, folder: Path) -> dict:
     """Load a pipeline folder's weights (and VAE latent factors) into `pipe`; returns what it says of its training."""
     for name, module in trainable_modules(pipe).items():
@@ -587,8 +592,8 @@ def load_weights(pipe, folder: Path) -> dict:
     pipe.vae.register_to_config(scaling_factor=vae["scaling_factor"], shift_factor=vae["shift_factor"])
     log = folder / "training_log.json"
     runs = training_runs(json.loads(log.read_text())) if log.is_file() else []
-    return {"folder": str(folder), "runs": runs, "vae_iterations": sum(r["vae_iterations"] for r in runs),
-            "iterations": sum(r["iterations"] for r in runs)}
+    return {"folder": str(folder), "runs": runs, "vae_iterations": total(runs, "vae_iterations"),
+            "iterations": total(runs)}
 
 
 def train(config: ModelConfig, settings: TrainSettings, out: Path, device: torch.device,
