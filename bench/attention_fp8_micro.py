@@ -42,22 +42,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.runner import cuda_graph_ms, cuda_median_ms
 from sd35fp8 import attention_kernel as ak
+from sd35fp8.errors import error_summary
+from sd35fp8.metrics import relative_error
 
 SHAPES = {"large": (2, 4429, 38, 64), "medium": (2, 4429, 24, 64)}
 TINY_SHAPES = {"tiny": (1, 75, 2, 64)}
 TINY_CONFIGS = (ak.Config(32, 32, 4, 1), ak.Config(64, 64, 4, 1))
 GRAPH_CALLS = 10
-
-
-def error_text(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return float((out.double() - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
 def reference_attention(q, k, v) -> torch.Tensor:
@@ -80,47 +73,13 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def time_gpu(fn, iters: int = 20, graph: bool = True) -> dict:
-    """{'ms': CUDA-graph time of one call (None if capture fails), 'launched_ms': eager median, 'graph_error'}."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    result = {"launched_ms": round(statistics.median(times), 4), "ms": None}
-    if not graph:
-        result["ms"] = result["launched_ms"]
-        return result
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(GRAPH_CALLS):
-                fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        replays = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            replays.append(start.elapsed_time(end) / GRAPH_CALLS)
-        result["ms"] = round(statistics.median(replays), 4)
-        del graph
-    except Exception as error:  # noqa: BLE001 - the eager figure stands
-        result["graph_error"] = error_text(error)
-        result["ms"] = result["launched_ms"]
+    """{'ms': one call's time from a CUDA graph of GRAPH_CALLS calls (no launch cost; the eager figure where the
+    capture fails or `graph` is off), 'launched_ms': eager median of `iters` calls}."""
+    launched = round(cuda_median_ms(torch, fn, iters=iters), 4)
+    graphed = cuda_graph_ms(torch, fn, repeat=GRAPH_CALLS) if graph else None
+    result = {"launched_ms": launched, "ms": launched if graphed is None else round(graphed, 4)}
+    if graph and graphed is None:
+        result["graph_error"] = "CUDA graph capture failed: eager timing"
     return result
 
 
@@ -208,7 +167,7 @@ def run_shape(report: Report, name: str, shape, device, deadline: float, tiny: b
             if kernel != "v_transpose" and row.get("ms"):
                 row["tflops"] = round(flops / row["ms"] / 1e9, 1)
         except Exception as error:  # noqa: BLE001 - one failing kernel or config must not stop the sweep
-            row["error"] = error_text(error)
+            row["error"] = error_summary(error, 300)
         report.add(row)
         return row
 

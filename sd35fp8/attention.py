@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attention_kernel
+from .attention_kernel import P_SCALE  # softmax probabilities are <= 1: scaled by 256 (exact) into E4M3's range
 from .errors import error_summary
 from .fp8 import FP8_DTYPE, FP8_MAX, Fp8Activation, tensor_amax
 
@@ -41,7 +42,6 @@ ATTENTION_LABELS = {
     "fp8_triton": "FP8 attention (the project's Triton flash-attention kernel)",
     "fp8_reference": "FP8 attention emulated in float32 (reference, slow)",
 }
-P_SCALE = 256.0  # softmax probabilities are <= 1; a power of two keeps the scaling exact
 log = logging.getLogger(__name__)
 FALLBACKS: dict[tuple, str] = {}  # shapes cuDNN refused -> reason (the reference kernel ran instead)
 

@@ -58,7 +58,7 @@ try:
 except ImportError:  # CPU-only installs: callers use another attention backend
     triton = None
 
-P_SCALE = 256.0  # = sd35fp8.attention.P_SCALE (not imported: keep this module free of the pipeline's imports)
+P_SCALE = 256.0  # P quantized as P * P_SCALE: probabilities are <= 1; a power of two keeps the scaling exact
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
 
