@@ -166,7 +166,8 @@ def load_pipeline(
     off on the CPU. `compile` is off unless asked for; the first generation at each new kind of input pays the
     compilation, a new size does not.
     Placement: `offload` (accelerate's model CPU offload, for 12 GB cards), `text_encoders` ("gpu", "on_demand":
-    in CPU memory, each copied to the GPU only while it encodes; "auto": on demand on GPUs of 24 GB or less).
+    the CLIP encoders on the GPU, T5 in pinned CPU memory streamed to the GPU block by block while it encodes;
+    "auto": on demand on GPUs of 24 GB or less).
     `prompt_cache`: True for a new LRU cache of prompt embeddings, a `PromptCache` to share one, False for none.
     `LoadedPipeline.pieces` records which pieces ran. Every load is checked: no weight may be left on `meta`.
     """

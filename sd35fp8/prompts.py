@@ -134,7 +134,7 @@ class OnDemandEncoders:
         self.resident = [getattr(pipe, name) for name in resident if getattr(pipe, name, None) is not None]
         self.streamed = [module for module in self.modules if all(module is not r for r in self.resident)]
         cuda = self.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.copy_stream = None  # the side stream of the copies, made at the first encode (ZeroGPU lends the GPU then)
         self.units: dict[int, list[_Unit]] = {}  # per streamed encoder: stem, block 0, block 1, ...
         self.pending: dict[tuple[int, int], tuple[list[torch.Tensor], object]] = {}  # copies under way: views, event
         self.hooks = []
@@ -191,7 +191,9 @@ class OnDemandEncoders:
         unit = units[index]
         flat = torch.empty_like(unit.host, device=self.device)  # allocated on the compute stream: freed in order
         event = None
-        if self.copy_stream is not None:
+        if self.device.type == "cuda":
+            if self.copy_stream is None:
+                self.copy_stream = torch.cuda.Stream(self.device)
             # the copy may reuse memory of blocks dropped earlier: wait for the compute that read it
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.copy_stream):
