@@ -42,7 +42,7 @@ inside the tensor core's reduced-precision FP8 accumulation (one add and 32 regi
 
 Configurations: `choose_config(head_dim)` picks one of `CONFIGS` (no autotuning: launch settings are fixed,
 compilations are cached by Triton, and torch.compile sees a fixed kernel); `config=` overrides it (the benchmark
-sweeps `CONFIGS`). Importable without Triton: `available()` is False and `supports()` refuses.
+sweeps `CONFIGS`). Importable without Triton: `available()` is False and `unavailable()` says so.
 """
 
 from __future__ import annotations
@@ -105,17 +105,23 @@ def choose_config(head_dim: int) -> Config:
 
 
 def available() -> bool:
-    """True where the kernel can be built: Triton importable (tensors are checked by `supports`)."""
+    """True where the kernel can be built: Triton importable (the device is checked by `unavailable`)."""
     return triton is not None
 
 
-def supports(q8: torch.Tensor) -> bool:
-    """Whether `flash_attention_fp8` runs for this query: E4M3 (B, S, H, D) on a CUDA GPU of compute capability
-    >= 8.9 (FP8 tensor cores), head_dim 64 or 128."""
-    if not (available() and q8.is_cuda and q8.dim() == 4 and q8.dtype == torch.float8_e4m3fn
-            and q8.shape[-1] in HEAD_DIMS):
-        return False
-    return torch.cuda.get_device_capability(q8.device) >= (8, 9)
+def unavailable(device: torch.device | str, head_dim: int) -> str | None:
+    """None where the kernel runs: a CUDA GPU with FP8 tensor cores (compute capability >= 8.9), Triton, head_dim
+    64 or 128; else why not."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"needs a CUDA GPU, not {device.type}"
+    if not available():
+        return "triton is not installed"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} (the kernel takes {' or '.join(map(str, HEAD_DIMS))})"
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        return "needs FP8 tensor cores (compute capability 8.9+)"
+    return None
 
 
 def transpose_v(v8: torch.Tensor) -> torch.Tensor:

@@ -121,18 +121,6 @@ def _kernel_piece(pieces: dict, transformer: torch.nn.Module, device: torch.devi
     pieces[f"fused_{kernel}"] = count(transformer)
 
 
-def triton_attention_unavailable(device: torch.device) -> str | None:
-    """None where the Triton FP8 attention kernel can run on `device` (CUDA, FP8 tensor cores, Triton), else why."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"needs a CUDA GPU, not {device.type}"
-    if not attention_kernel.available():
-        return "triton is not installed"
-    if torch.cuda.get_device_capability(device) < (8, 9):
-        return "needs FP8 tensor cores (compute capability 8.9+)"
-    return None
-
-
 def prepare_transformer(transformer: torch.nn.Module, device: torch.device, options: SpeedOptions,
                         run_once=None) -> dict:
     """Apply the (resolved) speed options to a transformer already on `device`; returns what ran.
@@ -152,7 +140,7 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
             pieces["attention_fallback"] = f"fp8_cudnn unavailable ({reason}); 16-bit sdpa instead"
             backend = "sdpa"
     if backend == "fp8_triton":
-        reason = triton_attention_unavailable(device)
+        reason = attention_kernel.unavailable(device, transformer.config.attention_head_dim)
         if reason is not None:
             pieces["attention_fallback"] = f"fp8_triton unavailable ({reason}); 16-bit sdpa instead"
             backend = "sdpa"
