@@ -133,7 +133,8 @@ class Report:
         tmp.replace(self.path)
 
 
-def run_shape(report: Report, name: str, shape, device, deadline: float, tiny: bool, top_configs: list | None):
+def run_shape(report: Report, name: str, shape, device, deadline: float, tiny: bool, top_configs: list | None,
+              only_compiled: bool = False):
     """All rows of one shape; returns the FP8 configs sorted by time (for the next shape's shorter sweep)."""
     batch, seq, heads, dim = shape
     flops = 4 * batch * heads * seq * seq * dim
@@ -185,8 +186,10 @@ def run_shape(report: Report, name: str, shape, device, deadline: float, tiny: b
             return fn
 
         measure("cudnn_bf16", under(SDPBackend.CUDNN_ATTENTION), bhsd=True)
-        measure("flash_bf16", under(SDPBackend.FLASH_ATTENTION), bhsd=True)
-    measure("sdpa_auto_bf16", sdpa, bhsd=True)
+        if not only_compiled:
+            measure("flash_bf16", under(SDPBackend.FLASH_ATTENTION), bhsd=True)
+    if not only_compiled:
+        measure("sdpa_auto_bf16", sdpa, bhsd=True)
 
     def fp8(config: ak.Config, transposed: bool):
         values = v8t if transposed else v8
@@ -195,6 +198,15 @@ def run_shape(report: Report, name: str, shape, device, deadline: float, tiny: b
 
     if not ak.available():
         report.add({"shape": name, "kernel": "triton_fp8", "error": "triton is not installed"})
+        return []
+    if cuda:  # the kernel as the model's compiled blocks call it: from inductor's code, dynamic shapes
+        compiled = torch.compile(lambda a, b, c: ak.flash_attention_fp8(a, b, c, dq, dk, dv, attn_scale,
+                                                                        v_transposed=True), dynamic=True)
+        measure("triton_fp8_in_compile", lambda: compiled(q8, k8, v8t), ak.choose_config(dim).label(),
+                v_layout="bhds", default=True)
+    if only_compiled:
+        measure("triton_fp8", fp8(ak.choose_config(dim), True), ak.choose_config(dim).label(), v_layout="bhds",
+                default=True)
         return []
     configs = list(TINY_CONFIGS) if tiny else [ak.choose_config(dim)] + [c for c in ak.CONFIGS
                                                                          if c != ak.choose_config(dim)]
@@ -251,6 +263,8 @@ def parse_args(argv=None):
     parser.add_argument("--shapes", default="large,medium")
     parser.add_argument("--tiny", action="store_true", help="tiny shape (CPU smoke test under TRITON_INTERPRET=1)")
     parser.add_argument("--top", type=int, default=3, help="configs of the first shape's sweep re-run on the others")
+    parser.add_argument("--only-compiled", action="store_true",
+                        help="just cuDNN bf16 and the default kernel, eager and inside torch.compile (a short check)")
     return parser.parse_args(argv)
 
 
@@ -271,7 +285,7 @@ def main(argv=None) -> int:
             report.data["stopped_at_deadline"] = True
             report.write()
             break
-        ranked = run_shape(report, name, shape, device, deadline, args.tiny, top)
+        ranked = run_shape(report, name, shape, device, deadline, args.tiny, top, args.only_compiled)
         if top is None and ranked:
             top = ranked[:args.top]
         if device.type == "cuda":
