@@ -26,7 +26,9 @@ from .settings import SPEED
 
 # What "auto" picks on a CUDA GPU, from the H200 measurements (bench/NOTES.md, gpu_h200_*.json). Attention: cuDNN's
 # FP8 sdpa was slower than its 16-bit kernel at head_dim 64 (1.16 vs 1.01 ms at 2x38x4429x64; in the model the
-# FP8 kernel saved 4.8 ms a step but quantizing Q/K/V cost more), so "auto" never selects FP8 attention.
+# FP8 kernel saved 4.8 ms a step but quantizing Q/K/V cost more). The project's Triton FP8 kernel ("fp8_triton") is
+# faster alone (0.77 vs 0.95 ms) but ran at 1.54 ms inside the compiled model before its stride fix, which is not
+# measured yet (122.9 vs 99.7 ms a Large step). So "auto" never selects FP8 attention.
 AUTO_ATTENTION_FP8_MIN_CAPABILITY: tuple[int, int] | None = None  # None: FP8 attention is never auto-selected
 # CUDA graphs on the H200 (Large FP8, compiled, same process): 98.5 vs 101.1 ms a step, 3.01 vs 3.09 s end to end
 # (2.8%; 0.6% before the adaLN kernels); every new image size captures another graph and keeps its memory, and the
