@@ -10,6 +10,8 @@ Shapes (B, S, H, D): large (2, 4429, 38, 64), medium (2, 4429, 24, 64); non-caus
     (B, S, H, D) tensors (`transpose(1, 2)`, no copy, as `sd35fp8.attention`'s "sdpa" backend calls it; the strided
     inputs are read by the kernel directly, no transpose kernels are timed) under `sdpa_kernel(CUDNN_ATTENTION)`,
     `sdpa_kernel(FLASH_ATTENTION)` and PyTorch's own pick.
+  * triton_fp8_in_compile: the default config called from `torch.compile(dynamic=True)` code, as the model's compiled
+    blocks call it (inductor passes its scalars and strides differently from an eager launch);
   * triton_fp8: the kernel per config (`ak.CONFIGS`, V in the K-major (B, H, D, S_pad) layout, "bhds"), then the
     best of those with V as (B, S, H, D) ("bshd") and with the tensor core's chained FP8 accumulation
     ("_chained"). Inputs quantized from the same bf16 tensors with per-tensor amax scales (not timed).
@@ -23,8 +25,9 @@ Python launch cost is excluded; `launched_ms` = median of 20 eagerly launched ca
 ||out - ref|| / ||ref|| with ref = float32 attention (no TF32) of the same bf16 inputs.
 
 The JSON (DIR/attention_fp8_micro.json) is rewritten after every row, so a timeout keeps what finished; no new
-measurement starts after --deadline-s. A config that fails to compile or run is an error row. Imports only torch,
-triton (through sd35fp8.attention_kernel) and sd35fp8.attention (for the cuDNN FP8 row).
+measurement starts after --deadline-s. A config that fails to compile or run is an error row. `--only-compiled`
+runs just cuDNN bf16, triton_fp8_in_compile and the default config (a short check). Needs no diffusers or quanto:
+it imports torch, triton (through sd35fp8.attention_kernel), sd35fp8's attention/errors/metrics and bench.runner.
 """
 
 from __future__ import annotations
