@@ -18,6 +18,9 @@ Shapes (B, S, H, D): large (2, 4429, 38, 64), medium (2, 4429, 24, 64); non-caus
   * cudnn_fp8_frontend: cuDNN's sdpa_fp8 through `sd35fp8.attention` (FP8 output) if the cuDNN frontend imports;
     timed eagerly only (not captured: a failed capture of its own handle/stream must not disturb later rows).
   * v_transpose: `ak.transpose_v` alone (what writing V K-major costs if done as a separate copy).
+  * qkv_prepare_kernel / qkv_prepare_inductor: q/k RMS norms + concatenation of image and context tokens + E4M3
+    quantization of q/k/v (V written transposed) from the fused projections' outputs, by `ak.quantize_qkv` and by
+    torch.compile of its torch reference (what the model's compiled blocks would otherwise run).
 
 Timing: `ms` = GPU time of one call from a CUDA graph of 10 calls, replayed 20 times (median replay / 10), so
 Python launch cost is excluded; `launched_ms` = median of 20 eagerly launched calls timed with CUDA events (after
@@ -26,7 +29,7 @@ Python launch cost is excluded; `launched_ms` = median of 20 eagerly launched ca
 
 The JSON (DIR/attention_fp8_micro.json) is rewritten after every row, so a timeout keeps what finished; no new
 measurement starts after --deadline-s. A config that fails to compile or run is an error row. `--only-compiled`
-runs just cuDNN bf16, triton_fp8_in_compile and the default config (a short check). Needs no diffusers or quanto:
+runs just cuDNN bf16, triton_fp8_in_compile, the default config and the two qkv_prepare rows (a short check). Needs no diffusers or quanto:
 it imports torch, triton (through sd35fp8.attention_kernel), sd35fp8's attention/errors/metrics and bench.runner.
 """
 
@@ -54,6 +57,8 @@ SHAPES = {"large": (2, 4429, 38, 64), "medium": (2, 4429, 24, 64)}
 TINY_SHAPES = {"tiny": (1, 75, 2, 64)}
 TINY_CONFIGS = (ak.Config(32, 32, 4, 1), ak.Config(64, 64, 4, 1))
 GRAPH_CALLS = 10
+NOT_ATTENTION = ("v_transpose", "qkv_prepare_kernel", "qkv_prepare_inductor")  # rows without an attention output
+CONTEXT_TOKENS = 333  # SD3.5's text tokens (77 CLIP + 256 T5) among the sequence
 
 
 def reference_attention(q, k, v) -> torch.Tensor:
@@ -163,12 +168,12 @@ def run_shape(report: Report, name: str, shape, device, deadline: float, tiny: b
             if cuda:
                 torch.cuda.synchronize()
             row["first_call_s"] = round(time.monotonic() - start, 2)
-            if kernel != "v_transpose":
+            if kernel not in NOT_ATTENTION:
                 out = out.transpose(1, 2).float() if bhsd else out.float()
                 row["rel_error"] = round(relative_error(out, reference), 5)
             del out
             row.update(timer(fn, graph=graph))
-            if kernel != "v_transpose" and row.get("ms"):
+            if kernel not in NOT_ATTENTION and row.get("ms"):
                 row["tflops"] = round(flops / row["ms"] / 1e9, 1)
         except Exception as error:  # noqa: BLE001 - one failing kernel or config must not stop the sweep
             row["error"] = error_summary(error, 300)
@@ -210,6 +215,15 @@ def run_shape(report: Report, name: str, shape, device, deadline: float, tiny: b
     if only_compiled:
         measure("triton_fp8", fp8(ak.choose_config(dim), True), ak.choose_config(dim).label(), v_layout="bhds",
                 default=True)
+    if cuda and seq > CONTEXT_TOKENS:  # preparing q/k/v from the fused projections: our kernel vs inductor's
+        qkv = torch.randn(batch, seq - CONTEXT_TOKENS, 3 * heads * dim, generator=generator).to(device, torch.bfloat16)
+        context = torch.randn(batch, CONTEXT_TOKENS, 3 * heads * dim, generator=generator).to(device, torch.bfloat16)
+        norms = [torch.nn.RMSNorm(dim, eps=1e-6, device=device, dtype=torch.bfloat16) for _ in range(4)]
+        scales = torch.tensor([20.0, 25.0, 30.0], device=device)
+        prepared = torch.compile(lambda a, b: ak.quantize_qkv_reference(a, b, norms, heads, scales), dynamic=True)
+        measure("qkv_prepare_kernel", lambda: ak.quantize_qkv(qkv, context, norms, heads, scales), "norms + cat + E4M3")
+        measure("qkv_prepare_inductor", lambda: prepared(qkv, context), "torch.compile of the same arithmetic")
+    if only_compiled:
         return []
     configs = list(TINY_CONFIGS) if tiny else [ak.choose_config(dim)] + [c for c in ak.CONFIGS
                                                                          if c != ak.choose_config(dim)]

@@ -12,8 +12,9 @@ Backends (`set_attention(transformer, backend)`):
     custom op `sd35fp8::sdpa_fp8`.
   * "fp8_triton": FP8 attention through the project's Triton flash-attention kernel (`sd35fp8.attention_kernel`,
     bf16 output): Q and K quantized as for cuDNN, V by its amax and written with the sequence innermost
-    ((B, H, D, S padded to 16), the layout Hopper's FP8 tensor-core instructions want), in one fused kernel
-    under torch.compile. On the H200 at SD3.5 Large's shape 2x38x4429x64: 0.77 ms against cuDNN bf16's 0.95 ms
+    ((B, H, D, S padded to 16), the layout Hopper's FP8 tensor-core instructions want). With fused projections
+    on CUDA the q/k norms, the concatenation and the three quantizations run as one more Triton kernel
+    (`attention_kernel.quantize_qkv`); otherwise inductor fuses them under torch.compile. On the H200 at SD3.5 Large's shape 2x38x4429x64: 0.77 ms against cuDNN bf16's 0.95 ms
     (bench/results/gpu_h200_attention_fp8.json). Off CUDA it runs the kernel's arithmetic in float32 torch.
   * "fp8_reference": the same quantization with the attention emulated in float32 PyTorch (any device): what
     the CPU tests check against 16-bit attention, and the fallback when cuDNN refuses a shape.
@@ -215,6 +216,39 @@ def fp8_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bo
                                                 v_transposed=True).to(q.dtype)
 
 
+def triton_prepares(x: torch.Tensor) -> bool:
+    """Whether the fp8_triton backend prepares q/k/v with `attention_kernel.quantize_qkv` for these activations:
+    on CUDA where Triton is installed (elsewhere it runs the kernel's float32 arithmetic in torch)."""
+    return x.is_cuda and attention_kernel.available()
+
+
+def fused_triton_attention(attn, hidden_states, encoder_hidden_states) -> torch.Tensor | None:
+    """The fp8_triton backend with fused projections: q/k RMS norms, concatenation and E4M3 quantization of q/k/v in
+    one kernel (`attention_kernel.quantize_qkv`), then the FP8 attention kernel; (B, S, H * D). None where the
+    attention has no fused projections or norms the kernel does not compute (the caller takes the torch path)."""
+    context = encoder_hidden_states is not None
+    fused, added = getattr(attn, "to_qkv", None), getattr(attn, "to_added_qkv", None)
+    norms = (attn.norm_q, attn.norm_k) + ((attn.norm_added_q, attn.norm_added_k) if context else ())
+    if fused is None or (context and added is None) or not attention_kernel.qkv_norms_fusable(norms):
+        return None
+    qkv = fused(hidden_states)
+    context_qkv = added(encoder_hidden_states) if context else None
+    heads = attn.heads
+    width = qkv.shape[-1] // 3
+    head_dim = width // heads
+    v_amax = tensor_amax(qkv[..., 2 * width:])
+    if context_qkv is not None:
+        v_amax = torch.maximum(v_amax, tensor_amax(context_qkv[..., 2 * width:]))
+    bounds = torch.stack([_rms_bound(norms[0::2], head_dim), _rms_bound(norms[1::2], head_dim),
+                          v_amax.float().clamp(min=1e-12)])
+    scales = FP8_MAX / bounds
+    q8, k8, v8 = attention_kernel.quantize_qkv(qkv, context_qkv, norms, heads, scales)
+    descales = 1 / scales
+    out = attention_kernel.flash_attention_fp8(q8, k8, v8, descales[0], descales[1], descales[2],
+                                               1.0 / math.sqrt(head_dim), v_transposed=True)
+    return out.reshape(qkv.shape[0], -1, width).to(qkv.dtype)
+
+
 def quantize_v_transposed(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, S, H, D) 16-bit V -> E4M3 (B, H, D, S_pad), S_pad = S rounded up to 16 and zero padded (the Triton
     kernel's K-major V), scaled by 448 / amax; returns (v8, scale). One fused kernel under torch.compile."""
@@ -247,6 +281,22 @@ class JointAttention:
                  attention_mask: torch.Tensor | None = None, *args, **kwargs):
         shaped = hidden_states.data if isinstance(hidden_states, Fp8Activation) else hidden_states  # (B, T, C)
         batch, tokens = shaped.shape[0], shaped.shape[1]
+        context = encoder_hidden_states is not None
+        out = None
+        if self.backend == "fp8_triton" and triton_prepares(shaped):
+            out = fused_triton_attention(attn, hidden_states, encoder_hidden_states)
+        if out is None:
+            out = self._attention(attn, hidden_states, encoder_hidden_states, batch)
+        if context:
+            out, encoder_out = out[:, :tokens], out[:, tokens:]
+            if not attn.context_pre_only:
+                encoder_out = attn.to_add_out(encoder_out)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        return (out, encoder_out) if context else out
+
+    def _attention(self, attn, hidden_states, encoder_hidden_states, batch: int) -> torch.Tensor:
+        """Projections, q/k norms and the backend's attention: (B, S, H * D) in the activations' dtype."""
         heads = attn.heads
         query, key, value = _project(attn, "to_qkv", ("to_q", "to_k", "to_v"), hidden_states)
         head_dim = key.shape[-1] // heads
@@ -286,13 +336,7 @@ class JointAttention:
             else:
                 out = fp8_attention(query, key, value, *bounds, "cudnn" if self.backend == "fp8_cudnn" else "reference")
             out = out.reshape(batch, -1, heads * head_dim)
-        if context:
-            out, encoder_out = out[:, :tokens], out[:, tokens:]
-            if not attn.context_pre_only:
-                encoder_out = attn.to_add_out(encoder_out)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        return (out, encoder_out) if context else out
+        return out
 
 
 def set_attention(transformer: torch.nn.Module, backend: str) -> int:

@@ -51,6 +51,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -58,6 +59,7 @@ try:
 except ImportError:  # CPU-only installs: callers use another attention backend
     triton = None
 
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 P_SCALE = 256.0  # P quantized as P * P_SCALE: probabilities are <= 1; a power of two keeps the scaling exact
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
@@ -294,6 +296,137 @@ if triton is not None:
         return out
 
 
+def quantize_qkv_reference(qkv: torch.Tensor, context_qkv: torch.Tensor | None, norms: tuple, heads: int,
+                           scales: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `quantize_qkv` computes, in torch: the fused projections' outputs (B, T, 3*H*D) of the image tokens and
+    (optionally) the context tokens -> E4M3 q8, k8 (B, S, H, D) (RMS-normed by `norms` = (norm_q, norm_k,
+    norm_added_q, norm_added_k), diffusers' arithmetic) and v8 (B, H, D, S_pad); `scales` = (q, k, v) float32.
+    `dtype=torch.float32` returns the scaled values before the E4M3 cast."""
+    parts = []
+    for index, x in enumerate((qkv, context_qkv)):
+        if x is None:
+            continue
+        q, k, v = (t.view(x.shape[0], x.shape[1], heads, -1) for t in x.chunk(3, dim=-1))
+        parts.append((norms[2 * index](q), norms[2 * index + 1](k), v))
+    q, k, v = (torch.cat(tensors, dim=1) for tensors in zip(*parts))
+    padded = -(-q.shape[1] // 16) * 16
+
+    def cast(x, scale):
+        return (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+    v_t = F.pad(v.permute(0, 2, 3, 1), (0, padded - v.shape[1]))
+    return cast(q, scales[0]), cast(k, scales[1]), cast(v_t, scales[2]).contiguous()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_rows(img_ptr, ctx_ptr, img_rows, ctx_rows, in_img, in_ctx, column, offs_d):
+        """(BLOCK_T, D) of one of q/k/v for tokens that are image rows or context rows (one load reads each)."""
+        image = tl.load(img_ptr + img_rows[:, None] + column + offs_d[None, :], mask=in_img[:, None], other=0.0)
+        context = tl.load(ctx_ptr + ctx_rows[:, None] + column + offs_d[None, :], mask=in_ctx[:, None], other=0.0)
+        return tl.where(in_img[:, None], image, context).to(tl.float32)
+
+    @triton.jit
+    def _rms_norm(x, w_img_ptr, w_ctx_ptr, in_img, offs_d, eps, HEAD_DIM: tl.constexpr):
+        """diffusers' RMSNorm: x * rsqrt(mean(x^2) + eps) rounded to bf16, times its bf16 weight, rounded."""
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
+        normed = (x * rstd[:, None]).to(tl.bfloat16).to(tl.float32)
+        weight = tl.where(in_img[:, None], tl.load(w_img_ptr + offs_d)[None, :].to(tl.float32),
+                          tl.load(w_ctx_ptr + offs_d)[None, :].to(tl.float32))
+        return (normed * weight).to(tl.bfloat16).to(tl.float32)
+
+    @triton.jit
+    def _quantize_qkv_kernel(img_ptr, ctx_ptr, wq_ptr, wk_ptr, wcq_ptr, wck_ptr, scales_ptr, q_ptr, k_ptr, vt_ptr,
+                             t_img, t_ctx, heads, padded, eps, stride_ib, stride_it, stride_cb, stride_ct,
+                             HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, FP8_MAX: tl.constexpr):
+        # one program: BLOCK_T tokens of one (batch, head); q/k/o rows (B, S, H, D), V^T (B, H, D, padded)
+        batch_head = tl.program_id(1)
+        batch = (batch_head // heads).to(tl.int64)
+        head = (batch_head % heads).to(tl.int64)
+        seq = t_img + t_ctx
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_d = tl.arange(0, HEAD_DIM)
+        in_img = offs_t < t_img
+        in_ctx = (offs_t >= t_img) & (offs_t < seq)
+        img_rows = batch * stride_ib + offs_t.to(tl.int64) * stride_it
+        ctx_rows = batch * stride_cb + (offs_t - t_img).to(tl.int64) * stride_ct
+        width = heads * HEAD_DIM
+        q = _load_rows(img_ptr, ctx_ptr, img_rows, ctx_rows, in_img, in_ctx, head * HEAD_DIM, offs_d)
+        k = _load_rows(img_ptr, ctx_ptr, img_rows, ctx_rows, in_img, in_ctx, width + head * HEAD_DIM, offs_d)
+        v = _load_rows(img_ptr, ctx_ptr, img_rows, ctx_rows, in_img, in_ctx, 2 * width + head * HEAD_DIM, offs_d)
+        q = _rms_norm(q, wq_ptr, wcq_ptr, in_img, offs_d, eps, HEAD_DIM)
+        k = _rms_norm(k, wk_ptr, wck_ptr, in_img, offs_d, eps, HEAD_DIM)
+        q_scale, k_scale, v_scale = tl.load(scales_ptr), tl.load(scales_ptr + 1), tl.load(scales_ptr + 2)
+        inside = (offs_t < seq)[:, None]
+        rows = (batch * seq + offs_t.to(tl.int64)) * width + head * HEAD_DIM
+        tl.store(q_ptr + rows[:, None] + offs_d[None, :],
+                 tl.clamp(q * q_scale, -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty), mask=inside)
+        tl.store(k_ptr + rows[:, None] + offs_d[None, :],
+                 tl.clamp(k * k_scale, -FP8_MAX, FP8_MAX).to(k_ptr.dtype.element_ty), mask=inside)
+        v_rows = (batch * heads + head) * HEAD_DIM * padded  # V^T: the sequence innermost
+        tl.store(vt_ptr + v_rows + offs_d[None, :] * padded + offs_t[:, None],
+                 tl.clamp(v * v_scale, -FP8_MAX, FP8_MAX).to(vt_ptr.dtype.element_ty), mask=inside)
+
+    def launch_quantize_qkv(qkv: torch.Tensor, context_qkv: torch.Tensor | None, weights: tuple, eps: float,
+                            heads: int, scales: torch.Tensor, q8: torch.Tensor, k8: torch.Tensor,
+                            v8: torch.Tensor, block_t: int = 64) -> None:
+        """Run the kernel into preallocated outputs (float32 outputs keep the values before the E4M3 cast)."""
+        batch, t_img, width3 = qkv.shape
+        dim = width3 // (3 * heads)
+        context = qkv[:, :0] if context_qkv is None else context_qkv
+        seq = t_img + context.shape[1]
+        for name, t in (("qkv", qkv), ("context_qkv", context)):
+            if t.stride(-1) != 1:
+                raise ValueError(f"{name} must have contiguous rows")
+        w_q, w_k, w_cq, w_ck = (w.contiguous() for w in weights)
+        grid = (triton.cdiv(seq, block_t), batch * heads)
+        torch.library.wrap_triton(_quantize_qkv_kernel)[grid](
+            qkv, context, w_q, w_k, w_cq, w_ck, scales, q8, k8, v8, t_img, context.shape[1], heads, v8.shape[-1],
+            eps, qkv.stride(0), qkv.stride(1), context.stride(0), context.stride(1),
+            HEAD_DIM=dim, BLOCK_T=block_t, FP8_MAX=FP8_MAX, num_warps=4)
+
+    @torch.library.triton_op("sd35fp8::quantize_qkv", mutates_args=())
+    def _quantize_qkv_op(qkv: torch.Tensor, context_qkv: torch.Tensor | None, w_q: torch.Tensor, w_k: torch.Tensor,
+                         w_cq: torch.Tensor, w_ck: torch.Tensor, eps: float, heads: int,
+                         scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The op: E4M3 (q8, k8, v8) from the fused projections' outputs (see `quantize_qkv`)."""
+        batch, t_img, width3 = qkv.shape
+        seq = t_img + (0 if context_qkv is None else context_qkv.shape[1])
+        dim = width3 // (3 * heads)
+        q8 = torch.empty((batch, seq, heads, dim), dtype=torch.float8_e4m3fn, device=qkv.device)
+        k8 = torch.empty_like(q8)
+        v8 = torch.empty((batch, heads, dim, -(-seq // 16) * 16), dtype=torch.float8_e4m3fn, device=qkv.device)
+        launch_quantize_qkv(qkv, context_qkv, (w_q, w_k, w_cq, w_ck), eps, heads, scales, q8, k8, v8)
+        return q8, k8, v8
+
+
+def quantize_qkv(qkv: torch.Tensor, context_qkv: torch.Tensor | None, norms: tuple, heads: int,
+                 scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention's inputs in one pass: read the fused q/k/v projections' 16-bit outputs of the image tokens
+    (B, T, 3*H*D) and of the context tokens (or None), RMS-norm q and k per head with `norms` (norm_q, norm_k,
+    norm_added_q, norm_added_k: diffusers RMSNorms with weights and one eps), concatenate along the sequence and
+    write E4M3 q8, k8 (B, S, H, D) and V^T v8 (B, H, D, S_pad) with the float32 `scales` (q, k, v). V's padding
+    columns are left unwritten (the attention kernel never reads them). Replaces five inductor kernels (about 140
+    us a call on SD3.5 Large's blocks, bench/NOTES.md) whose bytes allow ~70 us. `quantize_qkv_reference` is the
+    same arithmetic in torch."""
+    if triton is None:
+        raise RuntimeError("quantize_qkv needs Triton (check sd35fp8.attention_kernel.available())")
+    if context_qkv is None:  # the kernel reads the context norms' weights regardless
+        norms = (norms[0], norms[1], norms[0], norms[1])
+    weights = [norm.weight for norm in norms]
+    return torch.ops.sd35fp8.quantize_qkv(qkv, context_qkv, *weights, float(norms[0].eps), heads,
+                                          scales.reshape(3).float())
+
+
+def qkv_norms_fusable(norms: tuple) -> bool:
+    """Whether `quantize_qkv` computes these norms: diffusers RMSNorms with bf16 weights, no bias, one eps."""
+    return (all(type(n).__name__ == "RMSNorm" and getattr(n, "weight", None) is not None
+                and n.weight.dtype == torch.bfloat16 and getattr(n, "bias", None) is None for n in norms)
+            and len({n.eps for n in norms}) == 1)
+
+
 def flash_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
                         descale_k: torch.Tensor, descale_v: torch.Tensor, attn_scale: float, *,
                         config: Config | tuple | None = None, v_transposed: bool = False) -> torch.Tensor:
@@ -308,6 +441,55 @@ def flash_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, de
     return torch.ops.sd35fp8.flash_attention_fp8(q8, k8, v8, descale_q.reshape(1).float(),
                                                   descale_k.reshape(1).float(), descale_v.reshape(1).float(),
                                                   float(attn_scale), bool(v_transposed), *chosen)
+
+
+_CHECKS: dict[str, str | None] = {}
+
+
+def check(device: torch.device | str) -> str | None:
+    """Run `quantize_qkv` and `flash_attention_fp8` once on `device` (a CUDA GPU) against their torch references;
+    None if they agree, else why not (cached). `sd35fp8.speed` calls it before choosing the fp8_triton backend, so
+    a GPU or Triton that cannot build or run the kernels falls back to 16-bit attention instead of failing."""
+    key = str(torch.device(device))
+    if key not in _CHECKS:
+        _CHECKS[key] = _check(torch.device(device))
+    return _CHECKS[key]
+
+
+def _check(device: torch.device) -> str | None:
+    from diffusers.models.normalization import RMSNorm
+
+    from .errors import error_summary
+    from .kernels import agreement
+
+    heads, dim, t_img, t_ctx = 2, 64, 70, 9
+    generator = torch.Generator().manual_seed(0)
+    norms = []
+    for _ in range(4):
+        norm = RMSNorm(dim, eps=1e-6).to(device, torch.bfloat16)
+        norm.weight.data.copy_(torch.rand(dim, generator=generator) + 0.5)
+        norms.append(norm)
+    qkv, context = ((torch.randn(2, t, 3 * heads * dim, generator=generator) * 3).to(device, torch.bfloat16)
+                    for t in (t_img, t_ctx))
+    scales = torch.tensor([20.0, 25.0, 30.0], device=device)
+    seq = t_img + t_ctx
+    try:
+        with torch.no_grad():
+            q8, k8, v8 = quantize_qkv(qkv, context, norms, heads, scales)
+            expected = quantize_qkv_reference(qkv, context, norms, heads, scales)
+            same = min(agreement(ours, theirs)[0] for ours, theirs in
+                       ((q8, expected[0]), (k8, expected[1]), (v8[..., :seq], expected[2][..., :seq])))
+            descales = 1 / scales
+            out = flash_attention_fp8(q8, k8, v8, descales[0], descales[1], descales[2], dim ** -0.5,
+                                      v_transposed=True)
+            reference = flash_attention_fp8_reference(*expected[:2], expected[2][..., :seq].permute(0, 3, 1, 2),
+                                                      descales[0], descales[1], descales[2], dim ** -0.5)
+            error = float((out.float() - reference).norm() / reference.norm())
+    except Exception as failure:  # noqa: BLE001 - a Triton or driver that cannot build or run them
+        return error_summary(failure)
+    if same < 0.99 or not error < 0.1:
+        return f"disagrees with torch: {same:.1%} equal q/k/v bytes, attention error {error:.1%}"
+    return None
 
 
 def flash_attention_fp8_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,

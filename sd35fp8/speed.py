@@ -142,7 +142,8 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
             pieces["attention_fallback"] = f"fp8_cudnn unavailable ({reason}); 16-bit sdpa instead"
             backend = "sdpa"
     if backend == "fp8_triton":
-        reason = attention_kernel.unavailable(device, transformer.config.attention_head_dim)
+        reason = (attention_kernel.unavailable(device, transformer.config.attention_head_dim)
+                  or attention_kernel.check(device))
         if reason is not None:
             pieces["attention_fallback"] = f"fp8_triton unavailable ({reason}); 16-bit sdpa instead"
             backend = "sdpa"

@@ -437,6 +437,47 @@ def test_triton_fp8_attention_backend_numerics_layout_and_fallback():
     assert loaded.pieces["attention"] == "sdpa" and "needs a CUDA GPU" in loaded.pieces["attention_fallback"]
 
 
+def test_triton_fp8_attention_with_the_qkv_kernel_glue(monkeypatch):
+    """The fused-projection path of fp8_triton (q/k/v prepared by `attention_kernel.quantize_qkv`, then the FP8
+    kernel), run on the CPU with both kernels replaced by their torch references: SD3.5-style q/k RMS norms, joint
+    and dual (self-)attention blocks, against 16-bit attention and the unfused fp8_triton path."""
+    from diffusers import SD3Transformer2DModel
+
+    from sd35fp8 import attention as attention_module, attention_kernel as ak
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32,
+                                  pooled_projection_dim=64, out_channels=16, qk_norm="rms_norm",
+                                  dual_attention_layers=(0,)).to(torch.bfloat16).eval()
+    for module in model.modules():
+        if type(module).__name__ == "RMSNorm":
+            module.weight.data.uniform_(0.5, 2.0)
+    fuse_projections(model)
+    set_attention(model, "sdpa")
+    expected = step(model)
+    set_attention(model, "fp8_triton")
+    unfused = step(model)  # the CPU path: no quantize_qkv
+    calls = []
+
+    def quantize_qkv(qkv, context_qkv, norms, heads, scales):
+        calls.append(context_qkv is not None)
+        return ak.quantize_qkv_reference(qkv, context_qkv, norms, heads, scales)
+
+    def flash(q8, k8, v8, dq, dk, dv, attn_scale, v_transposed=False, config=None):
+        assert v_transposed and v8.shape[-1] % 16 == 0 and v8.shape[-1] >= q8.shape[1]
+        v_natural = v8[..., :q8.shape[1]].permute(0, 3, 1, 2)
+        return ak.flash_attention_fp8_reference(q8, k8, v_natural, dq, dk, dv, attn_scale).to(torch.bfloat16)
+
+    monkeypatch.setattr(attention_module, "triton_prepares", lambda x: True)
+    monkeypatch.setattr(ak, "quantize_qkv", quantize_qkv)
+    monkeypatch.setattr(ak, "flash_attention_fp8", flash)
+    fused = step(model)
+    assert sorted(set(calls)) == [False, True]  # joint attentions (with context) and the dual self-attention
+    assert relative_error(fused, expected) < 0.1
+    assert relative_error(fused, unfused) < 1e-3  # the references do the unfused path's arithmetic: same scales, same layout
+
+
 def test_prompt_cache_bounds_and_lru():
     def embeddings(size):
         return PromptEmbeddings(torch.zeros(size, dtype=torch.uint8), torch.zeros(0), None, None)
