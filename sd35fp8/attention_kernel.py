@@ -331,7 +331,7 @@ if triton is not None:
     @triton.jit
     def _rms_norm(x, w_img_ptr, w_ctx_ptr, in_img, offs_d, eps, HEAD_DIM: tl.constexpr):
         """diffusers' RMSNorm: x * rsqrt(mean(x^2) + eps) rounded to bf16, times its bf16 weight, rounded."""
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
+        rstd = (1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)).to(tl.float32)  # eps may come as fp64
         normed = (x * rstd[:, None]).to(tl.bfloat16).to(tl.float32)
         weight = tl.where(in_img[:, None], tl.load(w_img_ptr + offs_d)[None, :].to(tl.float32),
                           tl.load(w_ctx_ptr + offs_d)[None, :].to(tl.float32))
