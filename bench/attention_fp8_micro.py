@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -48,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.runner import cuda_graph_ms, cuda_median_ms
+from bench.runner import cuda_graph_ms, cuda_median_ms, environment
 from sd35fp8 import attention_kernel as ak
 from sd35fp8.errors import error_summary
 from sd35fp8.metrics import relative_error
@@ -100,24 +99,13 @@ def time_cpu(fn, iters: int = 2, graph: bool = False) -> dict:
     return {"ms": round(statistics.median(times), 4), "launched_ms": None}
 
 
-def environment(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "triton": None,
-            "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
-    if ak.available():
-        import triton
-
-        info["triton"] = triton.__version__
-    if device.type == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)),
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    return info
-
-
 class Report:
     def __init__(self, out_dir: Path, args, device: torch.device):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "attention_fp8_micro.json"
-        self.data = {"environment": environment(device), "args": {k: str(v) for k, v in vars(args).items()},
+        interpreter = os.environ.get("TRITON_INTERPRET") == "1"
+        self.data = {"environment": {**environment(torch, device), "interpreter": interpreter},
+                     "args": {k: str(v) for k, v in vars(args).items()},
                      "timing": "ms: CUDA graph of 10 calls replayed 20x, median / 10 (no launch cost); launched_ms: "
                                "eager, CUDA events, median of 20; SDPA rows take transposed views, no copies",
                      "default_config": {str(d): ak.choose_config(d).label() for d in ak.HEAD_DIMS},

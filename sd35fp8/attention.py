@@ -14,7 +14,8 @@ Backends (`set_attention(transformer, backend)`):
     bf16 output): Q and K quantized as for cuDNN, V by its amax and written with the sequence innermost
     ((B, H, D, S padded to 16), the layout Hopper's FP8 tensor-core instructions want). With fused projections
     on CUDA the q/k norms, the concatenation and the three quantizations run as one more Triton kernel
-    (`attention_kernel.quantize_qkv`); otherwise inductor fuses them under torch.compile. On the H200 at SD3.5 Large's shape 2x38x4429x64: 0.77 ms against cuDNN bf16's 0.95 ms
+    (`attention_kernel.quantize_qkv`); otherwise inductor fuses them under torch.compile. On the H200 at SD3.5
+    Large's shape 2x38x4429x64 the kernel alone takes 0.77 ms against cuDNN bf16's 0.95 ms
     (bench/results/gpu_h200_attention_fp8.json). Off CUDA it runs the kernel's arithmetic in float32 torch.
   * "fp8_reference": the same quantization with the attention emulated in float32 PyTorch (any device): what
     the CPU tests check against 16-bit attention, and the fallback when cuDNN refuses a shape.
@@ -187,7 +188,7 @@ def _quantize_per_tensor(x: torch.Tensor, bound: torch.Tensor | None) -> tuple[t
     """E4M3 copy of `x` with scale 448 / bound (bound: a static bound, else the tensor's amax); returns (x8, scale)."""
     amax = tensor_amax(x).float() if bound is None else bound.to(x.device)
     scale = FP8_MAX / amax.clamp(min=1e-12)
-    return (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    return attention_kernel.scale_to_e4m3(x, scale), scale
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bound, k_bound, kernel: str) -> torch.Tensor:
@@ -253,8 +254,7 @@ def quantize_v_transposed(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, S, H, D) 16-bit V -> E4M3 (B, H, D, S_pad), S_pad = S rounded up to 16 and zero padded (the Triton
     kernel's K-major V), scaled by 448 / amax; returns (v8, scale). One fused kernel under torch.compile."""
     scale = FP8_MAX / tensor_amax(v).float().clamp(min=1e-12)
-    v_t = F.pad(v.permute(0, 2, 3, 1), (0, -v.shape[1] % 16))
-    return (v_t.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).contiguous(), scale
+    return attention_kernel.v_transposed(v, scale), scale
 
 
 # ------------------------------------------------------------------------------------------- the processor

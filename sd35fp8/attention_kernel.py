@@ -10,8 +10,8 @@ Algorithm (one program = BLOCK_M query rows of one (batch, head); a loop over th
     log2(e): the softmax runs in base 2 (`exp2`, one MUFU instruction), the scale folded into one FMA per element
     (the running row max is kept in those scaled units; the scale is positive, so max and scale commute).
   * Online softmax in float32: running max m, running sum l, the accumulator rescaled by exp2(m_old - m_new).
-  * P = exp2(S - m) <= 1 is quantized to E4M3 as P * P_SCALE (P_SCALE = 256 as in `sd35fp8.attention`, a power of
-    two: the scaling is exact). The multiply is folded into the exponent: exp2(S - (m - log2 P_SCALE)) = P *
+  * P = exp2(S - m) <= 1 is quantized to E4M3 as P * P_SCALE (P_SCALE = 256, the scale `sd35fp8.attention`'s FP8
+    backends use too, a power of two: the scaling is exact). The multiply is folded into the exponent: exp2(S - (m - log2 P_SCALE)) = P *
     P_SCALE, so l accumulates P_SCALE * sum(P) and the final division by l also divides by P_SCALE.
   * acc += P8 . V8 as an FP8 dot (float32 accumulation); out = acc * descale_v / l, stored as bf16.
   * The sequence needs not be a multiple of the blocks: all key blocks but the last run without masks, the last
@@ -59,7 +59,8 @@ try:
 except ImportError:  # CPU-only installs: callers use another attention backend
     triton = None
 
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+from .fp8 import FP8_MAX
+
 P_SCALE = 256.0  # P quantized as P * P_SCALE: probabilities are <= 1; a power of two keeps the scaling exact
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
@@ -310,13 +311,18 @@ def quantize_qkv_reference(qkv: torch.Tensor, context_qkv: torch.Tensor | None, 
         q, k, v = (t.view(x.shape[0], x.shape[1], heads, -1) for t in x.chunk(3, dim=-1))
         parts.append((norms[2 * index](q), norms[2 * index + 1](k), v))
     q, k, v = (torch.cat(tensors, dim=1) for tensors in zip(*parts))
-    padded = -(-q.shape[1] // 16) * 16
+    return scale_to_e4m3(q, scales[0], dtype), scale_to_e4m3(k, scales[1], dtype), v_transposed(v, scales[2], dtype)
 
-    def cast(x, scale):
-        return (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
 
-    v_t = F.pad(v.permute(0, 2, 3, 1), (0, padded - v.shape[1]))
-    return cast(q, scales[0]), cast(k, scales[1]), cast(v_t, scales[2]).contiguous()
+def scale_to_e4m3(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """`x * scale` clamped to E4M3's range and cast (`dtype=torch.float32`: the values before the cast)."""
+    return (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def v_transposed(v: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """(B, S, H, D) 16-bit V -> the kernel's K-major V: `scale_to_e4m3` of it as (B, H, D, S_pad), S_pad = S
+    rounded up to 16 and zero padded."""
+    return scale_to_e4m3(F.pad(v.permute(0, 2, 3, 1), (0, -v.shape[1] % 16)), scale, dtype).contiguous()
 
 
 if triton is not None:
@@ -461,6 +467,7 @@ def _check(device: torch.device) -> str | None:
 
     from .errors import error_summary
     from .kernels import agreement
+    from .metrics import relative_error
 
     heads, dim, t_img, t_ctx = 2, 64, 70, 9
     generator = torch.Generator().manual_seed(0)
@@ -484,7 +491,7 @@ def _check(device: torch.device) -> str | None:
                                       v_transposed=True)
             reference = flash_attention_fp8_reference(*expected[:2], expected[2][..., :seq].permute(0, 3, 1, 2),
                                                       descales[0], descales[1], descales[2], dim ** -0.5)
-            error = float((out.float() - reference).norm() / reference.norm())
+            error = relative_error(out.float(), reference)
     except Exception as failure:  # noqa: BLE001 - a Triton or driver that cannot build or run them
         return error_summary(failure)
     if same < 0.99 or not error < 0.1:

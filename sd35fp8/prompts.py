@@ -219,10 +219,12 @@ class OnDemandEncoders:
     def _count(self) -> None:
         self.most_units_placed = max(self.most_units_placed, self.units_placed + len(self.pending))
 
-    def _drop(self, module: nn.Module, index: int) -> None:
-        unit = self.units[id(module)][index]
+    def _to_masters(self, unit: _Unit) -> None:
         for owner, kind, name, slot in unit.slots:
             self._set(owner, kind, name, unit.masters[slot])
+
+    def _drop(self, module: nn.Module, index: int) -> None:
+        self._to_masters(self.units[id(module)][index])
         self.units_placed -= 1
 
     def _start(self, module, _args):
@@ -241,8 +243,7 @@ class OnDemandEncoders:
     def _finish(self, module, _args, _output):
         """Back to the CPU masters, including whatever an exception left placed or under way."""
         for unit in self.units[id(module)]:
-            for owner, kind, name, slot in unit.slots:
-                self._set(owner, kind, name, unit.masters[slot])
+            self._to_masters(unit)
         self.pending = {key: value for key, value in self.pending.items() if key[0] != id(module)}
         self.units_placed = 0
 
