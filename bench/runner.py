@@ -7,6 +7,7 @@ Run benchmarks from the repository root as modules (`python -m bench.h200 ...`);
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -137,8 +138,17 @@ def environment(torch, device) -> dict:
             info["driver"] = f"unknown ({error})"
     else:
         info["gpu"] = None
-        info["cpu"] = platform.processor() or platform.machine()
+    info["cpu"] = cpu_model()
     return info
+
+
+def cpu_model() -> str:
+    """The host CPU's model name and thread count (launch-bound steps depend on it)."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} threads"
 
 
 def cuda_median_ms(torch, fn, iters: int = 10, warmup: int = 3) -> float:

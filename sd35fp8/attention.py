@@ -11,7 +11,8 @@ Backends (`set_attention(transformer, backend)`):
     torch.compile the quantization fuses into the norm / concatenation kernels and the kernel runs as the
     custom op `sd35fp8::sdpa_fp8`.
   * "fp8_triton": FP8 attention through the project's Triton flash-attention kernel (`sd35fp8.attention_kernel`,
-    bf16 output): Q and K quantized as for cuDNN, V by its amax and written with the sequence innermost
+    bf16 output): Q and K quantized as for cuDNN, V per 128 keys of each head by their amax (no pass over all
+    of V first; the kernel rescales its accumulator between groups) and written with the sequence innermost
     ((B, H, D, S padded to 16), the layout Hopper's FP8 tensor-core instructions want). With fused projections
     on CUDA the q/k norms, the concatenation and the three quantizations run as one more Triton kernel
     (`attention_kernel.quantize_qkv`); otherwise inductor fuses them under torch.compile. On the H200 at SD3.5
@@ -208,12 +209,12 @@ def fp8_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_bo
     q8, q_scale = _quantize_per_tensor(q, q_bound)
     k8, k_scale = _quantize_per_tensor(k, k_bound)
     attn_scale = 1.0 / math.sqrt(q.shape[-1])
+    v8, descale_v = attention_kernel.quantize_v_grouped(v)
     if not q.is_cuda:
-        v8, v_scale = _quantize_per_tensor(v, None)
-        return attention_kernel.flash_attention_fp8_reference(q8, k8, v8, 1 / q_scale, 1 / k_scale, 1 / v_scale,
-                                                              attn_scale).to(q.dtype)
-    v8, v_scale = quantize_v_transposed(v)
-    return attention_kernel.flash_attention_fp8(q8, k8, v8, 1 / q_scale, 1 / k_scale, 1 / v_scale, attn_scale,
+        v_natural = v8[..., :v.shape[1]].permute(0, 3, 1, 2)
+        return attention_kernel.flash_attention_fp8_reference(q8, k8, v_natural, 1 / q_scale, 1 / k_scale,
+                                                              descale_v, attn_scale).to(q.dtype)
+    return attention_kernel.flash_attention_fp8(q8, k8, v8, 1 / q_scale, 1 / k_scale, descale_v, attn_scale,
                                                 v_transposed=True).to(q.dtype)
 
 
@@ -237,24 +238,11 @@ def fused_triton_attention(attn, hidden_states, encoder_hidden_states) -> torch.
     heads = attn.heads
     width = qkv.shape[-1] // 3
     head_dim = width // heads
-    v_amax = tensor_amax(qkv[..., 2 * width:])
-    if context_qkv is not None:
-        v_amax = torch.maximum(v_amax, tensor_amax(context_qkv[..., 2 * width:]))
-    bounds = torch.stack([_rms_bound(norms[0::2], head_dim), _rms_bound(norms[1::2], head_dim),
-                          v_amax.float().clamp(min=1e-12)])
-    scales = FP8_MAX / bounds
-    q8, k8, v8 = attention_kernel.quantize_qkv(qkv, context_qkv, norms, heads, scales)
-    descales = 1 / scales
-    out = attention_kernel.flash_attention_fp8(q8, k8, v8, descales[0], descales[1], descales[2],
+    scales = FP8_MAX / torch.stack([_rms_bound(norms[0::2], head_dim), _rms_bound(norms[1::2], head_dim)])
+    q8, k8, v8, descale_v = attention_kernel.quantize_qkv(qkv, context_qkv, norms, heads, scales)
+    out = attention_kernel.flash_attention_fp8(q8, k8, v8, 1 / scales[0], 1 / scales[1], descale_v,
                                                1.0 / math.sqrt(head_dim), v_transposed=True)
     return out.reshape(qkv.shape[0], -1, width).to(qkv.dtype)
-
-
-def quantize_v_transposed(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, S, H, D) 16-bit V -> E4M3 (B, H, D, S_pad), S_pad = S rounded up to 16 and zero padded (the Triton
-    kernel's K-major V), scaled by 448 / amax; returns (v8, scale). One fused kernel under torch.compile."""
-    scale = FP8_MAX / tensor_amax(v).float().clamp(min=1e-12)
-    return attention_kernel.v_transposed(v, scale), scale
 
 
 # ------------------------------------------------------------------------------------------- the processor

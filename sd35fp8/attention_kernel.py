@@ -64,6 +64,7 @@ from .fp8 import FP8_MAX
 P_SCALE = 256.0  # P quantized as P * P_SCALE: probabilities are <= 1; a power of two keeps the scaling exact
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
+V_GROUP = 128  # V is scaled per V_GROUP keys of one (batch, head): the scale `quantize_qkv` writes with each block
 
 
 class Config(NamedTuple):
@@ -161,10 +162,12 @@ def patch_interpreter_for_numpy2() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _attend_block(acc, l_i, m_i, q, k_block, v_block, start_n, seq_len, qk_scale, stride_ks, stride_vs,
-                      stride_vd, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, LOG2_P_SCALE: tl.constexpr,
-                      V_TRANSPOSED: tl.constexpr, PROMOTE_ACC: tl.constexpr, MASKED: tl.constexpr):
-        """One key block: S = q k^T, online-softmax update, acc += P8 v."""
+    def _attend_block(acc, l_i, m_i, dv_i, q, k_block, v_block, dv_block, start_n, seq_len, qk_scale, stride_ks,
+                      stride_vs, stride_vd, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      LOG2_P_SCALE: tl.constexpr, V_GROUP: tl.constexpr, V_TRANSPOSED: tl.constexpr,
+                      PROMOTE_ACC: tl.constexpr, MASKED: tl.constexpr):
+        """One key block: S = q k^T, online-softmax update, acc += P8 v (acc kept in units of this block's V
+        descale dv_i: rescaled by the ratio when the block's V group has another descale)."""
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         k_ptrs = k_block + offs_n[:, None] * stride_ks + offs_d[None, :]
@@ -192,12 +195,13 @@ if triton is not None:
         p = tl.math.exp2(qk * qk_scale - (m_new - LOG2_P_SCALE)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        dv_new = tl.load(dv_block + start_n // V_GROUP)
+        acc = acc * (alpha * (dv_i / dv_new))[:, None]
         if PROMOTE_ACC:  # the FP8 products of this block summed by the tensor core, added to acc in float32
             acc = acc + tl.dot(p.to(tl.float8e4nv), v)
         else:  # the tensor core accumulates into acc across all blocks (its reduced-precision FP8 accumulation)
             acc = tl.dot(p.to(tl.float8e4nv), v, acc)
-        return acc, l_i, m_new
+        return acc, l_i, m_new, dv_new
 
     @triton.jit
     def _flash_attention_fp8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, descale_q_ptr, descale_k_ptr, descale_v_ptr,
@@ -205,8 +209,10 @@ if triton is not None:
                                     stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_ob,
                                     stride_os, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                                     BLOCK_N: tl.constexpr, LOG2_P_SCALE: tl.constexpr, LOG2E: tl.constexpr,
-                                    V_TRANSPOSED: tl.constexpr, PROMOTE_ACC: tl.constexpr):
-        # q, k, o: (B, S, H, D) with D contiguous; v: the same, or (B, H, D, S_pad) with S contiguous (V_TRANSPOSED)
+                                    V_GROUP: tl.constexpr, V_TRANSPOSED: tl.constexpr,
+                                    PROMOTE_ACC: tl.constexpr):
+        # q, k, o: (B, S, H, D) with D contiguous; v: the same, or (B, H, D, S_pad) with S contiguous (V_TRANSPOSED);
+        # descale_v: (B, H, cdiv(S, V_GROUP)) contiguous, one descale per V_GROUP keys of one (batch, head)
         # Every stride but the unit ones is a multiple of 16 (the launcher checks). Rounding them to 16 tells Triton:
         # inside torch.compile with dynamic shapes inductor passes them as plain integers, and without that Triton can
         # prove no alignment, drops the asynchronous copies of K and V and runs twice as slow (1.54 ms a call on the
@@ -235,19 +241,21 @@ if triton is not None:
         v_block = v_ptr + batch * stride_vb + head * stride_vh
         # inductor passes Python floats to user kernels as fp64: keep the softmax arithmetic in float32
         qk_scale = (tl.load(descale_q_ptr) * tl.load(descale_k_ptr) * attn_scale * LOG2E).to(tl.float32)
+        dv_block = descale_v_ptr + batch_head * tl.cdiv(seq_len, V_GROUP)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        dv_i = tl.load(dv_block)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         full = (seq_len // BLOCK_N) * BLOCK_N
         for start_n in range(0, full, BLOCK_N):
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_block, v_block, start_n, seq_len, qk_scale, stride_ks,
-                                          stride_vs, stride_vd, BLOCK_N, HEAD_DIM, LOG2_P_SCALE, V_TRANSPOSED,
-                                          PROMOTE_ACC, False)
+            acc, l_i, m_i, dv_i = _attend_block(acc, l_i, m_i, dv_i, q, k_block, v_block, dv_block, start_n, seq_len,
+                                                qk_scale, stride_ks, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
+                                                LOG2_P_SCALE, V_GROUP, V_TRANSPOSED, PROMOTE_ACC, False)
         if full < seq_len:
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_block, v_block, full, seq_len, qk_scale, stride_ks,
-                                          stride_vs, stride_vd, BLOCK_N, HEAD_DIM, LOG2_P_SCALE, V_TRANSPOSED,
-                                          PROMOTE_ACC, True)
-        out = acc * (tl.load(descale_v_ptr) / l_i)[:, None]  # l holds P_SCALE * sum(P): one division does both
+            acc, l_i, m_i, dv_i = _attend_block(acc, l_i, m_i, dv_i, q, k_block, v_block, dv_block, full, seq_len,
+                                                qk_scale, stride_ks, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
+                                                LOG2_P_SCALE, V_GROUP, V_TRANSPOSED, PROMOTE_ACC, True)
+        out = acc * (dv_i / l_i)[:, None]  # l holds P_SCALE * sum(P): one division does both
         o_block = o_ptr + batch * stride_ob + head * stride_oh
         tl.store(o_block + offs_m[:, None] * stride_os + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=(offs_m < seq_len)[:, None])
@@ -274,13 +282,18 @@ if triton is not None:
                    stride_vd if v_transposed else stride_vs]
         if any(isinstance(stride, int) and stride % 16 for stride in strides):  # the kernel rounds them to 16
             raise ValueError(f"flash_attention_fp8 needs every non-unit stride to be a multiple of 16, got {strides}")
+        groups = (batch, heads, -(-seq // V_GROUP))
+        if tuple(descale_v.shape) != groups or not descale_v.is_contiguous() or V_GROUP % config.block_n:
+            raise ValueError(f"descale_v must be contiguous {groups} (one per {V_GROUP} keys) and block_n must "
+                             f"divide {V_GROUP}, got {tuple(descale_v.shape)} and block_n {config.block_n}")
         grid = (triton.cdiv(seq, config.block_m), batch * heads)
         torch.library.wrap_triton(_flash_attention_fp8_kernel)[grid](
             q8, k8, v8, out, descale_q, descale_k, descale_v, attn_scale, seq, heads,
             q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
             stride_vb, stride_vs, stride_vh, stride_vd, out.stride(0), out.stride(1), out.stride(2),
             HEAD_DIM=dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, LOG2_P_SCALE=math.log2(P_SCALE),
-            LOG2E=LOG2E, V_TRANSPOSED=v_transposed, PROMOTE_ACC=config.promote_acc, num_warps=config.num_warps,
+            LOG2E=LOG2E, V_GROUP=V_GROUP, V_TRANSPOSED=v_transposed, PROMOTE_ACC=config.promote_acc,
+            num_warps=config.num_warps,
             num_stages=config.num_stages)
 
     @torch.library.triton_op("sd35fp8::flash_attention_fp8", mutates_args=())
@@ -299,11 +312,12 @@ if triton is not None:
 
 def quantize_qkv_reference(qkv: torch.Tensor, context_qkv: torch.Tensor | None, norms: tuple, heads: int,
                            scales: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What `quantize_qkv` computes, in torch: the fused projections' outputs (B, T, 3*H*D) of the image tokens and
     (optionally) the context tokens -> E4M3 q8, k8 (B, S, H, D) (RMS-normed by `norms` = (norm_q, norm_k,
-    norm_added_q, norm_added_k), diffusers' arithmetic) and v8 (B, H, D, S_pad); `scales` = (q, k, v) float32.
-    `dtype=torch.float32` returns the scaled values before the E4M3 cast."""
+    norm_added_q, norm_added_k), diffusers' arithmetic, scaled by the float32 `scales` (q, k)), v8 (B, H, D, S_pad)
+    scaled per `V_GROUP` keys of each (batch, head) by 448 / amax, and those groups' descales (B, H, cdiv(S,
+    V_GROUP)). `dtype=torch.float32` returns the scaled values before the E4M3 cast."""
     parts = []
     for index, x in enumerate((qkv, context_qkv)):
         if x is None:
@@ -311,7 +325,20 @@ def quantize_qkv_reference(qkv: torch.Tensor, context_qkv: torch.Tensor | None, 
         q, k, v = (t.view(x.shape[0], x.shape[1], heads, -1) for t in x.chunk(3, dim=-1))
         parts.append((norms[2 * index](q), norms[2 * index + 1](k), v))
     q, k, v = (torch.cat(tensors, dim=1) for tensors in zip(*parts))
-    return scale_to_e4m3(q, scales[0], dtype), scale_to_e4m3(k, scales[1], dtype), v_transposed(v, scales[2], dtype)
+    return (scale_to_e4m3(q, scales[0], dtype), scale_to_e4m3(k, scales[1], dtype), *quantize_v_grouped(v, dtype))
+
+
+def quantize_v_grouped(v: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, H, D) 16-bit V -> (v8, descale_v): E4M3 V^T (B, H, D, S_pad) scaled per `V_GROUP` keys of each
+    (batch, head) by 448 / amax, and the descales amax / 448 (B, H, cdiv(S, V_GROUP)): how `quantize_qkv` writes V,
+    in torch (fused by inductor under torch.compile)."""
+    batch, seq, heads = v.shape[:3]
+    groups = -(-seq // V_GROUP)
+    grouped = F.pad(v.float().abs(), (0, 0, 0, 0, 0, groups * V_GROUP - seq)).view(batch, groups, V_GROUP, heads, -1)
+    amax = grouped.amax(dim=(2, 4)).clamp(min=1e-12)  # (B, G, H)
+    per_key = (FP8_MAX / amax).repeat_interleave(V_GROUP, dim=1)[:, :seq, :, None]  # (B, S, H, 1)
+    v8 = v_transposed(v.float() * per_key, torch.ones((), device=v.device), dtype)
+    return v8, (amax / FP8_MAX).transpose(1, 2).contiguous()
 
 
 def scale_to_e4m3(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
@@ -325,105 +352,128 @@ def v_transposed(v: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torc
     return scale_to_e4m3(F.pad(v.permute(0, 2, 3, 1), (0, -v.shape[1] % 16)), scale, dtype).contiguous()
 
 
+QKV_BLOCK = 32  # tokens of one head a q/k program of `quantize_qkv` normalizes and quantizes
+
+
 if triton is not None:
 
     @triton.jit
-    def _load_rows(img_ptr, ctx_ptr, img_rows, ctx_rows, in_img, in_ctx, column, offs_d):
-        """(BLOCK_T, D) of one of q/k/v for tokens that are image rows or context rows (one load reads each)."""
-        image = tl.load(img_ptr + img_rows[:, None] + column + offs_d[None, :], mask=in_img[:, None], other=0.0)
-        context = tl.load(ctx_ptr + ctx_rows[:, None] + column + offs_d[None, :], mask=in_ctx[:, None], other=0.0)
-        return tl.where(in_img[:, None], image, context).to(tl.float32)
+    def _token_rows(img_ptr, ctx_ptr, batch, offs_t, t_img, stride_ib, stride_it, stride_cb, stride_ct):
+        """Pointers to the rows of tokens `offs_t`: image rows, then context rows (one load reads either). The
+        strides are multiples of 8 (the launcher checks): `// 8 * 8` tells Triton so when inductor passes them as
+        plain integers, which keeps the loads 16 bytes wide."""
+        image = img_ptr + (stride_ib // 8 * 8) * batch + offs_t.to(tl.int64) * (stride_it // 8 * 8)
+        context = ctx_ptr + (stride_cb // 8 * 8) * batch + (offs_t - t_img).to(tl.int64) * (stride_ct // 8 * 8)
+        return tl.where(offs_t < t_img, image, context)
 
     @triton.jit
-    def _rms_norm(x, w_img_ptr, w_ctx_ptr, in_img, offs_d, eps, HEAD_DIM: tl.constexpr):
+    def _rms_norm(x, weight, eps, HEAD_DIM: tl.constexpr):
         """diffusers' RMSNorm: x * rsqrt(mean(x^2) + eps) rounded to bf16, times its bf16 weight, rounded."""
         rstd = (1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)).to(tl.float32)  # eps may come as fp64
         normed = (x * rstd[:, None]).to(tl.bfloat16).to(tl.float32)
-        weight = tl.where(in_img[:, None], tl.load(w_img_ptr + offs_d)[None, :].to(tl.float32),
-                          tl.load(w_ctx_ptr + offs_d)[None, :].to(tl.float32))
         return (normed * weight).to(tl.bfloat16).to(tl.float32)
 
     @triton.jit
     def _quantize_qkv_kernel(img_ptr, ctx_ptr, wq_ptr, wk_ptr, wcq_ptr, wck_ptr, scales_ptr, q_ptr, k_ptr, vt_ptr,
-                             t_img, t_ctx, heads, padded, eps, stride_ib, stride_it, stride_cb, stride_ct,
-                             HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, FP8_MAX: tl.constexpr):
-        # one program: BLOCK_T tokens of one (batch, head); q/k/o rows (B, S, H, D), V^T (B, H, D, padded)
-        batch_head = tl.program_id(1)
+                             dv_ptr, t_img, t_ctx, heads, padded, eps, stride_ib, stride_it, stride_cb, stride_ct,
+                             HEAD_DIM: tl.constexpr, V_GROUP: tl.constexpr, QKV_BLOCK: tl.constexpr,
+                             FP8_MAX: tl.constexpr, CLAMP: tl.constexpr):
+        # grid (batch * heads, V groups, 1 + V_GROUP // QKV_BLOCK), heads fastest (programs running together read
+        # whole token rows). Program role 0 quantizes V_GROUP tokens of V by their amax, writes them transposed
+        # (B, H, D, padded) and the group's descale; roles 1.. RMS-norm and quantize QKV_BLOCK tokens of q and k.
+        batch_head, group, role = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         batch = (batch_head // heads).to(tl.int64)
         head = (batch_head % heads).to(tl.int64)
         seq = t_img + t_ctx
-        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_d = tl.arange(0, HEAD_DIM)
-        in_img = offs_t < t_img
-        in_ctx = (offs_t >= t_img) & (offs_t < seq)
-        img_rows = batch * stride_ib + offs_t.to(tl.int64) * stride_it
-        ctx_rows = batch * stride_cb + (offs_t - t_img).to(tl.int64) * stride_ct
         width = heads * HEAD_DIM
-        q = _load_rows(img_ptr, ctx_ptr, img_rows, ctx_rows, in_img, in_ctx, head * HEAD_DIM, offs_d)
-        k = _load_rows(img_ptr, ctx_ptr, img_rows, ctx_rows, in_img, in_ctx, width + head * HEAD_DIM, offs_d)
-        v = _load_rows(img_ptr, ctx_ptr, img_rows, ctx_rows, in_img, in_ctx, 2 * width + head * HEAD_DIM, offs_d)
-        q = _rms_norm(q, wq_ptr, wcq_ptr, in_img, offs_d, eps, HEAD_DIM)
-        k = _rms_norm(k, wk_ptr, wck_ptr, in_img, offs_d, eps, HEAD_DIM)
-        q_scale, k_scale, v_scale = tl.load(scales_ptr), tl.load(scales_ptr + 1), tl.load(scales_ptr + 2)
-        inside = (offs_t < seq)[:, None]
-        rows = (batch * seq + offs_t.to(tl.int64)) * width + head * HEAD_DIM
-        tl.store(q_ptr + rows[:, None] + offs_d[None, :],
-                 tl.clamp(q * q_scale, -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty), mask=inside)
-        tl.store(k_ptr + rows[:, None] + offs_d[None, :],
-                 tl.clamp(k * k_scale, -FP8_MAX, FP8_MAX).to(k_ptr.dtype.element_ty), mask=inside)
-        v_rows = (batch * heads + head) * HEAD_DIM * padded  # V^T: the sequence innermost
-        tl.store(vt_ptr + v_rows + offs_d[None, :] * padded + offs_t[:, None],
-                 tl.clamp(v * v_scale, -FP8_MAX, FP8_MAX).to(vt_ptr.dtype.element_ty), mask=inside)
+        offs_d = tl.arange(0, HEAD_DIM)
+        columns = (head * HEAD_DIM + offs_d)[None, :]
+        if role == 0:
+            tokens = group * V_GROUP + tl.arange(0, V_GROUP)
+            v_src = _token_rows(img_ptr, ctx_ptr, batch, tokens, t_img, stride_ib, stride_it, stride_cb, stride_ct)
+            v = tl.load(v_src[:, None] + 2 * width + columns, mask=(tokens < seq)[:, None], other=0.0).to(tl.float32)
+            amax = tl.maximum(tl.max(tl.max(tl.abs(v), axis=1), axis=0), 1e-12)
+            tl.store(dv_ptr + batch_head * tl.cdiv(seq, V_GROUP) + group, tl.math.div_rn(amax, FP8_MAX))
+            v = v * tl.math.div_rn(FP8_MAX, amax)
+            if CLAMP:  # float32 outputs only: the E4M3 cast (cvt.rn.satfinite) saturates by itself
+                v = tl.clamp(v, -FP8_MAX, FP8_MAX)
+            row = padded // 16 * 16  # a mask on multiples of 16 keeps the transposed store 16 bytes wide
+            v_dst = vt_ptr + (batch * heads + head) * HEAD_DIM * row  # V^T: the sequence innermost; zeros past seq
+            tl.store(v_dst + offs_d[None, :] * row + tokens[:, None], v.to(vt_ptr.dtype.element_ty),
+                     mask=(tokens < row)[:, None])
+        else:
+            offs_t = group * V_GROUP + (role - 1) * QKV_BLOCK + tl.arange(0, QKV_BLOCK)
+            in_img = (offs_t < t_img)[:, None]
+            inside = (offs_t < seq)[:, None]
+            w_q = tl.where(in_img, tl.load(wq_ptr + offs_d)[None, :], tl.load(wcq_ptr + offs_d)[None, :])
+            w_k = tl.where(in_img, tl.load(wk_ptr + offs_d)[None, :], tl.load(wck_ptr + offs_d)[None, :])
+            q_scale, k_scale = tl.load(scales_ptr), tl.load(scales_ptr + 1)
+            src = _token_rows(img_ptr, ctx_ptr, batch, offs_t, t_img, stride_ib, stride_it, stride_cb, stride_ct)
+            q = tl.load(src[:, None] + columns, mask=inside, other=0.0).to(tl.float32)
+            k = tl.load(src[:, None] + width + columns, mask=inside, other=0.0).to(tl.float32)
+            q = _rms_norm(q, w_q.to(tl.float32), eps, HEAD_DIM) * q_scale
+            k = _rms_norm(k, w_k.to(tl.float32), eps, HEAD_DIM) * k_scale
+            if CLAMP:
+                q, k = tl.clamp(q, -FP8_MAX, FP8_MAX), tl.clamp(k, -FP8_MAX, FP8_MAX)
+            dst = ((batch * seq + offs_t.to(tl.int64)) * width)[:, None] + columns
+            tl.store(q_ptr + dst, q.to(q_ptr.dtype.element_ty), mask=inside)
+            tl.store(k_ptr + dst, k.to(k_ptr.dtype.element_ty), mask=inside)
 
     def launch_quantize_qkv(qkv: torch.Tensor, context_qkv: torch.Tensor | None, weights: tuple, eps: float,
                             heads: int, scales: torch.Tensor, q8: torch.Tensor, k8: torch.Tensor,
-                            v8: torch.Tensor, block_t: int = 64) -> None:
+                            v8: torch.Tensor, descale_v: torch.Tensor) -> None:
         """Run the kernel into preallocated outputs (float32 outputs keep the values before the E4M3 cast)."""
         batch, t_img, width3 = qkv.shape
         dim = width3 // (3 * heads)
         context = qkv[:, :0] if context_qkv is None else context_qkv
         seq = t_img + context.shape[1]
         for name, t in (("qkv", qkv), ("context_qkv", context)):
-            if t.stride(-1) != 1:
-                raise ValueError(f"{name} must have contiguous rows")
+            if t.stride(-1) != 1 or any(isinstance(s, int) and s % 8 for s in t.stride()[:2]):
+                raise ValueError(f"{name} must have contiguous rows and strides that are multiples of 8, "
+                                 f"got {t.stride()}")
+        if v8.shape[-1] % 16 or tuple(descale_v.shape) != (batch, heads, -(-seq // V_GROUP)):
+            raise ValueError(f"v8 must be padded to 16 and descale_v (B, H, groups), got {tuple(v8.shape)}, "
+                             f"{tuple(descale_v.shape)}")
         w_q, w_k, w_cq, w_ck = (w.contiguous() for w in weights)
-        grid = (triton.cdiv(seq, block_t), batch * heads)
+        grid = (batch * heads, triton.cdiv(seq, V_GROUP), 1 + V_GROUP // QKV_BLOCK)
         torch.library.wrap_triton(_quantize_qkv_kernel)[grid](
-            qkv, context, w_q, w_k, w_cq, w_ck, scales, q8, k8, v8, t_img, context.shape[1], heads, v8.shape[-1],
-            eps, qkv.stride(0), qkv.stride(1), context.stride(0), context.stride(1),
-            HEAD_DIM=dim, BLOCK_T=block_t, FP8_MAX=FP8_MAX, num_warps=4)
+            qkv, context, w_q, w_k, w_cq, w_ck, scales, q8, k8, v8, descale_v, t_img, context.shape[1], heads,
+            v8.shape[-1], eps, qkv.stride(0), qkv.stride(1), context.stride(0), context.stride(1),
+            HEAD_DIM=dim, V_GROUP=V_GROUP, QKV_BLOCK=QKV_BLOCK, FP8_MAX=FP8_MAX,
+            CLAMP=q8.dtype != torch.float8_e4m3fn, num_warps=4)
 
     @torch.library.triton_op("sd35fp8::quantize_qkv", mutates_args=())
     def _quantize_qkv_op(qkv: torch.Tensor, context_qkv: torch.Tensor | None, w_q: torch.Tensor, w_k: torch.Tensor,
-                         w_cq: torch.Tensor, w_ck: torch.Tensor, eps: float, heads: int,
-                         scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The op: E4M3 (q8, k8, v8) from the fused projections' outputs (see `quantize_qkv`)."""
+                         w_cq: torch.Tensor, w_ck: torch.Tensor, eps: float, heads: int, scales: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The op: E4M3 (q8, k8, v8) and V's group descales from the fused projections' outputs (`quantize_qkv`)."""
         batch, t_img, width3 = qkv.shape
         seq = t_img + (0 if context_qkv is None else context_qkv.shape[1])
         dim = width3 // (3 * heads)
         q8 = torch.empty((batch, seq, heads, dim), dtype=torch.float8_e4m3fn, device=qkv.device)
         k8 = torch.empty_like(q8)
         v8 = torch.empty((batch, heads, dim, -(-seq // 16) * 16), dtype=torch.float8_e4m3fn, device=qkv.device)
-        launch_quantize_qkv(qkv, context_qkv, (w_q, w_k, w_cq, w_ck), eps, heads, scales, q8, k8, v8)
-        return q8, k8, v8
+        descale_v = torch.empty((batch, heads, -(-seq // V_GROUP)), dtype=torch.float32, device=qkv.device)
+        launch_quantize_qkv(qkv, context_qkv, (w_q, w_k, w_cq, w_ck), eps, heads, scales, q8, k8, v8, descale_v)
+        return q8, k8, v8, descale_v
 
 
 def quantize_qkv(qkv: torch.Tensor, context_qkv: torch.Tensor | None, norms: tuple, heads: int,
-                 scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The attention's inputs in one pass: read the fused q/k/v projections' 16-bit outputs of the image tokens
     (B, T, 3*H*D) and of the context tokens (or None), RMS-norm q and k per head with `norms` (norm_q, norm_k,
     norm_added_q, norm_added_k: diffusers RMSNorms with weights and one eps), concatenate along the sequence and
-    write E4M3 q8, k8 (B, S, H, D) and V^T v8 (B, H, D, S_pad) with the float32 `scales` (q, k, v). V's padding
-    columns are left unwritten (the attention kernel never reads them). Replaces five inductor kernels (about 140
-    us a call on SD3.5 Large's blocks, bench/NOTES.md) whose bytes allow ~70 us. `quantize_qkv_reference` is the
-    same arithmetic in torch."""
+    write E4M3 q8, k8 (B, S, H, D) with the float32 `scales` (q, k), V^T v8 (B, H, D, S_pad) scaled per `V_GROUP`
+    keys of each (batch, head) by its amax (no separate pass over V for a global amax) and those descales
+    (B, H, cdiv(S, V_GROUP)), what `flash_attention_fp8` takes. `quantize_qkv_reference` is the same arithmetic
+    in torch."""
     if triton is None:
         raise RuntimeError("quantize_qkv needs Triton (check sd35fp8.attention_kernel.available())")
     if context_qkv is None:  # the kernel reads the context norms' weights regardless
         norms = (norms[0], norms[1], norms[0], norms[1])
     weights = [norm.weight for norm in norms]
     return torch.ops.sd35fp8.quantize_qkv(qkv, context_qkv, *weights, float(norms[0].eps), heads,
-                                          scales.reshape(3).float())
+                                          scales.reshape(2).float())
 
 
 def qkv_norms_fusable(norms: tuple) -> bool:
@@ -439,14 +489,26 @@ def flash_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, de
     """FP8 attention: softmax(q k^T * descale_q * descale_k * attn_scale) (v * descale_v) as bf16 (B, S, H, D).
 
     q8, k8: (B, S, H, D) float8_e4m3fn; v8 the same, or (B, H, D, S_pad) from `transpose_v` with
-    `v_transposed=True`; descales: float32 scalars (one-element tensors on the inputs' device). `config`: a
-    `Config` (block_m, block_n, num_warps, num_stages[, promote_acc]), default `choose_config(D)`."""
+    `v_transposed=True`; descale_q, descale_k: float32 scalars (one-element tensors on the inputs' device);
+    descale_v: a scalar too, or one descale per `V_GROUP` keys of each (batch, head), (B, H, cdiv(S, V_GROUP)),
+    as `quantize_qkv` writes. `config`: a `Config` (block_m, block_n, num_warps, num_stages[, promote_acc]),
+    default `choose_config(D)`."""
     if triton is None:
         raise RuntimeError("flash_attention_fp8 needs Triton (check sd35fp8.attention_kernel.available())")
     chosen = Config(*config) if config is not None else Config(0, 0, 0, 0, True)
+    batch, seq, heads, _ = q8.shape
     return torch.ops.sd35fp8.flash_attention_fp8(q8, k8, v8, descale_q.reshape(1).float(),
-                                                  descale_k.reshape(1).float(), descale_v.reshape(1).float(),
+                                                  descale_k.reshape(1).float(),
+                                                  v_group_descales(descale_v, batch, heads, seq),
                                                   float(attn_scale), bool(v_transposed), *chosen)
+
+
+def v_group_descales(descale_v: torch.Tensor, batch: int, heads: int, seq: int) -> torch.Tensor:
+    """V's descales as the kernel reads them: float32 (B, H, cdiv(S, V_GROUP)), a scalar broadcast to it."""
+    groups = (batch, heads, -(-seq // V_GROUP))
+    if descale_v.numel() == 1:
+        return descale_v.float().reshape(1, 1, 1).expand(groups).contiguous()
+    return descale_v.float().reshape(groups).contiguous()
 
 
 _CHECKS: dict[str, str | None] = {}
@@ -469,7 +531,7 @@ def _check(device: torch.device) -> str | None:
     from .kernels import agreement
     from .metrics import relative_error
 
-    heads, dim, t_img, t_ctx = 2, 64, 70, 9
+    heads, dim, t_img, t_ctx = 2, 64, 200, 9  # 209 keys: two V groups, the second partly filled
     generator = torch.Generator().manual_seed(0)
     norms = []
     for _ in range(4):
@@ -478,24 +540,25 @@ def _check(device: torch.device) -> str | None:
         norms.append(norm)
     qkv, context = ((torch.randn(2, t, 3 * heads * dim, generator=generator) * 3).to(device, torch.bfloat16)
                     for t in (t_img, t_ctx))
-    scales = torch.tensor([20.0, 25.0, 30.0], device=device)
+    scales = torch.tensor([20.0, 25.0], device=device)
     seq = t_img + t_ctx
     try:
         with torch.no_grad():
-            q8, k8, v8 = quantize_qkv(qkv, context, norms, heads, scales)
+            q8, k8, v8, descale_v = quantize_qkv(qkv, context, norms, heads, scales)
             expected = quantize_qkv_reference(qkv, context, norms, heads, scales)
             same = min(agreement(ours, theirs)[0] for ours, theirs in
                        ((q8, expected[0]), (k8, expected[1]), (v8[..., :seq], expected[2][..., :seq])))
-            descales = 1 / scales
-            out = flash_attention_fp8(q8, k8, v8, descales[0], descales[1], descales[2], dim ** -0.5,
+            same_descales = torch.equal(descale_v, expected[3])
+            out = flash_attention_fp8(q8, k8, v8, 1 / scales[0], 1 / scales[1], descale_v, dim ** -0.5,
                                       v_transposed=True)
             reference = flash_attention_fp8_reference(*expected[:2], expected[2][..., :seq].permute(0, 3, 1, 2),
-                                                      descales[0], descales[1], descales[2], dim ** -0.5)
+                                                      1 / scales[0], 1 / scales[1], expected[3], dim ** -0.5)
             error = relative_error(out.float(), reference)
     except Exception as failure:  # noqa: BLE001 - a Triton or driver that cannot build or run them
         return error_summary(failure)
-    if same < 0.99 or not error < 0.1:
-        return f"disagrees with torch: {same:.1%} equal q/k/v bytes, attention error {error:.1%}"
+    if same < 0.99 or not same_descales or not error < 0.1:
+        return (f"disagrees with torch: {same:.1%} equal q/k/v bytes, V descales "
+                f"{'equal' if same_descales else 'differ'}, attention error {error:.1%}")
     return None
 
 
@@ -506,10 +569,13 @@ def flash_attention_fp8_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.
 
     Without `block_n`: `sd35fp8.attention.sdpa_fp8_reference`'s arithmetic (P normalized, then quantized to E4M3
     with P_SCALE). With `block_n`: the kernel's own order, P quantized relative to the running max of the key
-    blocks seen so far (the kernel's online softmax), which rounds P differently."""
+    blocks seen so far (the kernel's online softmax), which rounds P differently. descale_v: a scalar or
+    (B, H, cdiv(S, V_GROUP)) as for `flash_attention_fp8`."""
+    batch, seq, heads, _ = v8.shape
     q = q8.float().transpose(1, 2) * descale_q.reshape(()).float()
     k = k8.float().transpose(1, 2) * descale_k.reshape(()).float()
-    v = v8.float().transpose(1, 2) * descale_v.reshape(()).float()
+    per_key = v_group_descales(descale_v, batch, heads, seq).repeat_interleave(V_GROUP, dim=-1)[..., :seq]
+    v = v8.float().transpose(1, 2) * per_key[..., None]
     scores = (q @ k.transpose(-1, -2)) * attn_scale
     if block_n is None:
         probabilities = torch.softmax(scores, dim=-1)

@@ -420,7 +420,6 @@ def test_fp8_attention_in_the_tiny_transformer_and_its_switch():
 
 def test_triton_fp8_attention_backend_numerics_layout_and_fallback():
     from sd35fp8 import attention_kernel
-    from sd35fp8.attention import _quantize_per_tensor, quantize_v_transposed
 
     model = tiny_transformer(torch.float32)
     set_attention(model, "sdpa")
@@ -428,11 +427,16 @@ def test_triton_fp8_attention_backend_numerics_layout_and_fallback():
     set_attention(model, "fp8_triton")  # off CUDA: the kernel's arithmetic in float32 torch
     assert attention_of(model) == "fp8_triton"
     assert relative_error(step(model), expected) < 0.1
-    v = torch.randn(2, 75, 3, 64, dtype=torch.bfloat16) * 4  # 75 tokens: padded to 80 for the kernel
-    v8_t, scale_t = quantize_v_transposed(v)
-    v8, scale = _quantize_per_tensor(v, None)
-    assert v8_t.shape == (2, 3, 64, 80) and v8_t.is_contiguous() and torch.equal(scale_t, scale)
-    assert torch.equal(v8_t.view(torch.uint8), attention_kernel.transpose_v(v8).view(torch.uint8))
+    v = torch.randn(2, 200, 3, 64, dtype=torch.bfloat16) * 4  # 200 tokens: padded to 208, two groups of keys
+    v[:, attention_kernel.V_GROUP:] *= 10
+    v8_t, descale_v = attention_kernel.quantize_v_grouped(v)
+    assert v8_t.shape == (2, 3, 64, 208) and v8_t.is_contiguous() and descale_v.shape == (2, 3, 2)
+    for group, keys in enumerate((slice(0, 128), slice(128, 200))):  # each group scaled by its own amax
+        amax = v[:, keys].float().abs().amax(dim=(1, 3))
+        assert torch.equal(descale_v[..., group], amax / 448)
+        v8 = (v[:, keys].float() * (448 / amax)[:, None, :, None]).to(torch.float8_e4m3fn)
+        assert torch.equal(v8_t[..., keys].view(torch.uint8), v8.permute(0, 2, 3, 1).view(torch.uint8))
+    assert v8_t[..., 200:].view(torch.uint8).eq(0).all()
     loaded = load_pipeline("tiny", "bf16", device="cpu", attention="fp8_triton")
     assert loaded.pieces["attention"] == "sdpa" and "needs a CUDA GPU" in loaded.pieces["attention_fallback"]
 
