@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -466,7 +467,16 @@ class ModelBench:
             row["step_rel_error_vs_bf16"] = round(relative_error(out.cpu(), self.reference_step), 5)
         row["step_output_finite"] = bool(torch.isfinite(out).all())
         # transformer ms/step (CUDA events, median), then the timed end-to-end generation
-        row["transformer_ms_per_step"] = rounded(self.step_ms(loaded.pipe, args.step_iters), 2)
+        with garbage_collections() as collections:
+            row["transformer_ms_per_step"] = rounded(self.step_ms(loaded.pipe, args.step_iters), 2)
+        row["gc_during_steps"] = collections
+        if self.cuda:  # the same with everything that exists now out of the collector's sight (gc.freeze)
+            gc.collect()
+            gc.freeze()
+            try:
+                row["transformer_ms_per_step_gc_frozen"] = rounded(self.step_ms(loaded.pipe, args.step_iters), 2)
+            finally:
+                gc.unfreeze()
         result, energy, power = self.timed_generation(loaded)
         row.update(latency_s=round(result.latency_s, 3), generation_ms_per_step=round(1000 * result.seconds_per_step, 2),
                    peak_vram_gb=self.own_peak(loaded, result), peak_vram_process_gb=gb(result.peak_vram_bytes),
@@ -549,6 +559,29 @@ COMPILE_PHASES = {  # torch._dynamo.utils.compile_times() entries: where a (warm
     "create_aot_dispatcher_function": "aot_autograd", "fx_codegen_and_compile": "inductor_codegen",
     "PyCodeCache.load_by_key_path": "load_compiled_modules", "async_compile.wait": "triton_compile_wait",
     "build_guards": "guards"}
+
+
+@contextmanager
+def garbage_collections():
+    """Yields a dict filled, on exit, with the collector's runs per generation and their seconds: launch-bound
+    steps (SD3.5 Medium) measured slower right after a compilation, when the heap holds the compiler's objects."""
+    report = {"runs": {0: 0, 1: 0, 2: 0}, "seconds": 0.0}
+    started = {}
+
+    def callback(phase, info):
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        else:
+            report["runs"][info["generation"]] += 1
+            report["seconds"] += time.perf_counter() - started.get("t", time.perf_counter())
+
+    gc.callbacks.append(callback)
+    try:
+        yield report
+    finally:
+        gc.callbacks.remove(callback)
+        report["seconds"] = round(report["seconds"], 3)
+        report["objects_tracked"] = len(gc.get_objects())
 
 
 def compile_breakdown() -> dict:
