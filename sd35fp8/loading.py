@@ -182,7 +182,7 @@ def load_pipeline(
     options = speed_options(speed)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or PRECISIONS[precision].dtype or torch.bfloat16
-    options = options.resolved(device)
+    options = options.resolved(device, fp8_weights=precision == "fp8")
     started = time.perf_counter()
     in_memory = isinstance(source, StableDiffusion3Pipeline) or source == SHAPES
     if isinstance(source, StableDiffusion3Pipeline):
@@ -301,7 +301,7 @@ def with_transformer(loaded: LoadedPipeline, transformer: SD3Transformer2DModel,
     pipe = StableDiffusion3Pipeline(**components)
     check_loaded(pipe)
     pipe.set_progress_bar_config(disable=True)
-    options = speed_options(speed).resolved(loaded.device)
+    options = speed_options(speed).resolved(loaded.device, fp8_weights=precision == "fp8")
     pieces = {"fp8_path": fp8_path_of(transformer), "fp8_probe": None}
     pieces |= prepare_transformer(transformer, loaded.device, options,
                                   run_once=warmup_call(pipe))

@@ -24,15 +24,18 @@ from .compile import COMPILE_CHOICES, CudaGraphTransformer, apply_aot_packages, 
 from .fp8 import FP8_GEMM_MODES, fp8_path_of, fuse_gelu_quantize, fuse_projections, gelu_fused, projections_fused
 from .settings import SPEED
 
-# What "auto" picks on a CUDA GPU, from the H200 measurements (bench/NOTES.md, gpu_h200_*.json). Attention: cuDNN's
-# FP8 sdpa was slower than its 16-bit kernel at head_dim 64 (1.16 vs 1.01 ms at 2x38x4429x64; in the model the
-# FP8 kernel saved 4.8 ms a step but quantizing Q/K/V cost more). The project's Triton FP8 kernel ("fp8_triton") is
-# faster alone (0.77 vs 0.95 ms) but ran at 1.54 ms inside the compiled model before its stride fix, which is not
-# measured yet (122.9 vs 99.7 ms a Large step). So "auto" never selects FP8 attention.
-AUTO_ATTENTION_FP8_MIN_CAPABILITY: tuple[int, int] | None = None  # None: FP8 attention is never auto-selected
-# CUDA graphs on the H200 (Large FP8, compiled, same process): 98.5 vs 101.1 ms a step, 3.01 vs 3.09 s end to end
-# (2.8%; 0.6% before the adaLN kernels); every new image size captures another graph and keeps its memory, and the
-# app serves several sizes from threads: off unless asked for
+# What "auto" picks on a CUDA GPU, from the H200 measurements (bench/NOTES.md, gpu_h200_*.json). Attention of FP8
+# transformers: the project's Triton FP8 kernel ("fp8_triton", its Q/K/V preparation in one more kernel) on the GPU
+# family it was measured on, Hopper (SM 9.0): 94.95 / 95.76 vs 102.08 ms a Large step with 16-bit SDPA (two
+# processes), 47.2 vs 45.0-61.6 ms for Medium (launch-bound there), step error 4.37% vs 4.30%. Elsewhere (Ada SM 8.9,
+# Blackwell) it builds but is not measured, so 16-bit SDPA; a load-time check falls back to SDPA wherever the
+# kernels disagree with torch. cuDNN's FP8 sdpa ("fp8_cudnn") was slower than its 16-bit kernel at head_dim 64
+# (1.16 vs 1.01 ms at 2x38x4429x64) and is never chosen by "auto". 16-bit transformers keep SDPA.
+AUTO_FP8_ATTENTION_CAPABILITIES = {(9, 0)}
+# CUDA graphs on the H200 (compiled FP8, same process): Large 92.69 vs 94.95 ms a step with fp8_triton (98.5 vs
+# 101.1 with SDPA, an earlier run), Medium 40.61 vs 47.22 ms (its steps wait on Python launches); every new image
+# size captures another graph and keeps its memory, and the app serves several sizes from threads: off unless asked
+# for (`cuda_graphs=True`)
 AUTO_CUDA_GRAPHS = False
 
 
@@ -43,7 +46,7 @@ class SpeedOptions:
     fuse_projections: bool | str = "auto"  # concatenate q/k/v (and add_q/k/v) into one GEMM; auto: on CUDA
     fuse_gelu: bool | str = "auto"  # FP8 MLPs: GELU + activation quantization in one Triton kernel; auto: on CUDA
     fuse_norm: bool | str = "auto"  # FP8 blocks: adaLN (+ residual) + activation quantization in one kernel; auto: CUDA
-    attention: str = "auto"  # "sdpa" | "fp8_cudnn" | "fp8_triton" | "fp8_reference"; auto: fastest measured (sdpa)
+    attention: str = "auto"  # "sdpa" | "fp8_cudnn" | "fp8_triton" | "fp8_reference"; auto: fastest measured
     compile: bool | str = False  # False/"off" | True/"regional" | "full" | "aot" | "auto" (regional on CUDA)
     compile_mode: str | None = None  # inductor mode, e.g. "max-autotune-no-cudagraphs"
     compile_dynamic: bool = True  # symbolic token/batch dims: a new size or batch does not recompile
@@ -59,8 +62,8 @@ class SpeedOptions:
         if self.compile not in (True, False, "auto") and self.compile not in COMPILE_CHOICES:
             raise ValueError(f"unknown compile {self.compile!r}; choose one of auto, {', '.join(COMPILE_CHOICES)}")
 
-    def resolved(self, device: torch.device) -> SpeedOptions:
-        """Every "auto" replaced by what it means on `device`."""
+    def resolved(self, device: torch.device, fp8_weights: bool = False) -> SpeedOptions:
+        """Every "auto" replaced by what it means on `device`, for an FP8 transformer if `fp8_weights`."""
         cuda = torch.device(device).type == "cuda"
         fuse = cuda if self.fuse_projections == "auto" else bool(self.fuse_projections)
         kernels_run = cuda and kernels.available()  # "auto" for each of `sd35fp8.kernels`' pieces
@@ -68,11 +71,8 @@ class SpeedOptions:
         fuse_norm = kernels_run if self.fuse_norm == "auto" else bool(self.fuse_norm)
         attention = self.attention
         if attention == "auto":
-            attention = "sdpa"
-            if cuda and AUTO_ATTENTION_FP8_MIN_CAPABILITY is not None \
-                    and torch.cuda.get_device_capability(device) >= AUTO_ATTENTION_FP8_MIN_CAPABILITY \
-                    and cudnn_fp8_available() is None:
-                attention = "fp8_cudnn"
+            measured = cuda and torch.cuda.get_device_capability(device) in AUTO_FP8_ATTENTION_CAPABILITIES
+            attention = "fp8_triton" if fp8_weights and measured and attention_kernel.available() else "sdpa"
         compile_choice = {True: "regional", False: "off", "auto": "regional" if cuda else "off"}.get(
             self.compile, self.compile)
         graphs = (cuda and AUTO_CUDA_GRAPHS and compile_choice != "aot") if self.cuda_graphs == "auto" \

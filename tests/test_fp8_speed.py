@@ -612,6 +612,25 @@ def test_prepare_transformer_fuses_adaln_where_asked_and_reports_it():
     assert prepare_transformer(untouched, cpu, SpeedOptions().resolved(cpu))["fused_norm"] == 0  # auto: off on CPU
 
 
+def test_auto_attention_is_the_fp8_kernel_for_fp8_transformers_on_hopper_only(monkeypatch):
+    """"auto" picks the Triton FP8 attention where it was measured faster (Hopper, SM 9.0) and only for FP8
+    transformers (the 16-bit reference keeps 16-bit SDPA); other GPUs, the CPU and an explicit choice keep theirs."""
+    from sd35fp8 import attention_kernel
+    from sd35fp8.speed import SpeedOptions
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(attention_kernel, "available", lambda: True)
+    for capability, fp8, expected in (((9, 0), True, "fp8_triton"), ((9, 0), False, "sdpa"),
+                                      ((8, 9), True, "sdpa"), ((10, 0), True, "sdpa"), ((12, 0), True, "sdpa")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert SpeedOptions().resolved(cuda, fp8_weights=fp8).attention == expected, (capability, fp8)
+    assert SpeedOptions(attention="sdpa").resolved(cuda, fp8_weights=True).attention == "sdpa"
+    assert SpeedOptions().resolved("cpu", fp8_weights=True).attention == "sdpa"
+    monkeypatch.setattr(attention_kernel, "available", lambda: False)  # no Triton
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert SpeedOptions().resolved(cuda, fp8_weights=True).attention == "sdpa"
+
+
 def test_unknown_speed_options_are_refused_by_name():
     with pytest.raises(TypeError, match="unknown speed option\\(s\\) fuse_everything; choose from .*fuse_norm"):
         load_pipeline("tiny", "fp8", device="cpu", fuse_everything=True)
