@@ -15,9 +15,10 @@ FILES = ("gpu_h200_speed.json", "gpu_h200_everywhere.json")
 TITLES = {"large": "SD3.5 Large", "medium": "SD3.5 Medium"}
 
 
-def load_rows(results: Path) -> list[tuple[str, list[dict]]]:
-    """Measured rows per model, each model's from one run (the run of its first row: rows of other runs are not
-    drawn), each configuration once (the first file that has it)."""
+def load_rows(results: Path, run_contains: str | None = None) -> list[tuple[str, list[dict]]]:
+    """Measured rows per model, each model's from one run (the first whose `run` contains `run_contains`, default
+    the run of its first row: rows of other runs are not drawn), each configuration once (the first file that has
+    it)."""
     by_model: dict[str, dict[str, dict]] = {}
     runs: dict[str, str | None] = {}
     for name in FILES:
@@ -25,19 +26,21 @@ def load_rows(results: Path) -> list[tuple[str, list[dict]]]:
         if not path.is_file():
             continue
         for row in json.loads(path.read_text()):
+            if run_contains is not None and run_contains not in (row.get("run") or ""):
+                continue
             run = runs.setdefault(row["model"], row.get("run"))
             if row.get("latency_s") is not None and row.get("run") == run:
                 by_model.setdefault(row["model"], {}).setdefault(row["config"], row)
     return [(TITLES.get(model, model), list(rows.values())) for model, rows in by_model.items()]
 
 
-def plot(results: Path, out: Path) -> Path:
+def plot(results: Path, out: Path, run_contains: str | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = load_rows(results)
+    groups = load_rows(results, run_contains)
     if not groups:
         raise SystemExit(f"no measured rows in {', '.join(FILES)} under {results}")
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.6 * len(groups)), squeeze=False)
@@ -73,8 +76,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench-latency-vram.png")
+    parser.add_argument("--run", help="draw the rows whose `run` contains this, e.g. 'session 6, call 5' "
+                                      "(default: each model's first run in the files)")
     args = parser.parse_args(argv)
-    print(plot(args.results, args.out))
+    print(plot(args.results, args.out, args.run))
     return 0
 
 

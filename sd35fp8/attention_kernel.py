@@ -1,8 +1,8 @@
 """FP8 (E4M3) flash-attention forward in Triton, written for Hopper (H100/H200, SM 9.0); runs on SM >= 8.9.
 
 `flash_attention_fp8(q8, k8, v8, descale_q, descale_k, descale_v, attn_scale)` computes non-causal, unmasked
-attention over (B, S, H, D) E4M3 tensors with per-tensor float32 descales (the layout and scales of
-`sd35fp8.attention`'s FP8 backends) and returns bf16 (B, S, H, D). Registered as the `torch.library.triton_op`
+attention over (B, S, H, D) E4M3 tensors with per-tensor float32 descales for Q and K and, for V, one per tensor or
+one per `V_GROUP` keys of each (batch, head) (what `quantize_qkv` writes), and returns bf16 (B, S, H, D). Registered as the `torch.library.triton_op`
 `sd35fp8::flash_attention_fp8`: torch.compile and torch.export see one op; inductor calls the kernel from its code.
 
 Algorithm (one program = BLOCK_M query rows of one (batch, head); a loop over the keys in BLOCK_N blocks):
@@ -13,7 +13,9 @@ Algorithm (one program = BLOCK_M query rows of one (batch, head); a loop over th
   * P = exp2(S - m) <= 1 is quantized to E4M3 as P * P_SCALE (P_SCALE = 256, the scale `sd35fp8.attention`'s FP8
     backends use too, a power of two: the scaling is exact). The multiply is folded into the exponent: exp2(S - (m - log2 P_SCALE)) = P *
     P_SCALE, so l accumulates P_SCALE * sum(P) and the final division by l also divides by P_SCALE.
-  * acc += P8 . V8 as an FP8 dot (float32 accumulation); out = acc * descale_v / l, stored as bf16.
+  * acc += P8 . V8 as an FP8 dot (float32 accumulation), acc kept in units of the current V group's descale:
+    when a key block starts a group with another descale, acc is multiplied by old / new descale together with the
+    softmax's rescaling (one multiply a row); out = acc * descale_v / l, stored as bf16.
   * The sequence needs not be a multiple of the blocks: all key blocks but the last run without masks, the last
     one masks the columns >= S to -inf (and loads zeros there); rows >= S are computed on zero queries and not
     stored. The descales are read from device memory (no host sync; CUDA-graph capturable).
@@ -103,7 +105,8 @@ CONFIGS = (
 def choose_config(head_dim: int) -> Config:
     """The default launch settings for a head dimension. head_dim 64 (SD3.5): 64 x 128 tiles on 4 warps, P @ V
     accumulated in the tensor core across key blocks, the fastest of the sweep on the H200 (0.77 ms at
-    2x38x4429x64, 0.48 ms at Medium's 2x24x4429x64; bench/results/gpu_h200_attention_fp8.json). head_dim 128:
+    2x38x4429x64, 0.48 ms at Medium's 2x24x4429x64 with one V scale; 0.79 / 0.51 ms with V scaled per group;
+    bench/results/gpu_h200_attention_fp8.json). head_dim 128:
     128 x 128 on 8 warps, chosen from register counts (no spills), not measured."""
     return Config(64, 128, 4, 3, promote_acc=False) if head_dim <= 64 else Config(128, 128, 8, 2)
 

@@ -90,8 +90,9 @@ def zerogpu_compile(loaded, *, whole: bool = False, size: int | None = None, kin
     if spaces is None:
         import spaces
     pipe, transformer = loaded.pipe, loaded.pipe.transformer
-    if attention_of(transformer) != "sdpa":
+    if attention_of(transformer) != "sdpa":  # e.g. "auto" chose the FP8 attention kernel (Hopper slices)
         set_attention(transformer, "sdpa")
+    loaded.pieces["attention"] = "sdpa"
     size = size or warmup_size(pipe)
     run = warmup_call(pipe, size)
     report: dict[str, object] = {"mode": "whole" if whole else "regional", "size": size}
@@ -132,5 +133,4 @@ def zerogpu_compile(loaded, *, whole: bool = False, size: int | None = None, kin
     report["kinds"] = compiled_kinds
     report["seconds"] = round(time.perf_counter() - started, 1)
     loaded.pieces["compile"] = f"aot (spaces): {sum(k['blocks'] for k in compiled_kinds.values())} blocks"
-    loaded.pieces["attention"] = "sdpa"
     return report
