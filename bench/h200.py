@@ -59,8 +59,9 @@ class Config:
         return self.options.get("compile", False) not in (False, "off")
 
 
-FUSED = dict(fuse_projections=True, attention="sdpa")
-REGIONAL = dict(compile="regional")
+# Each configuration says whether it captures CUDA graphs ("auto" would for every compiled one)
+FUSED = dict(fuse_projections=True, attention="sdpa", cuda_graphs=False)
+REGIONAL = dict(compile="regional", cuda_graphs=False)
 # torchao's model compiled the way its README shows (static shapes): with dynamic token/batch dims the compilation
 # did not finish on the H200 within 340 s (bench/NOTES.md)
 TORCHAO_COMPILE = dict(fuse_projections=False, fuse_gelu=False, fuse_norm=False, attention="sdpa", compile_dynamic=False,

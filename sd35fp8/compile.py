@@ -262,7 +262,10 @@ class CudaGraphTransformer:
 
     Installed with `install(transformer)`; the pipeline keeps calling `transformer(...)` as before. The first
     call at a new shape runs eagerly (warm-up, compiles if compiled), the second captures, later calls replay.
-    Outputs are copied out of the graph's static buffers.
+    Outputs are copied out of the graph's static buffers. The graphs of all shapes share one memory pool. A graph
+    holds the addresses of the weights it was captured with, so moving or casting the transformer (`.to()`,
+    `.cuda()`, `.half()`: anything through `nn.Module._apply`, as the app's CPU/GPU swap does) drops every graph;
+    `reset()` does it by hand (the app does after a CUDA out-of-memory, to give the pool back).
     """
 
     TENSOR_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
@@ -278,11 +281,32 @@ class CudaGraphTransformer:
     def install(cls, transformer: nn.Module) -> CudaGraphTransformer:
         wrapper = cls(transformer)
         transformer.forward = wrapper
+        apply = transformer._apply
+
+        def moved(*args, **kwargs):  # the weights get new addresses: the captured graphs would read freed memory
+            wrapper.reset()
+            return apply(*args, **kwargs)
+
+        transformer._apply = moved
         return wrapper
+
+    @staticmethod
+    def installed(transformer: nn.Module) -> CudaGraphTransformer | None:
+        """The wrapper `install` put on `transformer`, if any."""
+        forward = transformer.__dict__.get("forward")
+        return forward if isinstance(forward, CudaGraphTransformer) else None
 
     def uninstall(self) -> None:
         if self.transformer.__dict__.get("forward") is self:
             del self.transformer.forward
+            self.transformer.__dict__.pop("_apply", None)
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop every captured graph and the memory pool (the next call at each shape warms up and captures again)."""
+        self.graphs.clear()
+        self.seen.clear()
+        self.pool = None
 
     def __call__(self, *args, **kwargs):
         tensors = {name: kwargs.get(name) for name in self.TENSOR_INPUTS}

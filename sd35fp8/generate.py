@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .compile import CudaGraphTransformer
 from .errors import Failure
 from .loading import LoadedPipeline
 from .request import GenerationRequest
@@ -136,6 +137,9 @@ def generate(
         )
     except torch.OutOfMemoryError as error:
         del error
+        graphs = CudaGraphTransformer.installed(pipe.transformer)
+        if graphs is not None:  # give the captured graphs' memory pool back too
+            graphs.reset()
         gc.collect()
         torch.cuda.empty_cache()
         raise OutOfMemory(

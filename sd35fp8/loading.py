@@ -182,7 +182,6 @@ def load_pipeline(
     options = speed_options(speed)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or PRECISIONS[precision].dtype or torch.bfloat16
-    options = options.resolved(device, fp8_weights=precision == "fp8")
     started = time.perf_counter()
     in_memory = isinstance(source, StableDiffusion3Pipeline) or source == SHAPES
     if isinstance(source, StableDiffusion3Pipeline):
@@ -220,6 +219,7 @@ def load_pipeline(
     cache = prompt_cache if isinstance(prompt_cache, PromptCache) else (
         PromptCache(SPEED.prompt_cache_entries, SPEED.prompt_cache_bytes) if prompt_cache else None)
     pieces = {"fp8_path": path, "fp8_probe": probe}
+    options = options.resolved(device, fp8_weights=precision == "fp8", memory_tight=offload or encoders is not None)
     pieces |= prepare_transformer(pipe.transformer, device, options, run_once=warmup_call(pipe))
     pieces["text_encoders"] = encoders.describe() if encoders else ("model CPU offload" if offload else "gpu")
     pieces["prompt_cache"] = cache.describe() if cache is not None else None
@@ -301,7 +301,8 @@ def with_transformer(loaded: LoadedPipeline, transformer: SD3Transformer2DModel,
     pipe = StableDiffusion3Pipeline(**components)
     check_loaded(pipe)
     pipe.set_progress_bar_config(disable=True)
-    options = speed_options(speed).resolved(loaded.device, fp8_weights=precision == "fp8")
+    memory_tight = loaded.encoders is not None or loaded.pieces.get("text_encoders") == "model CPU offload"
+    options = speed_options(speed).resolved(loaded.device, fp8_weights=precision == "fp8", memory_tight=memory_tight)
     pieces = {"fp8_path": fp8_path_of(transformer), "fp8_probe": None}
     pieces |= prepare_transformer(transformer, loaded.device, options,
                                   run_once=warmup_call(pipe))

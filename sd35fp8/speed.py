@@ -32,11 +32,12 @@ from .settings import SPEED
 # kernels disagree with torch. cuDNN's FP8 sdpa ("fp8_cudnn") was slower than its 16-bit kernel at head_dim 64
 # (1.16 vs 1.01 ms at 2x38x4429x64) and is never chosen by "auto". 16-bit transformers keep SDPA.
 AUTO_FP8_ATTENTION_CAPABILITIES = {(9, 0)}
-# CUDA graphs on the H200 (compiled FP8, same process): Large 92.69 vs 94.95 ms a step with fp8_triton (98.5 vs
-# 101.1 with SDPA, an earlier run), Medium 40.61 vs 47.22 ms (its steps wait on Python launches); every new image
-# size captures another graph and keeps its memory, and the app serves several sizes from threads: off unless asked
-# for (`cuda_graphs=True`)
-AUTO_CUDA_GRAPHS = False
+# CUDA graphs of the whole step, where the transformer is compiled on CUDA and memory is not tight (no 16 GB
+# placement, no offload): faster in every H200 comparison (same process): Large FP8 92.7 vs 95.0 ms with the FP8
+# attention, 99.0 vs 102.1 with SDPA; Medium FP8 40.6 vs 47.2 and 43.5 vs 45.0-61.6 ms (its steps wait on Python
+# launches; graphs also make them steady); Medium bf16 50.7 vs 52.6. Each new image size warms up once and captures
+# one more graph (one shared memory pool); moving the transformer drops its graphs (`CudaGraphTransformer`).
+AUTO_CUDA_GRAPHS = True
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class SpeedOptions:
     compile_dynamic: bool = True  # symbolic token/batch dims: a new size or batch does not recompile
     compile_backend: str = "inductor"  # "eager" / "aot_eager" trace without generating kernels (tests, dry runs)
     compile_cache: str | bool | None = "auto"  # folder for inductor/Triton caches; auto: SPEED.compile_cache_dir
-    cuda_graphs: bool | str = "auto"  # capture whole steps; auto: what measured faster
+    cuda_graphs: bool | str = "auto"  # capture whole steps; auto: on CUDA when compiled and memory is not tight
     aot_dir: str | None = None  # AOTInductor packages (compile="aot"); None: under the compile cache
     compile_requested: bool | str | None = None  # what the caller passed for `compile` (set by `resolved`)
 
@@ -62,8 +63,10 @@ class SpeedOptions:
         if self.compile not in (True, False, "auto") and self.compile not in COMPILE_CHOICES:
             raise ValueError(f"unknown compile {self.compile!r}; choose one of auto, {', '.join(COMPILE_CHOICES)}")
 
-    def resolved(self, device: torch.device, fp8_weights: bool = False) -> SpeedOptions:
-        """Every "auto" replaced by what it means on `device`, for an FP8 transformer if `fp8_weights`."""
+    def resolved(self, device: torch.device, fp8_weights: bool = False,
+                 memory_tight: bool = False) -> SpeedOptions:
+        """Every "auto" replaced by what it means on `device`, for an FP8 transformer if `fp8_weights`;
+        `memory_tight`: the 16 GB placement or offload is in use (no CUDA graphs, whose pool keeps its memory)."""
         cuda = torch.device(device).type == "cuda"
         fuse = cuda if self.fuse_projections == "auto" else bool(self.fuse_projections)
         kernels_run = cuda and kernels.available()  # "auto" for each of `sd35fp8.kernels`' pieces
@@ -71,12 +74,13 @@ class SpeedOptions:
         fuse_norm = kernels_run if self.fuse_norm == "auto" else bool(self.fuse_norm)
         attention = self.attention
         if attention == "auto":
-            measured = cuda and torch.cuda.get_device_capability(device) in AUTO_FP8_ATTENTION_CAPABILITIES
-            attention = "fp8_triton" if fp8_weights and measured and attention_kernel.available() else "sdpa"
+            measured = fp8_weights and cuda and \
+                torch.cuda.get_device_capability(device) in AUTO_FP8_ATTENTION_CAPABILITIES
+            attention = "fp8_triton" if measured and attention_kernel.available() else "sdpa"
         compile_choice = {True: "regional", False: "off", "auto": "regional" if cuda else "off"}.get(
             self.compile, self.compile)
-        graphs = (cuda and AUTO_CUDA_GRAPHS and compile_choice != "aot") if self.cuda_graphs == "auto" \
-            else bool(self.cuda_graphs) and cuda
+        graphs = (cuda and AUTO_CUDA_GRAPHS and compile_choice in ("regional", "full") and not memory_tight) \
+            if self.cuda_graphs == "auto" else bool(self.cuda_graphs) and cuda
         cache = self.compile_cache
         if cache == "auto" or cache is True:
             cache = SPEED.compile_cache_dir if compile_choice != "off" else None

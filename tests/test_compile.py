@@ -157,3 +157,21 @@ def test_a_failed_ahead_of_time_compile_leaves_the_app_serving(tmp_path):
     assert reports == [{"error": "RuntimeError: AOTInductor refused the graph", "fallback": "eager"}] * 2
     assert models.fp8.pieces["compile"].startswith("eager (ahead-of-time compile failed: RuntimeError")
     assert generate(models.fp8, GenerationRequest("a cat", steps=1, width=64, height=64)).ok
+
+
+def test_cuda_graphs_are_dropped_when_the_transformer_moves_or_after_an_out_of_memory():
+    """A captured graph holds the weights' addresses: `.to()` (the app's CPU/GPU swap) must drop the graphs, and so
+    does `reset()` (after a CUDA out-of-memory); `uninstall` puts the transformer back as it was."""
+    transformer = build_tiny_pipeline().transformer
+    wrapper = CudaGraphTransformer.install(transformer)
+    assert CudaGraphTransformer.installed(transformer) is wrapper
+    wrapper.graphs["shape"], wrapper.seen, wrapper.pool = ("graph", {}, None), {"shape"}, "pool"  # as after a capture
+    transformer.to(torch.float32)  # moves/casts go through nn.Module._apply
+    assert wrapper.graphs == {} and wrapper.seen == set() and wrapper.pool is None
+    assert transformer.dtype == torch.float32
+    wrapper.seen.add("shape")
+    wrapper.reset()
+    assert wrapper.seen == set()
+    wrapper.uninstall()
+    assert CudaGraphTransformer.installed(transformer) is None
+    assert "_apply" not in transformer.__dict__ and "forward" not in transformer.__dict__

@@ -631,6 +631,21 @@ def test_auto_attention_is_the_fp8_kernel_for_fp8_transformers_on_hopper_only(mo
     assert SpeedOptions().resolved(cuda, fp8_weights=True).attention == "sdpa"
 
 
+def test_auto_cuda_graphs_where_compiled_on_cuda_and_memory_is_not_tight(monkeypatch):
+    from sd35fp8.speed import SpeedOptions
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert SpeedOptions(compile="regional").resolved(cuda).cuda_graphs is True
+    assert SpeedOptions(compile="full").resolved(cuda, fp8_weights=True).cuda_graphs is True
+    assert SpeedOptions(compile="regional").resolved(cuda, memory_tight=True).cuda_graphs is False  # 16 GB, offload
+    assert SpeedOptions(compile="aot").resolved(cuda).cuda_graphs is False
+    assert SpeedOptions(compile=False).resolved(cuda).cuda_graphs is False  # eager: not measured
+    assert SpeedOptions(compile="regional", cuda_graphs=False).resolved(cuda).cuda_graphs is False
+    assert SpeedOptions(compile="regional", cuda_graphs=True).resolved(cuda, memory_tight=True).cuda_graphs is True
+    assert SpeedOptions(compile="regional").resolved("cpu").cuda_graphs is False
+
+
 def test_unknown_speed_options_are_refused_by_name():
     with pytest.raises(TypeError, match="unknown speed option\\(s\\) fuse_everything; choose from .*fuse_norm"):
         load_pipeline("tiny", "fp8", device="cpu", fuse_everything=True)
