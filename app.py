@@ -54,7 +54,7 @@ def serve(args: argparse.Namespace) -> int:
     print(f"Loading {settings.model} (FP8) on {', '.join(map(str, devices))} ...", flush=True)
     models = Replicas.load(settings.model, settings.base, devices, offload=settings.offload,
                            compile=settings.compile, settings=settings)
-    if settings.on_zerogpu:  # ZeroGPU keeps no torch.compile code: compile ahead of time, once, on a lent GPU
+    if settings.zerogpu_ahead_of_time:  # ZeroGPU keeps no torch.compile code: compile once, ahead of time
         import spaces
 
         for replica in models.replicas:

@@ -141,6 +141,12 @@ class AppSettings:
     def on_zerogpu(self) -> bool:
         return bool(os.environ.get("SPACES_ZERO_GPU"))
 
+    @property
+    def zerogpu_ahead_of_time(self) -> bool:
+        """Compile ahead of time at start-up on ZeroGPU (its requests keep no torch.compile code); COMPILE=off skips
+        it, e.g. where AOTInductor packages fail to load (bench/NOTES.md: a segfault while loading on the H200)."""
+        return self.on_zerogpu and self.compile != "off"
+
 
 def _parse_env(item, raw: str):
     kind = type(item.default) if item.default is not None else str

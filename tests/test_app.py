@@ -334,6 +334,9 @@ def test_zerogpu_loads_without_torch_compile_and_sizes_each_lease(monkeypatch):
     large = models.gpu_seconds(["fp8", "bf16"], GenerationRequest(PROMPT, steps=50, width=1024, height=1024), settings)
     assert settings.zerogpu_margin_s <= small < large <= settings.zerogpu_max_s
     assert "FP8 speed pieces:" in "\n".join(models.summary_lines())
+    assert settings.zerogpu_ahead_of_time and not AppSettings(compile="off").zerogpu_ahead_of_time
+    monkeypatch.delenv("SPACES_ZERO_GPU")
+    assert not settings.zerogpu_ahead_of_time  # not on ZeroGPU: torch.compile, no ahead-of-time step
 
 
 def test_the_default_model_is_the_trained_built_in_one():
