@@ -40,6 +40,12 @@ class LoadedPipeline:
     prompt_cache: object | None = None  # sd35fp8.prompts.PromptCache, shared with pipelines made by with_transformer
     encoders: object | None = None  # sd35fp8.prompts.OnDemandEncoders when text encoders live in CPU memory
     step_seconds: dict[tuple[int, int, int], float] = field(default_factory=dict)  # (w, h, batch) -> measured s/step
+    offload: bool = False  # accelerate's model CPU offload
+
+    @property
+    def memory_tight(self) -> bool:
+        """The 16 GB placement or model CPU offload is in use ("auto" then captures no CUDA graphs)."""
+        return self.offload or self.encoders is not None
 
     @property
     def label(self) -> str:
@@ -225,7 +231,8 @@ def load_pipeline(
     pieces["prompt_cache"] = cache.describe() if cache is not None else None
     pieces["vae_tiling_above_pixels"] = SPEED.vae_tiling_above_pixels
     return LoadedPipeline(pipe, source if isinstance(source, str) else "in-memory", precision, device, path,
-                          time.perf_counter() - started, component_bytes(pipe), pieces, cache, encoders)
+                          time.perf_counter() - started, component_bytes(pipe), pieces, cache, encoders,
+                          offload=offload)
 
 
 def _resolve_text_encoders(choice: str, device: torch.device, offload: bool) -> str:
@@ -301,8 +308,8 @@ def with_transformer(loaded: LoadedPipeline, transformer: SD3Transformer2DModel,
     pipe = StableDiffusion3Pipeline(**components)
     check_loaded(pipe)
     pipe.set_progress_bar_config(disable=True)
-    memory_tight = loaded.encoders is not None or loaded.pieces.get("text_encoders") == "model CPU offload"
-    options = speed_options(speed).resolved(loaded.device, fp8_weights=precision == "fp8", memory_tight=memory_tight)
+    options = speed_options(speed).resolved(loaded.device, fp8_weights=precision == "fp8",
+                                            memory_tight=loaded.memory_tight)
     pieces = {"fp8_path": fp8_path_of(transformer), "fp8_probe": None}
     pieces |= prepare_transformer(transformer, loaded.device, options,
                                   run_once=warmup_call(pipe))
@@ -310,4 +317,4 @@ def with_transformer(loaded: LoadedPipeline, transformer: SD3Transformer2DModel,
         pieces[key] = loaded.pieces.get(key)
     return LoadedPipeline(pipe, source or loaded.source, precision, loaded.device, fp8_path_of(transformer),
                           time.perf_counter() - started, component_bytes(pipe), pieces, loaded.prompt_cache,
-                          loaded.encoders)
+                          loaded.encoders, offload=loaded.offload)

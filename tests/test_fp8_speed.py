@@ -644,6 +644,11 @@ def test_auto_cuda_graphs_where_compiled_on_cuda_and_memory_is_not_tight(monkeyp
     assert SpeedOptions(compile="regional", cuda_graphs=False).resolved(cuda).cuda_graphs is False
     assert SpeedOptions(compile="regional", cuda_graphs=True).resolved(cuda, memory_tight=True).cuda_graphs is True
     assert SpeedOptions(compile="regional").resolved("cpu").cuda_graphs is False
+    from sd35fp8.loading import LoadedPipeline  # what with_transformer passes on: the first pipeline's placement
+
+    assert LoadedPipeline(None, "x", "fp8", cuda, None, 0.0, offload=True).memory_tight
+    assert LoadedPipeline(None, "x", "fp8", cuda, None, 0.0, encoders=object()).memory_tight
+    assert not LoadedPipeline(None, "x", "fp8", cuda, None, 0.0).memory_tight
 
 
 def test_unknown_speed_options_are_refused_by_name():
