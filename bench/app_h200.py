@@ -3,10 +3,10 @@
 them in memory; no checkpoint exists here).
 
 Loads the FP8 pipeline and the 16-bit reference the way `space.runtime.Models.load` does (compile "auto": regional
-torch.compile, CUDA graphs, and on Hopper the FP8 attention), then drives `space.handlers.Handlers` (the functions
-behind the page and the API): generate in each precision (first call = compile + warm-up + capture), the comparison,
-a second image size and back. One JSON row per call, written as it goes: latency, peak and reserved memory, the
-CUDA graphs held, the result line the page shows.
+torch.compile, CUDA graphs, and on Hopper the FP8 attention), then drives `space.replicas.Replicas`, what the page's
+handlers call (`space.handlers` itself needs gradio, which the GPU image lacks): generate in each precision (first call
+= compile + warm-up + capture), the comparison, a second image size and back. One JSON row per call, written as it
+goes: latency, s/step, peak and reserved memory, the CUDA graphs held, image checks and the FP8-vs-16-bit SSIM.
 
     python3 -m bench.app_h200 --out $OUT --model large
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -45,10 +44,10 @@ def main(argv=None) -> int:
 
     from bench.h200 import build_components
     from diffusers import StableDiffusion3Pipeline
+    from sd35fp8 import metrics
     from sd35fp8.gpu import GpuSampler
     from sd35fp8.loading import load_pipeline, with_transformer
-    from sd35fp8.settings import AppSettings
-    from space.handlers import Handlers, ImageStore
+    from sd35fp8.request import GenerationRequest
     from space.replicas import Replica, Replicas
     from space.runtime import Models
 
@@ -73,25 +72,31 @@ def main(argv=None) -> int:
     report["summary"] = models.summary_lines()
     save()
     print("\n".join(report["summary"]), flush=True)
-    handlers = Handlers(Replicas([Replica(models, GpuSampler(device.index or 0))]), AppSettings(), ImageStore())
-    progress = lambda *a, **k: None  # noqa: E731
+    replicas = Replicas([Replica(models, GpuSampler(device.index or 0))])
+
+    def figures(result) -> dict:
+        return {"precision": result.precision, "latency_s": round(result.latency_s, 3), "s_per_step":
+                round(result.seconds_per_step, 4), "encode_s": result.encode_s, "ok": result.ok,
+                "peak_vram_gb": round((result.peak_vram_bytes or 0) / 1e9, 2), "warnings": result.warnings}
+
     for what, precision, width, height in CALLS:
         if time.perf_counter() - started > args.deadline_s:
             report["calls"].append({"what": what, "skipped": "deadline"})
             break
-        raw = (PROMPT, "", 42, False, args.steps, 4.5, width, height)
+        request = GenerationRequest(prompt=PROMPT, seed=42, steps=args.steps, guidance=4.5, width=width,
+                                    height=height)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         began = time.perf_counter()
         row = {"what": what, "precision": precision, "width": width, "height": height}
         try:
             if what == "generate":
-                _path, _seed, line, _link = handlers._generate(raw, precision, "", progress, threading.Event())
-                row["result_line"] = line
+                row["result"] = figures(replicas.run(precision, request))
             else:
-                result = handlers._compare(raw, "", progress, threading.Event())
-                row["table"] = result[4].to_dict(orient="records")
-                row["notes"] = result[5]
+                fp8_result, ref_result = replicas.run_pair(request)
+                row["results"] = [figures(fp8_result), figures(ref_result)]
+                row["ssim"] = round(metrics.ssim(fp8_result.image, ref_result.image), 4)
+                row["psnr_db"] = round(metrics.psnr(fp8_result.image, ref_result.image), 2)
         except Exception as error:  # record it and go on: the point is to see what a visitor would see
             row["error"] = f"{type(error).__name__}: {error}"
         row["seconds"] = round(time.perf_counter() - began, 2)

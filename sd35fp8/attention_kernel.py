@@ -54,6 +54,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 try:
     import triton
@@ -271,7 +272,9 @@ if triton is not None:
         batch, seq, heads, dim = q8.shape
         if v_transposed:
             stride_vb, stride_vh, stride_vd, stride_vs = v8.stride()
-            if stride_vs != 1 or v8.shape[:3] != (batch, heads, dim) or v8.shape[3] < seq:
+            # guard_or_false: under torch.export S is symbolic and "S rounded up to 16 >= S" cannot be proven, which
+            # would fail the export of a dynamic token range; the op's own allocation makes it true anyway
+            if stride_vs != 1 or v8.shape[:3] != (batch, heads, dim) or guard_or_false(v8.shape[3] < seq):
                 raise ValueError(f"v_transposed wants V as (B, H, D, S_pad >= S) with S contiguous, got "
                                  f"{tuple(v8.shape)} strides {v8.stride()}")
         else:
