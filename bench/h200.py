@@ -127,6 +127,7 @@ PLANS = {  # compilations that hung on the H200 (torchao, tensor-wise) run in ch
     "medium": ["bf16_eager", "fp8_best_plain", "bf16_compile_fused", "fp8_triton_attention", "fp8_eager", "torchao_fp8_compile_child",
                "fp8_fp8attn_compile"],
 }
+CARD_16GB = 16 * 2**30  # the 16 GB placement is sized for this card (fp8_16gb)
 BUILD_ESTIMATE = {"large": 45, "medium": 25, "tiny": 1}
 
 
@@ -416,9 +417,13 @@ class ModelBench:
             if options.get("cuda_graphs"):
                 wrapper = CudaGraphTransformer.install(loaded.pipe.transformer) if self.cuda else None
             if options.get("text_encoders") == "on_demand":
+                from sd35fp8.loading import on_demand_keep_bytes
                 from sd35fp8.prompts import OnDemandEncoders, PromptCache
 
-                loaded.encoders = OnDemandEncoders(loaded.pipe, self.device)
+                # what the placement keeps of T5 on a 16 GB card (the H200 has room for everything)
+                keep = on_demand_keep_bytes(loaded.pipe, self.device, budget_bytes=CARD_16GB) if self.cuda else 0
+                loaded.encoders = OnDemandEncoders(loaded.pipe, self.device, keep_bytes=keep)
+                row["t5_kept_gb"] = gb(loaded.encoders.kept_bytes())
                 loaded.prompt_cache = PromptCache()
                 loaded.pieces["text_encoders"] = loaded.encoders.describe()
                 if self.cuda:

@@ -217,7 +217,7 @@ def load_pipeline(
     placement = _resolve_text_encoders(text_encoders, device, offload)
     encoders = None
     if placement == "on_demand":
-        encoders = OnDemandEncoders(pipe, device)
+        encoders = OnDemandEncoders(pipe, device, keep_bytes=on_demand_keep_bytes(pipe, device))
         pipe = _place(pipe, device, offload, skip=("text_encoder", "text_encoder_2", "text_encoder_3"))
     else:
         pipe = _place(pipe, device, offload)
@@ -233,6 +233,18 @@ def load_pipeline(
     return LoadedPipeline(pipe, source if isinstance(source, str) else "in-memory", precision, device, path,
                           time.perf_counter() - started, component_bytes(pipe), pieces, cache, encoders,
                           offload=offload)
+
+
+def on_demand_keep_bytes(pipe: StableDiffusion3Pipeline, device: torch.device, budget_bytes: int | None = None) -> int:
+    """How many bytes of T5 the 16 GB placement keeps on the GPU: what `budget_bytes` (default: the device's memory)
+    leaves after the transformer, the VAE, the CLIP encoders and `SPEED.on_demand_headroom_bytes` for activations."""
+    if budget_bytes is None:
+        if device.type != "cuda":
+            return 0
+        budget_bytes = torch.cuda.get_device_properties(device).total_memory
+    placed = sum(module_bytes(part) for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+                 if part is not None)
+    return max(0, budget_bytes - placed - SPEED.on_demand_headroom_bytes)
 
 
 def _resolve_text_encoders(choice: str, device: torch.device, offload: bool) -> str:

@@ -3,10 +3,12 @@
 * `PromptCache`: embeddings of recent prompts (the three encoders' output for a prompt, its negative prompt and
   the CFG setting), bounded by entries and bytes, kept on the CPU. A repeated prompt skips the text encoders;
   the FP16-vs-FP8 comparison encodes once for both pipelines because they share the encoders and the cache.
-* `OnDemandEncoders`: the 16 GB placement. The two small CLIP encoders stay on the GPU; T5 (4.7 GB in FP8)
-  keeps its weights in pinned CPU memory and streams them to the GPU block by block while it encodes, the copy
-  of the next block overlapping the compute of this one; each block's GPU copy is dropped once it has run
-  (nothing is copied back). During denoising only the transformer, the VAE and the CLIP encoders hold VRAM.
+* `OnDemandEncoders`: the 16 GB placement. The two small CLIP encoders stay on the GPU; so do as many of T5's
+  first blocks as `keep_bytes` allows (what the card leaves free: `loading.on_demand_keep_bytes`). The rest of T5
+  (4.7 GB in FP8 in all) keeps its weights in pinned CPU memory and streams them to the GPU block by block while it
+  encodes, the copy of the next block overlapping the compute of this one; each streamed block's GPU copy is
+  dropped once it has run (nothing is copied back). During denoising only the transformer, the VAE, the CLIP
+  encoders and the kept T5 blocks hold VRAM.
 """
 
 from __future__ import annotations
@@ -125,10 +127,12 @@ class OnDemandEncoders:
     block, and streams them to `device` block by block while it encodes: its stem (embeddings, final norm) when it
     starts, block i + 1 on a side CUDA stream while block i computes, and each block's GPU copy is dropped as soon
     as the block has run (nothing is copied back). So T5 holds its stem plus two blocks of VRAM, and its copy can
-    hide behind its compute. Hooks do it all, so the pipeline's own `encode_prompt` runs unchanged."""
+    hide behind its compute. `keep_bytes`: the first units (stem, block 0, 1, ...) that fit in this many bytes are
+    copied to `device` once and stay there, so a new prompt copies only the rest. Hooks do it all, so the pipeline's
+    own `encode_prompt` runs unchanged."""
 
     def __init__(self, pipe, device: torch.device, pin: bool = True, hooks: bool | None = None,
-                 resident: tuple[str, ...] = ("text_encoder", "text_encoder_2")):
+                 resident: tuple[str, ...] = ("text_encoder", "text_encoder_2"), keep_bytes: int = 0):
         self.device = torch.device(device)
         self.modules = [getattr(pipe, name) for name in ENCODER_NAMES if getattr(pipe, name, None) is not None]
         self.resident = [getattr(pipe, name) for name in resident if getattr(pipe, name, None) is not None]
@@ -139,7 +143,8 @@ class OnDemandEncoders:
         self.pending: dict[tuple[int, int], tuple[list[torch.Tensor], object]] = {}  # copies under way: views, event
         self.hooks = []
         self.uploads = 0  # blocks (and stems) copied to the device
-        self.most_units_placed = self.units_placed = 0  # stems + blocks on the device (or on their way)
+        self.most_units_placed = self.units_placed = 0  # streamed stems + blocks on the device (or on their way)
+        self.kept: dict[tuple[int, int], list[torch.Tensor]] = {}  # (encoder, unit) -> its views on the device
         for module in self.resident:
             module.to(self.device)
         for module in self.streamed:
@@ -168,6 +173,11 @@ class OnDemandEncoders:
                 units.append(unit)
                 del tensors
             self.units[id(module)] = units
+            for index, unit in enumerate(units):  # the first units that fit stay on the device for good
+                if unit.host.numel() > keep_bytes - self.kept_bytes():
+                    break
+                self.kept[(id(module), index)] = unit.views(unit.host.to(self.device))
+                self._to_kept(module, index)
             if hooks or (hooks is None and cuda):
                 self.hooks.append(module.register_forward_pre_hook(self._start))
                 self.hooks.append(module.register_forward_hook(self._finish, always_call=True))
@@ -183,10 +193,17 @@ class OnDemandEncoders:
         else:
             owner._buffers[name] = tensor
 
+    def _to_kept(self, module: nn.Module, index: int) -> None:
+        for owner, kind, name, slot in self.units[id(module)][index].slots:
+            self._set(owner, kind, name, self.kept[(id(module), index)][slot])
+
+    def kept_bytes(self) -> int:
+        return sum(self.units[key[0]][key[1]].host.numel() for key in self.kept)
+
     def _prefetch(self, module: nn.Module, index: int) -> None:
         """Start copying one unit's weights to the device (on the side stream: it overlaps the current compute)."""
         units = self.units[id(module)]
-        if index >= len(units) or (id(module), index) in self.pending:
+        if index >= len(units) or (id(module), index) in self.pending or (id(module), index) in self.kept:
             return
         unit = units[index]
         flat = torch.empty_like(unit.host, device=self.device)  # allocated on the compute stream: freed in order
@@ -207,6 +224,8 @@ class OnDemandEncoders:
         self._count()
 
     def _place(self, module: nn.Module, index: int) -> None:
+        if (id(module), index) in self.kept:
+            return
         self._prefetch(module, index)  # no-op when already under way
         placed, event = self.pending.pop((id(module), index))
         if event is not None:
@@ -224,6 +243,8 @@ class OnDemandEncoders:
             self._set(owner, kind, name, unit.masters[slot])
 
     def _drop(self, module: nn.Module, index: int) -> None:
+        if (id(module), index) in self.kept:
+            return
         self._to_masters(self.units[id(module)][index])
         self.units_placed -= 1
 
@@ -241,13 +262,18 @@ class OnDemandEncoders:
         return hook
 
     def _finish(self, module, _args, _output):
-        """Back to the CPU masters, including whatever an exception left placed or under way."""
-        for unit in self.units[id(module)]:
-            self._to_masters(unit)
+        """Back to the CPU masters (the kept units: their device copies), including whatever an exception left placed
+        or under way."""
+        for index, unit in enumerate(self.units[id(module)]):
+            if (id(module), index) in self.kept:
+                self._to_kept(module, index)
+            else:
+                self._to_masters(unit)
         self.pending = {key: value for key, value in self.pending.items() if key[0] != id(module)}
         self.units_placed = 0
 
     def bytes(self) -> int:
+        """Bytes of the streamed encoders' weights, kept units included."""
         return sum(unit.host.numel() for units in self.units.values() for unit in units)
 
     def pinned(self) -> bool:
@@ -260,8 +286,11 @@ class OnDemandEncoders:
 
     def describe(self) -> str:
         memory = "pinned CPU memory" if self.pinned() and self.device.type == "cuda" else "CPU memory"
+        units = sum(len(units) for units in self.units.values())
+        kept = (f"; {self.kept_bytes() / 1e9:.2f} GB of it ({len(self.kept)} of {units} pieces: stem, blocks) "
+                "stays on the GPU" if self.kept else "")
         return (f"text encoders on demand ({self.bytes() / 1e9:.2f} GB in {memory}, streamed to the GPU block by "
-                f"block while encoding; {len(self.resident)} small ones stay on the GPU)")
+                f"block while encoding{kept}; {len(self.resident)} small ones stay on the GPU)")
 
 
 def _repeated_layers(module: nn.Module) -> list[nn.Module]:

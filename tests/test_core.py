@@ -184,3 +184,17 @@ def test_metrics():
     assert 0 < ssim(image, noisy) < 0.99 and 15 < psnr(image, noisy) < 30
     heatmap = difference_heatmap(image, noisy)
     assert heatmap.size == (64, 64) and np.asarray(difference_heatmap(image, image)).max() == 0
+    # SSIM's separable blur equals the textbook one: each local mean as one 11x11 Gaussian window, pixel by pixel
+    x, y = (np.asarray(i, dtype=np.float64) / 255.0 for i in (image, noisy))
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
+    window = np.outer(g, g) / np.outer(g, g).sum()
+
+    def mean(t):
+        return np.array([[[(t[r:r + 11, c:c + 11, ch] * window).sum() for ch in range(3)] for c in range(54)]
+                         for r in range(54)])
+
+    mx, my = mean(x), mean(y)
+    vx, vy, cov = mean(x * x) - mx**2, mean(y * y) - my**2, mean(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    textbook = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    assert ssim(image, noisy) == pytest.approx(textbook.mean(), abs=1e-12)

@@ -552,6 +552,32 @@ def test_on_demand_encoders_stream_t5_block_by_block():
     placement.remove()
 
 
+def test_on_demand_encoders_keep_the_first_t5_blocks_that_fit():
+    from sd35fp8 import settings
+    from sd35fp8.loading import module_bytes, on_demand_keep_bytes
+
+    pipe = build_tiny_pipeline()
+    reference = pipe.encode_prompt("a cat", None, None, device="cpu", do_classifier_free_guidance=False)[0]
+    blocks = list(pipe.text_encoder_3.encoder.block)
+    probe = OnDemandEncoders(build_tiny_pipeline(), torch.device("cpu"), pin=False, hooks=True)
+    sizes = [unit.host.numel() for unit in next(iter(probe.units.values()))]  # stem, block 0, block 1
+    probe.remove()
+    placement = OnDemandEncoders(pipe, torch.device("cpu"), pin=False, hooks=True, keep_bytes=sizes[0] + sizes[1])
+    assert placement.kept_bytes() == sizes[0] + sizes[1] and len(placement.kept) == 2  # stem and block 0
+    for _ in range(2):  # every prompt copies only the blocks not kept
+        out = pipe.encode_prompt("a cat", None, None, device="cpu", do_classifier_free_guidance=False)[0]
+        assert torch.allclose(out, reference, atol=1e-5)
+    assert placement.uploads == 2 * (len(blocks) - 1)
+    assert "(2 of 3 pieces: stem, blocks) stays on the GPU" in placement.describe()
+    placement.remove()
+    # the budget: the card's memory less what the placement puts on it and the activations' headroom
+    placed = sum(module_bytes(m) for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2))
+    headroom = settings.SPEED.on_demand_headroom_bytes
+    assert on_demand_keep_bytes(pipe, torch.device("cpu"), budget_bytes=placed + headroom + 123) == 123
+    assert on_demand_keep_bytes(pipe, torch.device("cpu"), budget_bytes=placed) == 0
+    assert on_demand_keep_bytes(pipe, torch.device("cpu")) == 0  # no GPU: nothing to keep
+
+
 def test_vae_tiles_above_the_threshold(monkeypatch):
     from sd35fp8 import settings
 
