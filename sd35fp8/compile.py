@@ -11,13 +11,19 @@
 * `aot_compile_blocks` exports one block of each kind (`torch.export`, symbolic token dimension) and builds an
   AOTInductor package per kind (`torch._inductor.aoti_compile_and_package`, weights left out of the package);
   `apply_aot_packages` loads them and runs every block through its kind's package with that block's own
-  weights. `sd35fp8.zerogpu` does the same through the `spaces` package on ZeroGPU.
+  weights. `sd35fp8.zerogpu` does the same through the `spaces` package on ZeroGPU. `package_load_failure` loads
+  packages in a child process first: a loader that crashes (every CUDA package, even of one Linear layer, segfaulted
+  in `aoti_load_package` on the H200 image with torch 2.11 + CUDA 13) must not take the app down with it.
 * `CudaGraphTransformer` captures whole transformer steps in CUDA graphs (one per input shape) and replays them.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -189,6 +195,42 @@ def aot_compile_blocks(transformer: nn.Module, run_once: Callable[[], object], p
                         "compile_s": round(time.perf_counter() - started - exported_s, 2),
                         "bytes": Path(path).stat().st_size}
     return report
+
+
+LOAD_CHECK_CODE = ("import sys, torch\nprint('cuda' if torch.cuda.is_available() else 'no cuda', flush=True)\n"
+                   "for path in sys.argv[1:]:\n    torch._inductor.aoti_load_package(path)\n")
+LOAD_CHECK_TIMEOUT_S = 300
+
+
+def package_load_failure(packages: list, timeout_s: float = LOAD_CHECK_TIMEOUT_S) -> str | None:
+    """Load AOTInductor packages (paths, or in-memory archives such as `spaces.aoti_compile`'s) in a fresh Python
+    process; None if they all load, else why not in one line. A crash there is only a failed check. Where this
+    process has a GPU the child cannot see (a GPU lent to one process), the check cannot be made: None."""
+    with tempfile.TemporaryDirectory(prefix="sd35fp8-aoti-check-") as folder:
+        paths = []
+        for index, package in enumerate(packages):
+            if hasattr(package, "getvalue"):  # a BytesIO archive
+                path = Path(folder) / f"{index}.pt2"
+                path.write_bytes(package.getvalue())
+                package = path
+            paths.append(str(package))
+        try:
+            done = subprocess.run([sys.executable, "-c", LOAD_CHECK_CODE, *paths], capture_output=True, text=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return f"loading them took over {timeout_s:.0f} s"
+    if done.returncode == 0:
+        return None
+    if done.returncode > 0 and done.stdout.startswith("no cuda") and torch.cuda.is_available():
+        return None
+    if done.returncode < 0:
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:
+            name = "unknown"
+        return f"the loader crashed its process (signal {-done.returncode}, {name})"
+    lines = done.stderr.strip().splitlines()
+    return "the loader failed: " + (lines[-1][:200] if lines else f"exit code {done.returncode}")
 
 
 class _SharedRunner:

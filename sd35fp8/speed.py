@@ -20,7 +20,7 @@ from . import attention_kernel, kernels
 from .blocks import fuse_norm_quantize, norm_fused
 from .attention import ATTENTION_BACKENDS, ATTENTION_LABELS, FALLBACKS, attention_of, cudnn_fp8_available, set_attention
 from .compile import COMPILE_CHOICES, CudaGraphTransformer, apply_aot_packages, aot_compile_blocks, compile_transformer, \
-    configure_compile_cache
+    configure_compile_cache, package_load_failure
 from .fp8 import FP8_GEMM_MODES, fp8_path_of, fuse_gelu_quantize, fuse_projections, gelu_fused, projections_fused
 from .settings import SPEED
 
@@ -177,9 +177,15 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
         built = {}
         if not any(folder.glob("*.pt2")):
             built = aot_compile_blocks(transformer, run_once, folder, dynamic=options.compile_dynamic)
-        patched = apply_aot_packages(transformer, folder)
-        pieces["compile"] = f"aot: {sum(patched.values())} blocks through {len(patched)} AOTInductor packages"
         pieces["aot"] = {"folder": str(folder), "built": built, "loaded_from_disk": not built}
+        failure = package_load_failure(sorted(folder.glob("*.pt2")))
+        if failure is None:
+            patched = apply_aot_packages(transformer, folder)
+            pieces["compile"] = f"aot: {sum(patched.values())} blocks through {len(patched)} AOTInductor packages"
+        else:  # regional torch.compile: the same kernels, compiled in this process
+            pieces["compile_fallback"] = f"AOTInductor packages do not load here ({failure}); regional compile instead"
+            pieces["compile"] = compile_transformer(transformer, "regional", mode=options.compile_mode,
+                                                    dynamic=options.compile_dynamic, backend=options.compile_backend)
     else:
         pieces["compile"] = "off"
     pieces["cuda_graphs"] = False

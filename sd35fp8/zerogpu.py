@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from .compile import BATCH_RANGE, TOKEN_RANGE, block_groups, blocks_of, export_block
+from .compile import BATCH_RANGE, TOKEN_RANGE, block_groups, blocks_of, export_block, package_load_failure
 from .settings import SPEED, AppSettings
 
 
@@ -123,7 +123,11 @@ def zerogpu_compile(loaded, *, whole: bool = False, size: int | None = None, kin
         with spaces.aoti_capture(first) as call:
             run()
         exported = export_block(first, call.args, dict(call.kwargs))
-        lazy = LazyAOTIModel(spaces.aoti_compile(exported).archive_file)
+        archive = spaces.aoti_compile(exported).archive_file
+        failure = package_load_failure([archive])  # the package loads at the first request: a crash there is fatal
+        if failure is not None:
+            raise RuntimeError(f"the {kind} package does not load here: {failure}")
+        lazy = LazyAOTIModel(archive)
         for index in indices:
             block = blocks[index]
             eager = type(block).forward.__get__(block)

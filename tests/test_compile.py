@@ -2,6 +2,7 @@
 compile cache setting, the AOTInductor package path (dequant FP8) and the ZeroGPU `spaces` path."""
 
 import contextlib
+import io
 import types
 import unittest.mock
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from sd35fp8 import compile as compile_module
 from sd35fp8.compile import CudaGraphTransformer, block_groups, compile_counters, compile_transformer, \
     configure_compile_cache
 from sd35fp8.generate import generate
@@ -66,7 +68,7 @@ def test_cuda_graphs_pass_through_off_cuda():
     assert "forward" not in transformer.__dict__
 
 
-def test_aot_inductor_package_of_the_tiny_fp8_model(tmp_path):
+def test_aot_inductor_package_of_the_tiny_fp8_model(tmp_path, monkeypatch):
     """export + torch._inductor.aoti_compile_and_package per block kind (dequant FP8 path), then reload."""
     request = GenerationRequest("a cat", steps=2, width=64, height=64, seed=1)
     eager = generate(load_pipeline("tiny", "fp8", device="cpu"), request)
@@ -80,6 +82,26 @@ def test_aot_inductor_package_of_the_tiny_fp8_model(tmp_path):
     reloaded = load_pipeline("tiny", "fp8", device="cpu", compile="aot", aot_dir=str(tmp_path))
     assert reloaded.pieces["aot"]["loaded_from_disk"]
     assert np.array_equal(np.asarray(generate(reloaded, request).image), np.asarray(result.image))
+    # a machine whose loader crashes (as every CUDA package's did on the H200 image): regional compile instead
+    monkeypatch.setattr(compile_module, "LOAD_CHECK_CODE", CRASHING_LOADER)
+    crashed = load_pipeline("tiny", "fp8", device="cpu", compile="aot", aot_dir=str(tmp_path), compile_backend="eager")
+    assert crashed.pieces["compile_fallback"].startswith("AOTInductor packages do not load here (the loader crashed "
+                                                         "its process (signal 11, SIGSEGV)); regional compile")
+    assert crashed.pieces["compile"].startswith("regional") and generate(crashed, request).ok
+
+
+CRASHING_LOADER = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"
+
+
+def test_package_load_failure_says_why_a_package_would_not_load(tmp_path):
+    model = torch.nn.Linear(16, 16).eval()
+    with torch.no_grad():
+        exported = torch.export.export(model, (torch.randn(4, 16),))
+    path = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "linear.pt2"))
+    assert compile_module.package_load_failure([path]) is None
+    assert compile_module.package_load_failure([io.BytesIO(open(path, "rb").read())]) is None  # spaces' archives
+    (tmp_path / "broken.pt2").write_bytes(b"not a zip archive")
+    assert compile_module.package_load_failure([tmp_path / "broken.pt2"]).startswith("the loader failed: ")
 
 
 class StandInSpaces:
@@ -157,6 +179,20 @@ def test_a_failed_ahead_of_time_compile_leaves_the_app_serving(tmp_path):
     assert reports == [{"error": "RuntimeError: AOTInductor refused the graph", "fallback": "eager"}] * 2
     assert models.fp8.pieces["compile"].startswith("eager (ahead-of-time compile failed: RuntimeError")
     assert generate(models.fp8, GenerationRequest("a cat", steps=1, width=64, height=64)).ok
+
+
+
+def test_zerogpu_refuses_a_package_that_would_crash_its_loader(tmp_path, monkeypatch):
+    """The package loads lazily at the first request, where a crash would take the Space down: checked first."""
+    from sd35fp8.zerogpu import zerogpu_compile
+
+    monkeypatch.setattr(compile_module, "LOAD_CHECK_CODE", CRASHING_LOADER)
+    loaded = load_pipeline("tiny", "bf16", device="cpu")
+    spaces = StandInSpaces(tmp_path)
+    with pytest.raises(RuntimeError, match="the block package does not load here: the loader crashed its process"):
+        zerogpu_compile(loaded, kinds=["block"], spaces_module=spaces)
+    assert spaces.calls == ["aoti_capture", "aoti_compile"]  # never patched in
+    assert generate(loaded, GenerationRequest("a cat", steps=1, width=64, height=64)).ok
 
 
 def test_cuda_graphs_are_dropped_when_the_transformer_moves_or_after_an_out_of_memory():
