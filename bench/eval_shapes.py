@@ -1,12 +1,13 @@
 """Caption accuracy of the shipped tiny-shapes model, 16-bit vs FP8, on held-out captions.
 
-    python -m bench.eval_shapes [--count 200] [--paths dequant,quanto,scaled_mm] [--device auto]
+    python -m bench.eval_shapes [--count 200] [--seeds 1] [--paths dequant,quanto,scaled_mm] [--device auto]
 
 1. converts the model with `python -m convert` (on the CPU) into a temporary folder (the FP8 variant users would
    publish);
 2. renders each held-out caption (`shapes.data.eval_specs`: unseen colour/shape pairs and unseen two-object
    captions, never trained on) with the 16-bit model and with the FP8 variant on each FP8 compute path, all
-   through `sd35fp8.loading.load_pipeline` and `sd35fp8.generate.generate`, same seed per caption;
+   through `sd35fp8.loading.load_pipeline` and `sd35fp8.generate.generate`, same seed(s) per caption (`--seeds N`
+   renders each caption with N seeds: the FP8-minus-16-bit difference then comes with a smaller standard error);
 3. scores every image with the analytic detector (`shapes.detector.score`) and compares FP8 with 16-bit
    images (SSIM, PSNR from `sd35fp8.metrics`).
 
@@ -60,11 +61,18 @@ def group_of(spec: Spec) -> str:
     return "one object (unseen colour/shape pairs)"
 
 
+def seed_of(index: int, count: int) -> int:
+    """The seed of image `index` (caption index % count, round index // count): round 0 uses the caption's index."""
+    return index % count + 1000 * (index // count)
+
+
 def render_all(loaded, specs: list[Spec], settings: dict, label: str) -> tuple[list[Image.Image], list[float]]:
+    """One image per entry of `specs` (a caption may appear once per seed round)."""
     images, latencies = [], []
     started = time.perf_counter()
+    count = len({id(spec) for spec in specs})
     for index, spec in enumerate(specs):
-        result = generate(loaded, GenerationRequest(spec.caption, seed=index, **settings))
+        result = generate(loaded, GenerationRequest(spec.caption, seed=seed_of(index, count), **settings))
         if not result.finite:
             raise RuntimeError(f"{label}: non-finite image for {spec.caption!r}")
         images.append(result.image)
@@ -86,6 +94,13 @@ def accuracy_row(specs: list[Spec], images: list[Image.Image], latencies: list[f
         "median_latency_s": round(statistics.median(latencies), 3),
         "correct": [r["correct"] for r in scores],
     }
+
+
+def paired_standard_error(fp8: list[bool], base: list[bool]) -> float:
+    """Standard error, in points, of the FP8-minus-16-bit accuracy, from the per-image differences (same caption
+    and seed in both): the images where both agree contribute no variance."""
+    diffs = [int(a) - int(b) for a, b in zip(fp8, base)]
+    return round(100 * statistics.pstdev(diffs) / len(diffs) ** 0.5, 2)
 
 
 def grid(specs: list[Spec], columns: dict[str, list[Image.Image]], correct: dict[str, list[bool]],
@@ -154,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--fp8-dir", type=Path, help="an FP8 variant already converted from --model (skips converting)")
     parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--seeds", type=int, default=1, help="images per caption, each with its own seed")
     parser.add_argument("--steps", type=int, default=SHAPES_STEPS)
     parser.add_argument("--guidance", type=float, default=SHAPES_GUIDANCE)
     parser.add_argument("--size", type=int, default=128)
@@ -168,11 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     settings = dict(steps=args.steps, guidance=args.guidance, width=args.size, height=args.size)
-    specs = eval_specs(args.count)
+    captions = eval_specs(args.count)
+    specs = captions * args.seeds
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     meta = {"device": device.type, "device_name": device_name, "torch": torch.__version__, "dtype": args.dtype,
-            "count": len(specs), **settings, "date": time.strftime("%Y-%m-%d")}
-    print(f"{len(specs)} held-out captions on {device_name}, {args.steps} steps, guidance {args.guidance}, "
+            "count": len(captions), "seeds": args.seeds, **settings, "date": time.strftime("%Y-%m-%d")}
+    print(f"{len(captions)} held-out captions x {args.seeds} seed(s) on {device_name}, {args.steps} steps, guidance {args.guidance}, "
           f"{args.size}x{args.size}, {args.dtype}", flush=True)
 
     with tempfile.TemporaryDirectory() as work:
@@ -207,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 "device": device.type, "precision": "fp8", "fp8_path": path,
                 **{k: v for k, v in row.items() if k != "correct"},
                 "accuracy_minus_16bit_points": round(row["caption_accuracy"] - base_row["caption_accuracy"], 2),
+                "difference_standard_error_points": paired_standard_error(row["correct"], base_row["correct"]),
                 "same_verdict_as_16bit": round(100 * sum(a == b for a, b in zip(row["correct"], base_row["correct"])) / len(specs), 2),
                 "ssim_vs_16bit": {"mean": round(statistics.mean(ssims), 4), "min": round(min(ssims), 4)},
                 "psnr_vs_16bit_db": {"mean": round(statistics.mean(finite_psnr), 2) if finite_psnr else None,
