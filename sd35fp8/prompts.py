@@ -110,6 +110,7 @@ class _Unit:
         for tensor in tensors:
             self.layout.append((offset, tensor.dtype, tensor.shape))
             offset += -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
+        self.nbytes = offset
         self.host = torch.empty(offset, dtype=torch.uint8, pin_memory=pin)
         self.masters = self.views(self.host)
         for master, tensor in zip(self.masters, tensors):
@@ -174,10 +175,11 @@ class OnDemandEncoders:
                 del tensors
             self.units[id(module)] = units
             for index, unit in enumerate(units):  # the first units that fit stay on the device for good
-                if unit.host.numel() > keep_bytes - self.kept_bytes():
+                if unit.nbytes > keep_bytes - self.kept_bytes():
                     break
                 self.kept[(id(module), index)] = unit.views(unit.host.to(self.device))
                 self._to_kept(module, index)
+                unit.host = unit.masters = None  # its CPU copy is never used again: give the pinned memory back
             if hooks or (hooks is None and cuda):
                 self.hooks.append(module.register_forward_pre_hook(self._start))
                 self.hooks.append(module.register_forward_hook(self._finish, always_call=True))
@@ -198,7 +200,7 @@ class OnDemandEncoders:
             self._set(owner, kind, name, self.kept[(id(module), index)][slot])
 
     def kept_bytes(self) -> int:
-        return sum(self.units[key[0]][key[1]].host.numel() for key in self.kept)
+        return sum(self.units[key[0]][key[1]].nbytes for key in self.kept)
 
     def _prefetch(self, module: nn.Module, index: int) -> None:
         """Start copying one unit's weights to the device (on the side stream: it overlaps the current compute)."""
@@ -273,11 +275,11 @@ class OnDemandEncoders:
         self.units_placed = 0
 
     def bytes(self) -> int:
-        """Bytes of the streamed encoders' weights, kept units included."""
-        return sum(unit.host.numel() for units in self.units.values() for unit in units)
+        """Bytes of the streamed encoders' weights, the kept units' included."""
+        return sum(unit.nbytes for units in self.units.values() for unit in units)
 
     def pinned(self) -> bool:
-        return all(unit.host.is_pinned() for units in self.units.values() for unit in units)
+        return all(unit.host.is_pinned() for units in self.units.values() for unit in units if unit.host is not None)
 
     def remove(self) -> None:
         for hook in self.hooks:

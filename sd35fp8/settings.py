@@ -215,8 +215,8 @@ class SpeedSettings:
     prompt_cache_bytes: int = 256 * 2**20  # ... and at most this many bytes (one SD3 prompt with CFG: ~5.5 MB)
     vae_tiling_above_pixels: int = 1024 * 1024  # decode in tiles above this many pixels
     # The 16 GB placement keeps as much of T5 on the GPU as the card leaves after the transformer, the VAE, the CLIP
-    # encoders and this much room for activations (SD3.5 Large FP8 at 1024², CFG: ~2.6 GB measured on the H200,
-    # plus the VAE decode and the CUDA context); only the rest streams per new prompt
+    # encoders and this much room for activations, the VAE decode and the CUDA context; only the rest streams per
+    # new prompt. Sized for a 16 GiB card, SD3.5 Large FP8 at 1024² with CFG peaked at 15.24 GB (H200, session 7)
     on_demand_headroom_bytes: int = 4 * GIB
     seconds_per_step_1024: float = 0.14  # one CFG step of SD3.5 Large FP8 at 1024² (H200 compiled ~0.09-0.11)
     unmeasured_safety: float = 2.0  # multiplies seconds_per_step_1024 until a request has been measured

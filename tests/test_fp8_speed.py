@@ -560,10 +560,12 @@ def test_on_demand_encoders_keep_the_first_t5_blocks_that_fit():
     reference = pipe.encode_prompt("a cat", None, None, device="cpu", do_classifier_free_guidance=False)[0]
     blocks = list(pipe.text_encoder_3.encoder.block)
     probe = OnDemandEncoders(build_tiny_pipeline(), torch.device("cpu"), pin=False, hooks=True)
-    sizes = [unit.host.numel() for unit in next(iter(probe.units.values()))]  # stem, block 0, block 1
+    sizes = [unit.nbytes for unit in next(iter(probe.units.values()))]  # stem, block 0, block 1
     probe.remove()
     placement = OnDemandEncoders(pipe, torch.device("cpu"), pin=False, hooks=True, keep_bytes=sizes[0] + sizes[1])
     assert placement.kept_bytes() == sizes[0] + sizes[1] and len(placement.kept) == 2  # stem and block 0
+    units = next(iter(placement.units.values()))
+    assert units[0].host is None and units[1].host is None and units[2].host is not None  # kept: no CPU copy left
     for _ in range(2):  # every prompt copies only the blocks not kept
         out = pipe.encode_prompt("a cat", None, None, device="cpu", do_classifier_free_guidance=False)[0]
         assert torch.allclose(out, reference, atol=1e-5)
