@@ -166,10 +166,7 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
         options = replace(options, compile="off")
     cache = configure_compile_cache(options.compile_cache) if options.compile != "off" else {"cache_dir": None}
     pieces["compile_cache"] = cache
-    if options.compile in ("regional", "full"):
-        pieces["compile"] = compile_transformer(transformer, options.compile, mode=options.compile_mode,
-                                                dynamic=options.compile_dynamic, backend=options.compile_backend)
-    elif options.compile == "aot":
+    if options.compile == "aot":
         if run_once is None:
             raise ValueError("compile='aot' needs run_once to capture the blocks' inputs")
         root = Path(options.aot_dir or Path(cache.get("cache_dir") or SPEED.compile_cache_dir) / "aot")
@@ -182,11 +179,13 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
         if failure is None:
             patched = apply_aot_packages(transformer, folder)
             pieces["compile"] = f"aot: {sum(patched.values())} blocks through {len(patched)} AOTInductor packages"
-        else:  # regional torch.compile: the same kernels, compiled in this process
+        else:  # regional torch.compile below: the same kernels, compiled in this process
             pieces["compile_fallback"] = f"AOTInductor packages do not load here ({failure}); regional compile instead"
-            pieces["compile"] = compile_transformer(transformer, "regional", mode=options.compile_mode,
-                                                    dynamic=options.compile_dynamic, backend=options.compile_backend)
-    else:
+            options = replace(options, compile="regional")
+    if options.compile in ("regional", "full"):
+        pieces["compile"] = compile_transformer(transformer, options.compile, mode=options.compile_mode,
+                                                dynamic=options.compile_dynamic, backend=options.compile_backend)
+    elif options.compile == "off":
         pieces["compile"] = "off"
     pieces["cuda_graphs"] = False
     if options.cuda_graphs:

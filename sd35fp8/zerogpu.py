@@ -106,7 +106,11 @@ def zerogpu_compile(loaded, *, whole: bool = False, size: int | None = None, kin
         shapes["hidden_states"] = {2: 2 * Dim("half_height", min=4, max=128), 3: 2 * Dim("half_width", min=4, max=128)}
         exported = torch.export.export(transformer, args=call.args, kwargs=call.kwargs, dynamic_shapes=shapes,
                                        strict=False)
-        spaces.aoti_apply(spaces.aoti_compile(exported), transformer)
+        compiled = spaces.aoti_compile(exported)
+        failure = package_load_failure([compiled.archive_file])  # it too loads at the first request
+        if failure is not None:
+            raise RuntimeError(f"the whole-model package does not load here: {failure}")
+        spaces.aoti_apply(compiled, transformer)
         report["seconds"] = round(time.perf_counter() - started, 1)
         return report
     LazyAOTIModel = getattr(spaces, "LazyAOTIModel", None)
