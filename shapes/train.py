@@ -192,20 +192,25 @@ class PromptEncoder:
         self.pipe, self.max_sequence_length = pipe, max_sequence_length
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
+    def _tokenize(self, captions: list[str]) -> None:
+        pipe = self.pipe
+        clip = [tok(captions, padding="max_length", max_length=pipe.tokenizer_max_length, truncation=True,
+                    return_tensors="pt").input_ids for tok in (pipe.tokenizer, pipe.tokenizer_2)]
+        t5 = pipe.tokenizer_3(captions, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                              add_special_tokens=True, return_tensors="pt").input_ids
+        self.cache.update({caption: (a, b, c) for caption, a, b, c in zip(captions, clip[0], clip[1], t5)})
+
     def ids(self, caption: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if caption not in self.cache:
-            pipe = self.pipe
-            clip = [tok(caption, padding="max_length", max_length=pipe.tokenizer_max_length, truncation=True,
-                        return_tensors="pt").input_ids[0] for tok in (pipe.tokenizer, pipe.tokenizer_2)]
-            t5 = pipe.tokenizer_3(caption, padding="max_length", max_length=self.max_sequence_length, truncation=True,
-                                  add_special_tokens=True, return_tensors="pt").input_ids[0]
-            self.cache[caption] = (clip[0], clip[1], t5)
+            self._tokenize([caption])
         return self.cache[caption]
 
-    def warm(self, captions) -> None:
-        """Tokenize `captions` now (before a timed run, so its speed is measured with the cache it will have)."""
-        for caption in tqdm(sorted(captions), desc="tokenizing", dynamic_ncols=True, mininterval=2.0):
-            self.ids(caption)
+    def warm(self, captions, chunk: int = 4096) -> None:
+        """Tokenize `captions` now, in batches (before a timed run, so its speed is measured with the cache it
+        will have)."""
+        captions = sorted(captions)
+        for start in tqdm(range(0, len(captions), chunk), desc="tokenizing", dynamic_ncols=True, mininterval=2.0):
+            self._tokenize(captions[start:start + chunk])
 
     def __call__(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         pipe = self.pipe

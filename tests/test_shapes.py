@@ -111,7 +111,12 @@ def test_training_prompt_encoder_matches_the_pipeline():
         embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=torch.device("cpu"),
                                                   do_classifier_free_guidance=False)
         mine, mine_pooled = train.PromptEncoder(pipe)(captions, torch.device("cpu"))
+        warmed = train.PromptEncoder(pipe)
+        warmed.warm(captions, chunk=3)  # batched tokenization, the path a timed run takes
+        assert set(warmed.cache) == set(captions)
+        from_warm, from_warm_pooled = warmed(captions, torch.device("cpu"))
     assert torch.equal(embeds, mine) and torch.equal(pooled, mine_pooled)
+    assert torch.equal(embeds, from_warm) and torch.equal(pooled, from_warm_pooled)
 
 
 # ------------------------------------------------------------------------------------ the shipped model
