@@ -177,12 +177,12 @@ def _rms_bound(norms, dim: int) -> torch.Tensor | None:
     """sqrt(D) * max|w| over the RMS norms that produced a tensor (None if any is missing or not an RMS norm)."""
     bounds = []
     for norm in norms:
-        if norm is None or type(norm).__name__ != "RMSNorm":
-            return None
         weight = getattr(norm, "weight", None)
-        bounds.append(weight.detach().abs().amax().float() if weight is not None else None)
-    if any(b is None for b in bounds):
-        return None if bounds else None
+        if type(norm).__name__ != "RMSNorm" or weight is None:
+            return None
+        bounds.append(weight.detach().abs().amax().float())
+    if not bounds:
+        return None
     return torch.stack(bounds).amax() * math.sqrt(dim) * 1.01  # 1% for bf16 rounding of the norm output
 
 

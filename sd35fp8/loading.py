@@ -44,14 +44,19 @@ class LoadedPipeline:
 
     @property
     def memory_tight(self) -> bool:
-        """The 16 GB placement or model CPU offload is in use ("auto" then captures no CUDA graphs)."""
-        return self.offload or self.encoders is not None
+        return is_memory_tight(self.offload, self.encoders)
 
     @property
     def label(self) -> str:
         if not isinstance(self.source, str):
             return "in-memory"
         return BUILT_IN.get(self.source, self.source)
+
+
+def is_memory_tight(offload: bool, encoders: object | None) -> bool:
+    """The 16 GB placement (`encoders` in CPU memory) or model CPU offload is in use ("auto" then captures no
+    CUDA graphs, whose pool keeps its memory)."""
+    return offload or encoders is not None
 
 
 def default_device() -> torch.device:
@@ -225,7 +230,7 @@ def load_pipeline(
     cache = prompt_cache if isinstance(prompt_cache, PromptCache) else (
         PromptCache(SPEED.prompt_cache_entries, SPEED.prompt_cache_bytes) if prompt_cache else None)
     pieces = {"fp8_path": path, "fp8_probe": probe}
-    options = options.resolved(device, fp8_weights=precision == "fp8", memory_tight=offload or encoders is not None)
+    options = options.resolved(device, fp8_weights=precision == "fp8", memory_tight=is_memory_tight(offload, encoders))
     pieces |= prepare_transformer(pipe.transformer, device, options, run_once=warmup_call(pipe))
     pieces["text_encoders"] = encoders.describe() if encoders else ("model CPU offload" if offload else "gpu")
     pieces["prompt_cache"] = cache.describe() if cache is not None else None
