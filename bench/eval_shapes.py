@@ -41,6 +41,7 @@ from sd35fp8.metrics import psnr, ssim
 from sd35fp8.tiny import SHAPES_GUIDANCE, SHAPES_STEPS
 from shapes.data import Spec, eval_specs
 from shapes.detector import score
+from shapes.train import total, training_runs
 
 MODEL = ROOT / "sd35fp8" / "models" / "tiny-shapes"
 RESULTS = ROOT / "bench" / "results" / "tiny_shapes_eval.json"
@@ -147,6 +148,16 @@ def pick_for_grid(specs: list[Spec], count: int = 8) -> list[int]:
     return picks
 
 
+def model_identity(folder: Path) -> dict:
+    """Which model was evaluated: its folder and how long it was trained, so rows of a model trained further later
+    can be told from the earlier model's."""
+    log = folder / "training_log.json"
+    runs = training_runs(json.loads(log.read_text())) if log.is_file() else []
+    folder = folder.resolve()
+    name = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+    return {"model": str(name), "model_transformer_iterations": total(runs)}
+
+
 def merge_rows(path: Path, rows: list[dict], meta: dict) -> dict:
     previous = json.loads(path.read_text()) if path.exists() else {}
     kept = [r for r in previous.get("rows", []) if r.get("device") != meta["device"]]
@@ -188,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = captions * args.seeds
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     meta = {"device": device.type, "device_name": device_name, "torch": torch.__version__, "dtype": args.dtype,
-            "count": len(captions), "seeds": args.seeds, **settings, "date": time.strftime("%Y-%m-%d")}
+            "count": len(captions), "seeds": args.seeds, **settings, "date": time.strftime("%Y-%m-%d"),
+            **model_identity(args.model)}
     print(f"{len(captions)} held-out captions x {args.seeds} seed(s) on {device_name}, {args.steps} steps, guidance {args.guidance}, "
           f"{args.size}x{args.size}, {args.dtype}", flush=True)
 
