@@ -76,6 +76,14 @@ class _InRange:
         return self.eager(*args, **kwargs)
 
 
+def _require_loadable(archive, what: str) -> None:
+    """Raise if the `what` package's loader would fail or crash: it loads at the first request, where a crash would
+    take the Space down (checked in a child process, `compile.package_load_failure`)."""
+    failure = package_load_failure([archive])
+    if failure is not None:
+        raise RuntimeError(f"the {what} package does not load here: {failure}")
+
+
 def zerogpu_compile(loaded, *, whole: bool = False, size: int | None = None, kinds: list[str] | None = None,
                     spaces_module=None) -> dict:
     """Compile `loaded`'s transformer ahead of time with the `spaces` package (call inside `@spaces.GPU`).
@@ -107,9 +115,7 @@ def zerogpu_compile(loaded, *, whole: bool = False, size: int | None = None, kin
         exported = torch.export.export(transformer, args=call.args, kwargs=call.kwargs, dynamic_shapes=shapes,
                                        strict=False)
         compiled = spaces.aoti_compile(exported)
-        failure = package_load_failure([compiled.archive_file])  # it too loads at the first request
-        if failure is not None:
-            raise RuntimeError(f"the whole-model package does not load here: {failure}")
+        _require_loadable(compiled.archive_file, "whole-model")
         spaces.aoti_apply(compiled, transformer)
         report["seconds"] = round(time.perf_counter() - started, 1)
         return report
@@ -128,9 +134,7 @@ def zerogpu_compile(loaded, *, whole: bool = False, size: int | None = None, kin
             run()
         exported = export_block(first, call.args, dict(call.kwargs))
         archive = spaces.aoti_compile(exported).archive_file
-        failure = package_load_failure([archive])  # the package loads at the first request: a crash there is fatal
-        if failure is not None:
-            raise RuntimeError(f"the {kind} package does not load here: {failure}")
+        _require_loadable(archive, kind)
         lazy = LazyAOTIModel(archive)
         for index in indices:
             block = blocks[index]
