@@ -6,7 +6,10 @@ with and without the weights inside the .so), loads each in the process that bui
 records the facts that decide dynamic loading (and loads a copy whose .so no longer asks for an executable stack): glibc, compiler, the .so's GNU_STACK flags and libraries, and a
 native backtrace of the crash where gdb exists. One JSON file, written as it goes.
 
-    python3 -m bench.aot_load_probe --out $OUT/probe
+    python3 -m bench.aot_load_probe --out $OUT/probe [--cases cpu,cuda] [--timeout 240]
+
+Each package is also opened with a bare `dlopen` (ctypes) in a fresh process, so a crash there points at the
+library itself rather than torch's package loader.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-CASES = ("cuda", "cuda_constants_outside", "cpu")
+CASES = ("cpu", "cuda", "cuda_constants_outside")  # cheapest first: a run that times out still says something
 PT_GNU_STACK, PF_X = 0x6474E551, 1
 
 
@@ -63,6 +66,18 @@ def build(case: str, folder: Path) -> dict:
                                                     inductor_configs=configs)
     print(f"[{case}] built {path}; loading in the same process", flush=True)
     return load(case, folder)
+
+
+def dlopen(case: str, folder: Path) -> dict:
+    """Only `dlopen` the package's .so files (no torch loader): does the crash come from loading the library?"""
+    import ctypes
+
+    import torch  # noqa: F401  (the .so files link against torch's libraries)
+
+    unpacked = folder / f"{case}_dlopen"
+    with zipfile.ZipFile(folder / f"{case}.pt2") as archive:
+        archive.extractall(unpacked)
+    return {"loaded": [so.name for so in sorted(unpacked.rglob("*.so")) if ctypes.CDLL(str(so))]}
 
 
 def load(case: str, folder: Path) -> dict:
@@ -109,24 +124,27 @@ def facts(folder: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", default=",".join(CASES), help="which packages to build (default: %(default)s)")
+    parser.add_argument("--timeout", type=int, default=240, help="seconds per child process")
     parser.add_argument("--step", help=argparse.SUPPRESS)  # "build:<case>" / "load:<case>", in a child process
     args = parser.parse_args(argv)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     if args.step:
         what, case = args.step.split(":")
-        row = (build if what == "build" else load)(case, folder)
+        row = {"build": build, "load": load, "dlopen": dlopen}[what](case, folder)
         print("RESULT " + json.dumps(row), flush=True)
         return 0
     report: dict = {"cases": {}}
     results = folder / "aot_load_probe.json"
     me = [sys.executable, "-X", "faulthandler", "-m", "bench.aot_load_probe", "--out", str(folder)]
-    for case in CASES:
-        for what in ("build", "load"):
-            report["cases"][f"{what}:{case}"] = _run(me + ["--step", f"{what}:{case}"])
+    for case in args.cases.split(","):
+        for what in ("build", "dlopen", "load"):
+            report["cases"][f"{what}:{case}"] = _run(me + ["--step", f"{what}:{case}"], args.timeout)
             results.write_text(json.dumps(report, indent=1))
             print(f"{what}:{case}: exit {report['cases'][f'{what}:{case}'].get('exit_code')}", flush=True)
-    report["cases"]["load:cuda_stack_cleared"] = _run(me + ["--step", "load:cuda_stack_cleared"])
+    if (folder / "cuda.pt2").is_file():
+        report["cases"]["load:cuda_stack_cleared"] = _run(me + ["--step", "load:cuda_stack_cleared"], args.timeout)
     report["facts"] = facts(folder)
     gdb = report["facts"]["gdb"]
     if gdb and (folder / "cuda.pt2").is_file():

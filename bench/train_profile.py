@@ -4,8 +4,8 @@
 
 Builds the default (untrained) pipeline and runs `shapes.train`'s transformer iteration at each training
 resolution with the batch sizes training uses, synchronizing after each phase: render the scenes, VAE encode,
-text encoders, transformer forward, backward, optimizer + EMA. Also times the VAE encode with channels-last
-activations (cuDNN's faster layout for 16-bit convolutions). Eager, as a time-limited run trains (compiling the
+text encoders (or their frozen table's lookup), transformer forward with the loss, backward + optimizer + EMA,
+through the same functions training calls. Eager, as a time-limited run trains (compiling the
 three shapes costs ~4 minutes on a cold H200, more than it saves in a 15-minute run). Writes one JSON row per
 resolution with milliseconds per phase (medians over the iterations after two warm-up iterations).
 """
@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from shapes import data
 from shapes.model import ModelConfig, build_pipeline
-from shapes.train import BATCH_SCALE, PromptEncoder, TrainSettings, _autocast, _batch_size, _images
+from shapes.train import (BATCH_SCALE, PromptEncoder, TrainSettings, _autocast, _batch_size, _images, noised_latents,
+                          update, velocity_loss)
 
 
 def _timed(device: torch.device, times: dict, name: str, fn):
@@ -38,20 +38,24 @@ def _timed(device: torch.device, times: dict, name: str, fn):
     return result
 
 
-def profile(device: torch.device, iterations: int, base_batch: int = TrainSettings.batch) -> list[dict]:
+def profile(device: torch.device, iterations: int, base_batch: int = TrainSettings.batch,
+            frozen_text_encoders: bool = False) -> list[dict]:
     """One row per training resolution: median milliseconds per phase of one transformer iteration."""
     pipe = build_pipeline(ModelConfig())
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
         module.to(device)
-    trained = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
+    trained = [pipe.transformer] + ([] if frozen_text_encoders else
+                                    [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3])
+    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        module.eval().requires_grad_(False)
     for module in trained:
         module.train().requires_grad_(True)
-    pipe.vae.eval().requires_grad_(False)
     params = [p for m in trained for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     ema = [p.detach().clone() for p in params]
     encode = PromptEncoder(pipe)
-    encode.warm(data.all_captions("train") | {""})
+    captions = data.all_captions("train") | {""}
+    encode.freeze(captions, device) if frozen_text_encoders else encode.warm(captions)
     rng = random.Random(0)
     rows = []
     for resolution in sorted(BATCH_SCALE):
@@ -59,34 +63,16 @@ def profile(device: torch.device, iterations: int, base_batch: int = TrainSettin
         times: dict[str, list[float]] = {}
         for step in range(iterations + 2):
             images, captions = _timed(device, times, "render", lambda: _images(rng, batch, resolution, device))
-            with torch.no_grad(), _autocast(device):
-                x0 = _timed(device, times, "vae_encode", lambda: pipe.vae.encode(images).latent_dist.sample().float())
-                channels_last = images.contiguous(memory_format=torch.channels_last)
-                pipe.vae.to(memory_format=torch.channels_last)
-                _timed(device, times, "vae_encode_channels_last", lambda: pipe.vae.encode(channels_last).latent_dist.sample())
-                pipe.vae.to(memory_format=torch.contiguous_format)
-            noise = torch.randn_like(x0)
-            sigma = torch.sigmoid(torch.randn(batch, device=device))
-            noisy = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+            noisy, sigma, target = _timed(device, times, "vae_encode", lambda: noised_latents(pipe, images))
             with _autocast(device):
                 embeds, pooled = _timed(device, times, "text_encoders", lambda: encode(captions, device))
-                prediction = _timed(device, times, "transformer_forward", lambda: pipe.transformer(
-                    hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
-                    timestep=sigma * 1000, return_dict=False)[0])
-            loss = F.mse_loss(prediction.float(), noise - x0)
-            _timed(device, times, "backward", loss.backward)
-
-            def update():
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                torch._foreach_lerp_(ema, params, 0.001)
-
-            _timed(device, times, "optimizer_and_ema", update)
+            loss = _timed(device, times, "transformer_forward",
+                          lambda: velocity_loss(pipe.transformer, noisy, sigma, target, embeds, pooled))
+            _timed(device, times, "backward_optimizer_ema", lambda: update(params, optimizer, loss, ema, 0.001))
         ms = {name: round(statistics.median(values[2:]), 2) for name, values in times.items()}
-        training = sum(v for k, v in ms.items() if k != "vae_encode_channels_last")
         rows.append({"resolution": resolution, "batch": batch, "tokens": batch * ((resolution // 16) ** 2 + 77 + 256),
-                     "ms": ms, "iteration_ms": round(training, 2)})
+                     "frozen_text_encoders": frozen_text_encoders, "ms": ms,
+                     "iteration_ms": round(sum(ms.values()), 2)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -97,12 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=TrainSettings.batch, help="batch at 128 px (training's: %(default)s)")
+    parser.add_argument("--freeze-text-encoders", action="store_true",
+                        help="as `shapes.train --freeze-text-encoders`: embeddings looked up, encoders not trained")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic kernels, as training's default")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    rows = profile(device, args.iterations, args.batch)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+    rows = profile(device, args.iterations, args.batch, args.freeze_text_encoders)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    result = {"device": name, "torch": torch.__version__, "weights": "untrained (timing only)", "rows": rows}
+    result = {"device": name, "torch": torch.__version__, "weights": "untrained (timing only)",
+              "deterministic": args.deterministic, "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -191,6 +191,7 @@ class PromptEncoder:
     def __init__(self, pipe, max_sequence_length: int = 256):
         self.pipe, self.max_sequence_length = pipe, max_sequence_length
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.table: tuple[dict[str, int], torch.Tensor, torch.Tensor] | None = None  # see `freeze`
 
     def _tokenize(self, captions: list[str]) -> None:
         pipe = self.pipe
@@ -213,6 +214,12 @@ class PromptEncoder:
             self._tokenize(captions[start:start + chunk])
 
     def __call__(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.table is not None:
+            rows = torch.tensor([self.table[0][c] for c in captions], device=self.table[1].device)
+            return self.table[1][rows], self.table[2][rows]
+        return self._encode(captions, device)
+
+    def _encode(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         pipe = self.pipe
         ids = [torch.stack(column).to(device) for column in zip(*(self.ids(c) for c in captions))]
         hidden, pooled = [], []
@@ -224,6 +231,51 @@ class PromptEncoder:
         t5 = pipe.text_encoder_3(ids[2])[0]
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+    @torch.no_grad()
+    def freeze(self, captions, device: torch.device, chunk: int = 1024) -> None:
+        """Encode every caption of `captions` once, for training with frozen text encoders: afterwards a call is a
+        lookup in that table (on `device`, in the autocast dtype training would have computed them in)."""
+        captions = sorted(captions)
+        self.warm(captions)
+        parts = []
+        with _autocast(device):
+            for start in range(0, len(captions), chunk):
+                parts.append(self._encode(captions[start:start + chunk], device))
+        embeds, pooled = (torch.cat(column) for column in zip(*parts))
+        self.table = ({caption: row for row, caption in enumerate(captions)}, embeds, pooled)
+
+
+def noised_latents(pipe, images: torch.Tensor, generator: torch.Generator | None = None):
+    """SD3's rectified-flow training input for `images` (in [-1, 1]): x0 = (VAE sample - shift) * scale, noise e,
+    sigma ~ sigmoid(N(0, 1)); returns x_t = (1 - sigma) x0 + sigma e, sigma and the velocity target e - x0."""
+    device = images.device
+    with torch.no_grad(), _autocast(device):
+        latents = pipe.vae.encode(images).latent_dist.sample(generator=generator).float()
+    x0 = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    noise = torch.randn(x0.shape, generator=generator, device=device)
+    sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator, device=device))
+    s = sigma[:, None, None, None]
+    return (1 - s) * x0 + s * noise, sigma, noise - x0
+
+
+def velocity_loss(transformer, noisy, sigma, target, embeds, pooled) -> torch.Tensor:
+    """Mean squared error of the transformer's velocity prediction (timestep = 1000 sigma)."""
+    with _autocast(noisy.device):
+        prediction = transformer(hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
+                                 timestep=sigma * 1000, return_dict=False)[0]
+    return F.mse_loss(prediction.float(), target)
+
+
+def update(params, optimizer, loss: torch.Tensor, ema_params, ema_weight: float) -> None:
+    """Backward, clip to norm 1, step, and move the EMA weights `ema_weight` of the way to the new ones."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    if ema_weight:
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, ema_weight)
 
 
 def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: dict, checkpoint) -> None:
@@ -245,15 +297,17 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
     checkpoint.ema = ema
     ema_params = [p for name in modules for p in ema[name].parameters()]
     encode = PromptEncoder(pipe)
-    if settings.time_limit:  # the speed the time limit is planned on must not include first-time tokenization
-        encode.warm(data.all_captions("train") | {""})  # "" is the caption-dropout prompt
+    captions = data.all_captions("train") | {""}  # "" is the caption-dropout prompt
+    if not settings.train_text_encoders:
+        encode.freeze(captions, device)
+    elif settings.time_limit:  # the speed the time limit is planned on must not include first-time tokenization
+        encode.warm(captions)
     transformer = torch.compile(pipe.transformer) if settings.compile else pipe.transformer
     rng = random.Random(settings.seed + 202)
     generator = torch.Generator(device).manual_seed(settings.seed + 303)
     limit = settings.time_limit * (1 - settings.vae_share) if settings.time_limit else None
     budget = Budget(settings.iterations, limit)
     losses = log.setdefault("transformer_loss", [])
-    scale, shift = pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor
     bar = tqdm(total=settings.iterations, desc="transformer", dynamic_ncols=True, mininterval=2.0)
     step, running = 0, None
     while budget.running(step):
@@ -262,27 +316,12 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
         captions = ["" if rng.random() < settings.cfg_dropout else data.variant(c, rng) for c in captions]
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * _schedule(step, budget.iterations, settings.warmup)
-        with torch.no_grad(), _autocast(device):
-            x0 = (pipe.vae.encode(images).latent_dist.sample(generator=generator).float() - shift) * scale
-        noise = torch.randn(x0.shape, generator=generator, device=device)
-        sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator, device=device))
-        s = sigma[:, None, None, None]
-        noisy = (1 - s) * x0 + s * noise
+        noisy, sigma, target = noised_latents(pipe, images, generator)
         with _autocast(device):
             embeds, pooled = encode(captions, device)
-            prediction = transformer(
-                hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
-                timestep=sigma * 1000, return_dict=False,
-            )[0]
-        loss = F.mse_loss(prediction.float(), noise - x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        decay_rate = min(settings.ema, (1 + step) / (10 + step))
-        if settings.ema > 0:
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1 - decay_rate)
+        loss = velocity_loss(transformer, noisy, sigma, target, embeds, pooled)
+        ema_weight = 1 - min(settings.ema, (1 + step) / (10 + step)) if settings.ema > 0 else 0.0
+        update(params, optimizer, loss, ema_params, ema_weight)
         step += 1
         if step % settings.log_every == 0 or step == 1:  # reading the loss waits for the GPU: only when logging
             value = loss.item()
@@ -294,6 +333,7 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
         checkpoint.maybe(pipe, log)
     bar.close()
     log["iterations_done"] = step
+    log["transformer_seconds"] = round(time.perf_counter() - budget.started, 1)  # the iterations alone
     for name, module in modules.items():  # the EMA weights are the model
         if ema[name] is not module:
             module.load_state_dict(ema[name].state_dict())
