@@ -23,8 +23,19 @@ import torch
 
 from shapes import data
 from shapes.model import ModelConfig, build_pipeline
-from shapes.train import (BATCH_SCALE, PromptEncoder, TrainSettings, _autocast, _batch_size, _images, noised_latents,
-                          update, velocity_loss)
+from shapes.train import (
+    BATCH_SCALE,
+    PromptEncoder,
+    TrainSettings,
+    VelocityPredictor,
+    _autocast,
+    _batch_size,
+    _images,
+    graphed_predictors,
+    noised_latents,
+    update,
+    velocity_loss,
+)
 
 
 def _timed(device: torch.device, times: dict, name: str, fn):
@@ -39,7 +50,7 @@ def _timed(device: torch.device, times: dict, name: str, fn):
 
 
 def profile(device: torch.device, iterations: int, base_batch: int = TrainSettings.batch,
-            frozen_text_encoders: bool = False) -> list[dict]:
+            frozen_text_encoders: bool = False, cuda_graphs: bool = False) -> list[dict]:
     """One row per training resolution: median milliseconds per phase of one transformer iteration."""
     pipe = build_pipeline(ModelConfig())
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
@@ -61,17 +72,24 @@ def profile(device: torch.device, iterations: int, base_batch: int = TrainSettin
     for resolution in sorted(BATCH_SCALE):
         batch = _batch_size(base_batch, resolution)
         times: dict[str, list[float]] = {}
+        predict = VelocityPredictor(pipe.transformer)
+        if cuda_graphs:
+            latent = resolution // 8
+            with _autocast(device):
+                example = (torch.randn(batch, 16, latent, latent, device=device), torch.rand(batch, device=device),
+                           *encode([""] * batch, device))
+            predict = graphed_predictors(pipe.transformer, {resolution: example}, not frozen_text_encoders)[resolution]
         for step in range(iterations + 2):
             images, captions = _timed(device, times, "render", lambda: _images(rng, batch, resolution, device))
             noisy, sigma, target = _timed(device, times, "vae_encode", lambda: noised_latents(pipe, images))
             with _autocast(device):
                 embeds, pooled = _timed(device, times, "text_encoders", lambda: encode(captions, device))
             loss = _timed(device, times, "transformer_forward",
-                          lambda: velocity_loss(pipe.transformer, noisy, sigma, target, embeds, pooled))
+                          lambda: velocity_loss(predict, noisy, sigma, target, embeds, pooled))
             _timed(device, times, "backward_optimizer_ema", lambda: update(params, optimizer, loss, ema, 0.001))
         ms = {name: round(statistics.median(values[2:]), 2) for name, values in times.items()}
         rows.append({"resolution": resolution, "batch": batch, "tokens": batch * ((resolution // 16) ** 2 + 77 + 256),
-                     "frozen_text_encoders": frozen_text_encoders, "ms": ms,
+                     "frozen_text_encoders": frozen_text_encoders, "cuda_graphs": cuda_graphs, "ms": ms,
                      "iteration_ms": round(sum(ms.values()), 2)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -86,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--freeze-text-encoders", action="store_true",
                         help="as `shapes.train --freeze-text-encoders`: embeddings looked up, encoders not trained")
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels, as training's default")
+    parser.add_argument("--cuda-graphs", action="store_true", help="the transformer's step replayed as CUDA graphs")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
         torch.backends.cudnn.benchmark = device.type == "cuda"
-    rows = profile(device, args.iterations, args.batch, args.freeze_text_encoders)
+    rows = profile(device, args.iterations, args.batch, args.freeze_text_encoders, args.cuda_graphs)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     result = {"device": name, "torch": torch.__version__, "weights": "untrained (timing only)",
               "deterministic": args.deterministic, "rows": rows}

@@ -22,10 +22,20 @@ from pathlib import Path
 import torch
 
 from sd35fp8.tiny import SHAPES_DIR
-from shapes import data
 from shapes.model import ModelConfig, build_pipeline
-from shapes.train import (Checkpointer, PromptEncoder, TrainSettings, _autocast, _images, load_weights, noised_latents, probe,
-                          train_transformer, velocity_loss)
+from shapes.train import (
+    Checkpointer,
+    PromptEncoder,
+    TrainSettings,
+    VelocityPredictor,
+    _autocast,
+    _images,
+    load_weights,
+    noised_latents,
+    probe,
+    train_transformer,
+    velocity_loss,
+)
 
 
 def parse_trial(text: str) -> tuple[str, dict]:
@@ -52,7 +62,7 @@ def validation_loss(pipe, device: torch.device, batches: int = 4, batch: int = 2
         noisy, sigma, target = noised_latents(pipe, images, generator)
         with _autocast(device):
             embeds, pooled = encode(captions, device)
-        losses.append(float(velocity_loss(pipe.transformer, noisy, sigma, target, embeds, pooled)))
+        losses.append(float(velocity_loss(VelocityPredictor(pipe.transformer), noisy, sigma, target, embeds, pooled)))
     return round(sum(losses) / len(losses), 5)
 
 

@@ -234,27 +234,38 @@ def all_captions(which: str = "train") -> set[str]:
 _SHAPE_IDS = {shape: i for i, shape in enumerate(SHAPES)}
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; on CUDA copied from pinned memory without waiting for the GPU's queue (a plain
+    copy from pageable memory synchronizes, so a training loop could not run ahead of the GPU)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def render(scenes: list[Scene], resolution: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Images of `scenes` as a (N, 3, R, R) float tensor in [0, 1], anti-aliased over one pixel."""
+    """Images of `scenes` as a (N, 3, R, R) float tensor in [0, 1], anti-aliased over one pixel.
+
+    Everything the scenes say goes to the device in one copy (from pinned memory on CUDA, so the copy does not
+    wait for the GPU to finish its queue): training renders a batch per iteration."""
     n, device = len(scenes), torch.device(device)
-    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32, device=device) / 255.0
     names = list(COLOURS)
-    bg = palette[torch.tensor([names.index(s.spec.background) for s in scenes], device=device)]
-    image = bg[:, :, None, None].expand(n, 3, resolution, resolution).clone()
+    # per scene: background, then per object slot: present, cx, cy, half width, shape id, colour id
+    rows = []
+    for scene in scenes:
+        row = [names.index(scene.spec.background)]
+        for slot in range(2):
+            item = scene.items[slot] if len(scene.items) > slot else None
+            row += ([1.0, item.cx, item.cy, item.size / 2, _SHAPE_IDS[item.shape], names.index(item.colour)]
+                    if item else [0.0, 0.5, 0.5, 0.0, 0, 0])
+        rows.append(row)
+    table = to_device(torch.tensor(rows, dtype=torch.float32), device)
+    palette = to_device(torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255.0, device)
+    image = palette[table[:, 0].long()][:, :, None, None].expand(n, 3, resolution, resolution).clone()
     coords = (torch.arange(resolution, device=device, dtype=torch.float32) + 0.5) / resolution
     y, x = coords[None, :, None], coords[None, None, :]
     for slot in range(2):
-        rows = [i for i, s in enumerate(scenes) if len(s.items) > slot]
-        if not rows:
-            continue
-        items = [scenes[i].items[slot] for i in rows]
-
-        def column(values) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)[:, None, None]
-
-        cx, cy = column([it.cx for it in items]), column([it.cy for it in items])
-        half = column([it.size / 2 for it in items])
-        shape = torch.tensor([_SHAPE_IDS[it.shape] for it in items], device=device)[:, None, None]
+        present, cx, cy, half, shape, colour = (table[:, 1 + 6 * slot + k] for k in range(6))
+        cx, cy, half, shape = cx[:, None, None], cy[:, None, None], half[:, None, None], shape.long()[:, None, None]
         dx, dy = x - cx, y - cy
         circle = torch.sqrt(dx * dx + dy * dy) - half
         square = torch.maximum(dx.abs(), dy.abs()) - half
@@ -262,10 +273,8 @@ def render(scenes: list[Scene], resolution: int, device: torch.device | str = "c
         slant = (2 * dx.abs() - dy - half) / 5**0.5
         triangle = torch.maximum(dy - half, slant)
         distance = torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
-        alpha = (0.5 - distance * resolution).clamp(0.0, 1.0)[:, None]
-        colour = palette[torch.tensor([names.index(it.colour) for it in items], device=device)][:, :, None, None]
-        index = torch.tensor(rows, device=device)
-        image[index] = image[index] * (1 - alpha) + colour * alpha
+        alpha = (0.5 - distance * resolution).clamp(0.0, 1.0)[:, None] * present[:, None, None, None]
+        image = image * (1 - alpha) + palette[colour.long()][:, :, None, None] * alpha
     return image
 
 

@@ -66,6 +66,7 @@ class TrainSettings:
     probe: int = 0  # after training, score this many train and held-out captions with the detector
     deterministic: bool = True  # deterministic kernels (on CUDA they can be slower: cuDNN's deterministic convolutions)
     compile: bool = False  # torch.compile the transformer for training (fewer, fused kernels; compiles per shape first)
+    cuda_graphs: bool = True  # on CUDA, replay the transformer's forward and backward as CUDA graphs (one per resolution)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -215,13 +216,13 @@ class PromptEncoder:
 
     def __call__(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.table is not None:
-            rows = torch.tensor([self.table[0][c] for c in captions], device=self.table[1].device)
+            rows = data.to_device(torch.tensor([self.table[0][c] for c in captions]), self.table[1].device)
             return self.table[1][rows], self.table[2][rows]
         return self._encode(captions, device)
 
     def _encode(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         pipe = self.pipe
-        ids = [torch.stack(column).to(device) for column in zip(*(self.ids(c) for c in captions))]
+        ids = [data.to_device(torch.stack(column), device) for column in zip(*(self.ids(c) for c in captions))]
         hidden, pooled = [], []
         for encoder, token_ids in ((pipe.text_encoder, ids[0]), (pipe.text_encoder_2, ids[1])):
             output = encoder(token_ids, output_hidden_states=True)
@@ -259,12 +260,59 @@ def noised_latents(pipe, images: torch.Tensor, generator: torch.Generator | None
     return (1 - s) * x0 + s * noise, sigma, noise - x0
 
 
-def velocity_loss(transformer, noisy, sigma, target, embeds, pooled) -> torch.Tensor:
-    """Mean squared error of the transformer's velocity prediction (timestep = 1000 sigma)."""
-    with _autocast(noisy.device):
-        prediction = transformer(hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
-                                 timestep=sigma * 1000, return_dict=False)[0]
-    return F.mse_loss(prediction.float(), target)
+def velocity_loss(predict, noisy, sigma, target, embeds, pooled) -> torch.Tensor:
+    """Mean squared error of the velocity `predict` (a `VelocityPredictor` or its CUDA-graphed form) returns."""
+    return F.mse_loss(predict(noisy, sigma, embeds, pooled), target)
+
+
+class VelocityPredictor(torch.nn.Module):
+    """The transformer's velocity prediction, float32: the module a CUDA-graphed training step captures (autocast's
+    weight cache is off, as CUDA graph capture requires)."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, noisy, sigma, embeds, pooled):
+        with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=noisy.device.type == "cuda",
+                            cache_enabled=False):
+            return self.transformer(hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
+                                    timestep=sigma * 1000, return_dict=False)[0].float()
+
+
+def graphed_predictors(transformer, shapes: dict[int, tuple], embeds_require_grad: bool) -> dict[int, object]:
+    """Per training resolution, the transformer's forward and backward captured as CUDA graphs
+    (`torch.cuda.make_graphed_callables`). `shapes` maps resolution -> (noisy, sigma, embeds, pooled) example
+    tensors of the batch that resolution trains with. Replaying a graph launches the step's thousand-odd kernels
+    at once instead of one by one from Python, which is what bounds an eager step of this small model."""
+    predictors = {}
+    for resolution, example in shapes.items():
+        noisy, sigma, embeds, pooled = (t.detach().clone() for t in example)
+        embeds.requires_grad_(embeds_require_grad)
+        pooled.requires_grad_(embeds_require_grad)
+        predictors[resolution] = torch.cuda.make_graphed_callables(VelocityPredictor(transformer),
+                                                                   (noisy, sigma, embeds, pooled))
+    return predictors
+
+
+def _graphs(pipe, settings: TrainSettings, device: torch.device, encode) -> dict[int, object]:
+    """`graphed_predictors` for every training resolution, or {} (eager) off CUDA or where capturing fails."""
+    if device.type != "cuda":
+        return {}
+    examples = {}
+    for resolution in sorted(set(settings.resolutions)):
+        batch, latent = _batch_size(settings.batch, resolution), resolution // 8
+        with _autocast(device):
+            embeds, pooled = encode([""] * batch, device)
+        examples[resolution] = (torch.randn(batch, 16, latent, latent, device=device),
+                                torch.rand(batch, device=device), embeds, pooled)
+    try:
+        predictors = graphed_predictors(pipe.transformer, examples, settings.train_text_encoders)
+    except RuntimeError as error:  # e.g. an operation CUDA graphs cannot capture on this GPU / torch
+        print(f"CUDA graphs unavailable, training eagerly: {str(error).splitlines()[0]}", flush=True)
+        return {}
+    print(f"transformer forward and backward captured as CUDA graphs at {', '.join(map(str, examples))} px", flush=True)
+    return predictors
 
 
 def update(params, optimizer, loss: torch.Tensor, ema_params, ema_weight: float) -> None:
@@ -302,7 +350,10 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
         encode.freeze(captions, device)
     elif settings.time_limit:  # the speed the time limit is planned on must not include first-time tokenization
         encode.warm(captions)
-    transformer = torch.compile(pipe.transformer) if settings.compile else pipe.transformer
+    predict = VelocityPredictor(pipe.transformer)
+    predict = torch.compile(predict) if settings.compile else predict
+    predictors = _graphs(pipe, settings, device, encode) if settings.cuda_graphs and not settings.compile else {}
+    log["cuda_graphs"] = bool(predictors)
     rng = random.Random(settings.seed + 202)
     generator = torch.Generator(device).manual_seed(settings.seed + 303)
     limit = settings.time_limit * (1 - settings.vae_share) if settings.time_limit else None
@@ -319,7 +370,7 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
         noisy, sigma, target = noised_latents(pipe, images, generator)
         with _autocast(device):
             embeds, pooled = encode(captions, device)
-        loss = velocity_loss(transformer, noisy, sigma, target, embeds, pooled)
+        loss = velocity_loss(predictors.get(resolution, predict), noisy, sigma, target, embeds, pooled)
         ema_weight = 1 - min(settings.ema, (1 + step) / (10 + step)) if settings.ema > 0 else 0.0
         update(params, optimizer, loss, ema_params, ema_weight)
         step += 1
@@ -535,8 +586,8 @@ def training_runs(meta: dict) -> list[dict]:
     own = {"device": meta.get("device", "?"), "seconds": round(meta.get("seconds", 0)),
            "vae_iterations": meta.get("vae_iterations_done", 0), "vae_loss_end": vae_loss[-1][1] if vae_loss else None,
            "iterations": meta.get("iterations_done", 0), "batch": settings.get("batch"), "lr": settings.get("lr"),
-           "compile": settings.get("compile", False), "deterministic": settings.get("deterministic", True),
-           "probe": meta.get("probe")}
+           "compile": settings.get("compile", False), "cuda_graphs": meta.get("cuda_graphs", False),
+           "deterministic": settings.get("deterministic", True), "probe": meta.get("probe")}
     return [*meta.get("init_from", {}).get("runs", []), own]
 
 
@@ -551,7 +602,8 @@ def _runs_table(runs: list[dict]) -> str:
     rows = ["  | run | where | VAE iterations | transformer iterations | lr | kernels | seconds | probe: train / held-out |",
             "  | --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
     for number, run in enumerate(runs, 1):
-        kernels = ("compiled, " if run["compile"] else "eager, ") + ("deterministic" if run["deterministic"] else "non-deterministic")
+        kernels = ("compiled" if run["compile"] else "CUDA graphs" if run.get("cuda_graphs") else "eager") + (
+            ", deterministic" if run["deterministic"] else ", non-deterministic")
         found = run.get("probe")
         probe_text = f"{found['train']}% / {found['heldout']}% (guidance {found['guidance']:g})" if found else "-"
         rows.append(f"  | {number} | {run['device']} | {run['vae_iterations']} | {run['iterations']} | {run['lr']:g} | {kernels} "
@@ -714,6 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.compile the transformer's training step: 138 instead of 163 ms an iteration on an "
                         "H200, after ~4 minutes of compiling the three training shapes on a cold machine, so worth it "
                         "only for runs of more than ~30 minutes")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="run the transformer's training step eagerly instead of replaying it as CUDA graphs")
     parser.add_argument("--probe", type=int, default=0, metavar="N",
                         help="after training, print the detector's caption accuracy on N training and N held-out captions")
     parser.add_argument("--checkpoint-dir", type=Path, help="also write weights + log here every --checkpoint-every s")
@@ -742,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr, vae_lr=args.vae_lr, warmup=args.warmup, cfg_dropout=args.cfg_dropout, ema=args.ema,
         train_text_encoders=not args.freeze_text_encoders, time_limit=args.time_limit, vae_share=args.vae_share,
         seed=args.seed, log_every=args.log_every, resolutions=tuple(int(r) for r in args.resolutions.split(",")), probe=args.probe,
-        deterministic=not args.no_deterministic, compile=args.compile,
+        deterministic=not args.no_deterministic, compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
     )
     train(config, settings, args.out, torch.device(args.device), args.checkpoint_dir, args.checkpoint_every, args.init_from)
     return 0

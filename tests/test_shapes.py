@@ -115,8 +115,25 @@ def test_training_prompt_encoder_matches_the_pipeline():
         warmed.warm(captions, chunk=3)  # batched tokenization, the path a timed run takes
         assert set(warmed.cache) == set(captions)
         from_warm, from_warm_pooled = warmed(captions, torch.device("cpu"))
+        frozen = train.PromptEncoder(pipe)
+        frozen.freeze(captions, torch.device("cpu"), chunk=3)  # frozen encoders: every caption encoded once
+        from_table, from_table_pooled = frozen(captions[::-1], torch.device("cpu"))
     assert torch.equal(embeds, mine) and torch.equal(pooled, mine_pooled)
     assert torch.equal(embeds, from_warm) and torch.equal(pooled, from_warm_pooled)
+    assert torch.allclose(embeds.flip(0), from_table, atol=1e-6) and torch.allclose(pooled.flip(0), from_table_pooled, atol=1e-6)
+
+
+def test_training_with_frozen_text_encoders_leaves_them_as_seeded(tmp_path):
+    out = tmp_path / "frozen"
+    assert train.main(["--out", str(out), "--config", "tiny", "--iterations", "2", "--vae-iterations", "1",
+                       "--batch", "2", "--vae-batch", "2", "--resolutions", "64", "--device", "cpu",
+                       "--freeze-text-encoders"]) == 0
+    seeded = build_pipeline(ModelConfig.tiny())
+    trained = StableDiffusion3Pipeline.from_pretrained(out)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        for key, value in getattr(seeded, name).state_dict().items():
+            assert torch.equal(getattr(trained, name).state_dict()[key].float(), value.to(train.storage_dtype(name)).float()), (name, key)
+    assert not json.loads((out / "training_log.json").read_text())["cuda_graphs"]  # CUDA only
 
 
 # ------------------------------------------------------------------------------------ the shipped model
