@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=TrainSettings.batch, help="batch at 128 px (training's: %(default)s)")
-    parser.add_argument("--freeze-text-encoders", action="store_true",
-                        help="as `shapes.train --freeze-text-encoders`: embeddings looked up, encoders not trained")
+    parser.add_argument("--train-text-encoders", action="store_true",
+                        help="as `shapes.train --train-text-encoders` (default: frozen, their embeddings looked up)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels, as training's default")
     parser.add_argument("--cuda-graphs", action="store_true", help="the transformer's step replayed as CUDA graphs")
     args = parser.parse_args(argv)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
         torch.backends.cudnn.benchmark = device.type == "cuda"
-    rows = profile(device, args.iterations, args.batch, args.freeze_text_encoders, args.cuda_graphs)
+    rows = profile(device, args.iterations, args.batch, not args.train_text_encoders, args.cuda_graphs)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     result = {"device": name, "torch": torch.__version__, "weights": "untrained (timing only)",
               "deterministic": args.deterministic, "rows": rows}

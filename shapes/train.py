@@ -1,4 +1,4 @@
-"""Train the tiny-shapes SD3 pipeline: VAE first, then transformer (+ text encoders) with SD3's rectified flow.
+"""Train the tiny-shapes SD3 pipeline: VAE first, then the transformer with SD3's rectified flow.
 
     python -m shapes.train --out DIR [--device cuda] [--iterations N] [--vae-iterations N] [--time-limit S] ...
 
@@ -15,6 +15,11 @@ The objective is SD3's: latents x0 = (VAE sample - shift) * scale, noise e, sigm
 (logit-normal), x_t = (1 - sigma) x0 + sigma e, the transformer (timestep = 1000 sigma) predicts the velocity
 e - x0; captions are replaced by "" with probability `--cfg-dropout`, so classifier-free guidance works with
 the stock `FlowMatchEulerDiscreteScheduler` and pipeline.
+
+Speed (H200, 128 px): the text encoders stay frozen at their seeded init by default (every training caption is
+encoded once), and on CUDA the transformer's forward and backward replay as CUDA graphs, one per resolution: 27 ms an
+iteration at the default batch 64 against ~95 ms eager (an eager step of this small model waits on Python launching
+its kernels). `bench/NOTES.md` has the measurements and the recipes tried.
 """
 
 from __future__ import annotations
@@ -49,17 +54,17 @@ CHECKPOINT_SHARD_BYTES = 12 * 2**20
 class TrainSettings:
     iterations: int = 3000
     vae_iterations: int = 2000
-    batch: int = 256
+    batch: int = 64  # at 128 px; more steps beat bigger batches here (bench/results/gpu_h200_train.json)
     vae_batch: int = 64
-    lr: float = 4e-4
+    lr: float = 6e-4
     vae_lr: float = 5e-4
     warmup: int = 200
     cfg_dropout: float = 0.1
     kl_weight: float = 1e-5
     ema: float = 0.999
-    train_text_encoders: bool = True
+    train_text_encoders: bool = False  # frozen: each training caption is encoded once (`PromptEncoder.freeze`)
     time_limit: float | None = None  # seconds for both phases together: each runs as many iterations as fit
-    vae_share: float = 0.25  # share of time_limit the VAE gets
+    vae_share: float = 0.12  # share of time_limit the VAE gets
     seed: int = 0
     log_every: int = 10
     resolutions: tuple[int, ...] = RESOLUTION_CYCLE  # one per iteration, cycled
@@ -751,7 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--cfg-dropout", type=float, default=defaults.cfg_dropout)
     parser.add_argument("--ema", type=float, default=defaults.ema, help="EMA decay of the weights (0: no EMA)")
-    parser.add_argument("--freeze-text-encoders", action="store_true", help="keep the text encoders at their seeded init")
+    parser.add_argument("--train-text-encoders", action="store_true",
+                        help="train the text encoders with the transformer (default: frozen at their seeded init)")
     parser.add_argument("--time-limit", type=float,
                         help="seconds for VAE + transformer: each phase measures its speed early and runs as many of its "
                         "iterations as fit (the counts are printed and logged: rerun with them to reproduce)")
@@ -763,9 +769,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-deterministic", action="store_true",
                         help="allow non-deterministic (faster) CUDA kernels; runs stay seeded")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the transformer's training step: 138 instead of 163 ms an iteration on an "
-                        "H200, after ~4 minutes of compiling the three training shapes on a cold machine, so worth it "
-                        "only for runs of more than ~30 minutes")
+                        help="torch.compile the transformer's training step instead of CUDA graphs (measured before the "
+                        "graphs existed: 138 vs 163 ms an eager iteration at batch 256, after ~4 minutes of compiling "
+                        "the three training shapes on a cold H200)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="run the transformer's training step eagerly instead of replaying it as CUDA graphs")
     parser.add_argument("--probe", type=int, default=0, metavar="N",
@@ -794,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = TrainSettings(
         iterations=args.iterations, vae_iterations=args.vae_iterations, batch=args.batch, vae_batch=args.vae_batch,
         lr=args.lr, vae_lr=args.vae_lr, warmup=args.warmup, cfg_dropout=args.cfg_dropout, ema=args.ema,
-        train_text_encoders=not args.freeze_text_encoders, time_limit=args.time_limit, vae_share=args.vae_share,
+        train_text_encoders=args.train_text_encoders, time_limit=args.time_limit, vae_share=args.vae_share,
         seed=args.seed, log_every=args.log_every, resolutions=tuple(int(r) for r in args.resolutions.split(",")), probe=args.probe,
         deterministic=not args.no_deterministic, compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
     )

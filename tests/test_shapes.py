@@ -81,7 +81,8 @@ def test_detector_rejects_wrong_captions():
 def test_training_two_iterations_writes_a_loadable_pipeline(tmp_path):
     out = tmp_path / "pipe"
     args = ["--out", str(out), "--config", "tiny", "--iterations", "2", "--vae-iterations", "2", "--batch", "2",
-            "--vae-batch", "2", "--resolutions", "64", "--device", "cpu", "--checkpoint-dir", str(tmp_path / "ck")]
+            "--vae-batch", "2", "--resolutions", "64", "--device", "cpu", "--checkpoint-dir", str(tmp_path / "ck"),
+            "--train-text-encoders"]
     assert train.main(args) == 0
     for name in ("README.md", "loss_curve.png", "training_log.json", "model_index.json"):
         assert (out / name).is_file(), name
@@ -123,11 +124,10 @@ def test_training_prompt_encoder_matches_the_pipeline():
     assert torch.allclose(embeds.flip(0), from_table, atol=1e-6) and torch.allclose(pooled.flip(0), from_table_pooled, atol=1e-6)
 
 
-def test_training_with_frozen_text_encoders_leaves_them_as_seeded(tmp_path):
+def test_training_leaves_the_text_encoders_as_seeded_by_default(tmp_path):
     out = tmp_path / "frozen"
     assert train.main(["--out", str(out), "--config", "tiny", "--iterations", "2", "--vae-iterations", "1",
-                       "--batch", "2", "--vae-batch", "2", "--resolutions", "64", "--device", "cpu",
-                       "--freeze-text-encoders"]) == 0
+                       "--batch", "2", "--vae-batch", "2", "--resolutions", "64", "--device", "cpu"]) == 0
     seeded = build_pipeline(ModelConfig.tiny())
     trained = StableDiffusion3Pipeline.from_pretrained(out)
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
