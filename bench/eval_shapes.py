@@ -9,7 +9,9 @@
    through `sd35fp8.loading.load_pipeline` and `sd35fp8.generate.generate`, same seed(s) per caption (`--seeds N`
    renders each caption with N seeds: the FP8-minus-16-bit difference then comes with a smaller standard error);
 3. scores every image with the analytic detector (`shapes.detector.score`) and compares FP8 with 16-bit
-   images (SSIM, PSNR from `sd35fp8.metrics`).
+   images (SSIM, PSNR from `sd35fp8.metrics`);
+4. scores the model's VAE reconstructions of the rendered captions the same way (`vae_reconstruction_ceiling` in
+   the run's metadata: the accuracy the transformer could at most reach through this VAE).
 
 Writes one row per (device, configuration) into `bench/results/tiny_shapes_eval.json` (rows for other devices,
 e.g. a GPU run that adds `scaled_mm`, are kept) and a grid of prompts -> 16-bit / FP8 images to
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -158,6 +161,24 @@ def model_identity(folder: Path) -> dict:
     return {"model": str(name), "model_transformer_iterations": total(runs)}
 
 
+@torch.no_grad()
+def vae_ceiling(folder: Path, specs: list[Spec], size: int, seed: int = 7) -> dict:
+    """The detector's accuracy on the model's own VAE reconstructions of rendered ground truth (each caption laid out
+    once): the most the transformer could reach through this VAE. Tells a blurry VAE from an unsure transformer."""
+    from diffusers import AutoencoderKL
+
+    from shapes import data
+
+    rng = random.Random(seed)
+    images = data.render([data.layout(spec, rng) for spec in specs], size) * 2 - 1
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32).eval()
+    recon = torch.cat([vae.decode(vae.encode(chunk).latent_dist.mean).sample for chunk in images.split(50)])
+    scores = [score(spec, image) for spec, image in zip(specs, data.to_uint8((recon + 1) / 2))]
+    return {"caption_accuracy": round(100 * sum(r["correct"] for r in scores) / len(scores), 2),
+            "shapes": round(100 * sum(r["shapes"] for r in scores) / len(scores), 2),
+            "mean_abs_error": round(float((recon.clamp(-1, 1) - images).abs().mean()) / 2, 5)}
+
+
 def merge_rows(path: Path, rows: list[dict], meta: dict) -> dict:
     previous = json.loads(path.read_text()) if path.exists() else {}
     kept = [r for r in previous.get("rows", []) if r.get("device") != meta["device"]]
@@ -200,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     meta = {"device": device.type, "device_name": device_name, "torch": torch.__version__, "dtype": args.dtype,
             "count": len(captions), "seeds": args.seeds, **settings, "date": time.strftime("%Y-%m-%d"),
-            **model_identity(args.model)}
+            **model_identity(args.model), "vae_reconstruction_ceiling": vae_ceiling(args.model, captions, args.size)}
     print(f"{len(captions)} held-out captions x {args.seeds} seed(s) on {device_name}, {args.steps} steps, guidance {args.guidance}, "
           f"{args.size}x{args.size}, {args.dtype}", flush=True)
 
