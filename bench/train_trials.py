@@ -1,11 +1,12 @@
 """Which tiny-shapes training recipe learns fastest per second? Short transformer runs from scratch, one per recipe.
 
     python -m bench.train_trials --out trials.json --seconds 90 \
-        --trial "default:" --trial "frozen-b64:train_text_encoders=0,batch=64,lr=6e-4" ...
+        --trial "default:" --trial "b256:batch=256" --trial "lr1e-3:lr=1e-3" --trial "eager:cuda_graphs=0" ...
 
 Each trial builds a fresh, untrained pipeline, takes the shipped model's trained VAE (so every trial learns on the
 same latents and only the transformer recipe differs), and runs `shapes.train.train_transformer` for `--seconds`
-with the given `TrainSettings` overrides (a time-limited run: warm-up and cosine decay fitted to the time).
+with the given `TrainSettings` overrides (a time-limited run: warm-up and cosine decay fitted to the time;
+non-deterministic kernels unless `deterministic=1`).
 Reported per trial: iterations, ms per iteration, the loss curve, and a validation loss (the EMA weights' velocity
 loss on fixed 128 px batches of fresh training scenes, the same noise for every trial), written as it goes.
 A way to rank recipes cheaply before spending a 15-minute run on one; short runs can favour small batches.

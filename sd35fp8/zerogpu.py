@@ -76,12 +76,12 @@ class _InRange:
         return self.eager(*args, **kwargs)
 
 
-def _require_loadable(archive, what: str) -> None:
-    """Raise if the `what` package's loader would fail or crash: it loads at the first request, where a crash would
-    take the Space down (checked in a child process, `compile.package_load_failure`)."""
-    failure = package_load_failure([archive])
+def _require_loadable(archives: list, what: str) -> None:
+    """Raise if the loader of the `what` packages would fail or crash: they load at the first request, where a crash
+    would take the Space down (checked all at once in one child process, `compile.package_load_failure`)."""
+    failure = package_load_failure(archives)
     if failure is not None:
-        raise RuntimeError(f"the {what} package does not load here: {failure}")
+        raise RuntimeError(f"the {what} package(s) do not load here: {failure}")
 
 
 def zerogpu_compile(loaded, *, whole: bool = False, size: int | None = None, kinds: list[str] | None = None,
@@ -115,7 +115,7 @@ def zerogpu_compile(loaded, *, whole: bool = False, size: int | None = None, kin
         exported = torch.export.export(transformer, args=call.args, kwargs=call.kwargs, dynamic_shapes=shapes,
                                        strict=False)
         compiled = spaces.aoti_compile(exported)
-        _require_loadable(compiled.archive_file, "whole-model")
+        _require_loadable([compiled.archive_file], "whole-model")
         spaces.aoti_apply(compiled, transformer)
         report["seconds"] = round(time.perf_counter() - started, 1)
         return report
@@ -124,8 +124,8 @@ def zerogpu_compile(loaded, *, whole: bool = False, size: int | None = None, kin
         from spaces.zero.torch.aoti import LazyAOTIModel
 
     blocks = blocks_of(transformer)
-    compiled_kinds = {}
-    for kind, indices in block_groups(transformer).items():
+    groups, archives, compiled_kinds = block_groups(transformer), {}, {}
+    for kind, indices in groups.items():
         if kinds is not None and kind not in kinds:
             continue
         first = blocks[indices[0]]
@@ -133,15 +133,17 @@ def zerogpu_compile(loaded, *, whole: bool = False, size: int | None = None, kin
         with spaces.aoti_capture(first) as call:
             run()
         exported = export_block(first, call.args, dict(call.kwargs))
-        archive = spaces.aoti_compile(exported).archive_file
-        _require_loadable(archive, kind)
+        archives[kind] = spaces.aoti_compile(exported).archive_file
+        compiled_kinds[kind] = {"blocks": len(indices), "seconds": round(time.perf_counter() - kind_started, 1)}
+    if archives:
+        _require_loadable(list(archives.values()), ", ".join(archives))
+    for kind, archive in archives.items():
         lazy = LazyAOTIModel(archive)
-        for index in indices:
+        for index in groups[kind]:
             block = blocks[index]
             eager = type(block).forward.__get__(block)
             spaces.aoti_patch(block, lazy)
             block.forward = _InRange(block.forward, eager)
-        compiled_kinds[kind] = {"blocks": len(indices), "seconds": round(time.perf_counter() - kind_started, 1)}
     report["kinds"] = compiled_kinds
     report["seconds"] = round(time.perf_counter() - started, 1)
     loaded.pieces["compile"] = f"aot (spaces): {sum(k['blocks'] for k in compiled_kinds.values())} blocks"
