@@ -18,7 +18,7 @@ the stock `FlowMatchEulerDiscreteScheduler` and pipeline.
 
 Speed (H200, 128 px): the text encoders stay frozen at their seeded init by default (every training caption is
 encoded once), and on CUDA the transformer's forward and backward replay as CUDA graphs, one per resolution: 27 ms an
-iteration at the default batch 64 against ~95 ms eager (an eager step of this small model waits on Python launching
+iteration at the default batch 64 against ~90 ms eager (an eager step of this small model waits on Python launching
 its kernels). `bench/NOTES.md` has the measurements and the recipes tried.
 """
 
