@@ -241,7 +241,7 @@ class PromptEncoder:
     @torch.no_grad()
     def freeze(self, captions, device: torch.device, chunk: int = 1024) -> None:
         """Encode every caption of `captions` once, for training with frozen text encoders: afterwards a call is a
-        lookup in that table (on `device`, in the autocast dtype training would have computed them in)."""
+        lookup in that table (on `device`; ~2 GB for the 25,169 training captions on CUDA)."""
         captions = sorted(captions)
         self.warm(captions)
         parts = []
@@ -249,6 +249,8 @@ class PromptEncoder:
             for start in range(0, len(captions), chunk):
                 parts.append(self._encode(captions[start:start + chunk], device))
         embeds, pooled = (torch.cat(column) for column in zip(*parts))
+        if device.type == "cuda":  # the transformer's first use of both is a linear layer, which autocast runs in
+            embeds, pooled = embeds.bfloat16(), pooled.bfloat16()  # bf16 anyway: the same steps at half the memory
         self.table = ({caption: row for row, caption in enumerate(captions)}, embeds, pooled)
 
 
