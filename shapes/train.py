@@ -197,7 +197,9 @@ class PromptEncoder:
     def __init__(self, pipe, max_sequence_length: int = 256):
         self.pipe, self.max_sequence_length = pipe, max_sequence_length
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.table: tuple[dict[str, int], torch.Tensor, torch.Tensor] | None = None  # see `freeze`
+        self.rows: dict[str, int] | None = None  # frozen encoders (`freeze`): each caption's row in the table
+        self.filled: set[str] = set()
+        self.table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _tokenize(self, captions: list[str]) -> None:
         pipe = self.pipe
@@ -220,10 +222,14 @@ class PromptEncoder:
             self._tokenize(captions[start:start + chunk])
 
     def __call__(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.table is not None:
-            rows = data.to_device(torch.tensor([self.table[0][c] for c in captions]), self.table[1].device)
-            return self.table[1][rows], self.table[2][rows]
-        return self._encode(captions, device)
+        if self.rows is None:
+            return self._encode(captions, device)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.filled]
+        if missing:
+            self._fill(missing, device)
+        embeds, pooled = self.table
+        rows = data.to_device(torch.tensor([self.rows[c] for c in captions]), embeds.device)
+        return embeds[rows], pooled[rows]
 
     def _encode(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         pipe = self.pipe
@@ -239,19 +245,30 @@ class PromptEncoder:
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
     @torch.no_grad()
-    def freeze(self, captions, device: torch.device, chunk: int = 1024) -> None:
-        """Encode every caption of `captions` once, for training with frozen text encoders: afterwards a call is a
-        lookup in that table (on `device`; ~2 GB for the 25,169 training captions on CUDA)."""
+    def freeze(self, captions, device: torch.device, upfront: bool = True, chunk: int = 1024) -> None:
+        """For training with frozen text encoders: every caption of `captions` is encoded once into a table on
+        `device` (~2 GB for the 25,169 training captions on CUDA), and a call becomes a lookup. `upfront` encodes
+        them all now (before a timed run, so its speed is measured as it will be); otherwise each caption is encoded
+        the first time a call asks for it (a few iterations on the CPU need a few hundred of them)."""
         captions = sorted(captions)
-        self.warm(captions)
-        parts = []
-        with _autocast(device):
+        self.rows, self.filled, self.table = {caption: row for row, caption in enumerate(captions)}, set(), None
+        if upfront:
+            self.warm(captions)
             for start in range(0, len(captions), chunk):
-                parts.append(self._encode(captions[start:start + chunk], device))
-        embeds, pooled = (torch.cat(column) for column in zip(*parts))
+                self._fill(captions[start:start + chunk], device)
+
+    @torch.no_grad()
+    def _fill(self, captions: list[str], device: torch.device) -> None:
+        with _autocast(device):
+            embeds, pooled = self._encode(captions, device)
         if device.type == "cuda":  # the transformer's first use of both is a linear layer, which autocast runs in
             embeds, pooled = embeds.bfloat16(), pooled.bfloat16()  # bf16 anyway: the same steps at half the memory
-        self.table = ({caption: row for row, caption in enumerate(captions)}, embeds, pooled)
+        if self.table is None:
+            self.table = (embeds.new_empty((len(self.rows), *embeds.shape[1:])),
+                          pooled.new_empty((len(self.rows), *pooled.shape[1:])))
+        rows = data.to_device(torch.tensor([self.rows[c] for c in captions]), embeds.device)
+        self.table[0][rows], self.table[1][rows] = embeds, pooled
+        self.filled.update(captions)
 
 
 def noised_latents(pipe, images: torch.Tensor, generator: torch.Generator | None = None):
@@ -354,7 +371,7 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
     encode = PromptEncoder(pipe)
     captions = data.all_captions("train") | {""}  # "" is the caption-dropout prompt
     if not settings.train_text_encoders:
-        encode.freeze(captions, device)
+        encode.freeze(captions, device, upfront=device.type == "cuda")
     elif settings.time_limit:  # the speed the time limit is planned on must not include first-time tokenization
         encode.warm(captions)
     predict = VelocityPredictor(pipe.transformer)

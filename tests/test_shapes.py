@@ -119,9 +119,15 @@ def test_training_prompt_encoder_matches_the_pipeline():
         frozen = train.PromptEncoder(pipe)
         frozen.freeze(captions, torch.device("cpu"), chunk=3)  # frozen encoders: every caption encoded once
         from_table, from_table_pooled = frozen(captions[::-1], torch.device("cpu"))
+        lazy = train.PromptEncoder(pipe)
+        lazy.freeze(captions + ["a blue square on a red background"], torch.device("cpu"), upfront=False)
+        lazy(captions[:2], torch.device("cpu"))  # encoded when first asked for
+        from_lazy, from_lazy_pooled = lazy(captions[::-1], torch.device("cpu"))
+        assert lazy.filled == set(captions)
     assert torch.equal(embeds, mine) and torch.equal(pooled, mine_pooled)
     assert torch.equal(embeds, from_warm) and torch.equal(pooled, from_warm_pooled)
     assert torch.allclose(embeds.flip(0), from_table, atol=1e-6) and torch.allclose(pooled.flip(0), from_table_pooled, atol=1e-6)
+    assert torch.allclose(embeds.flip(0), from_lazy, atol=1e-6) and torch.allclose(pooled.flip(0), from_lazy_pooled, atol=1e-6)
 
 
 def test_training_leaves_the_text_encoders_as_seeded_by_default(tmp_path):
