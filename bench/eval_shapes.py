@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default="dequant,quanto,scaled_mm",
                         help=f"FP8 compute paths to run, comma-separated, from {', '.join(FP8_PATHS)} (default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="on CUDA, replay each denoising step as a CUDA graph (the same kernels, fewer launches: "
+                        "this tiny model renders one image at a time, launch-bound)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--grid", type=Path, default=GRID)
     args = parser.parse_args(argv)
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     meta = {"device": device.type, "device_name": device_name, "torch": torch.__version__, "dtype": args.dtype,
             "count": len(captions), "seeds": args.seeds, **settings, "date": time.strftime("%Y-%m-%d"),
+            "cuda_graphs": bool(args.cuda_graphs and device.type == "cuda"),
             **model_identity(args.model), "vae_reconstruction_ceiling": vae_ceiling(args.model, captions, args.size)}
     print(f"{len(captions)} held-out captions x {args.seeds} seed(s) on {device_name}, {args.steps} steps, guidance {args.guidance}, "
           f"{args.size}x{args.size}, {args.dtype}", flush=True)
@@ -234,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
             # its Marlin kernels, which first builds its CUDA extension with nvcc (the likely reason an H200 call's
             # evaluation ran out of its 96 s inside convert's transformer verification).
             convert(args.model, fp8_dir, "cpu")
-        base = load_pipeline(str(args.model), args.dtype if args.dtype != "fp32" else "fp16", device=device, dtype=dtype)
+        speed = {"cuda_graphs": True} if args.cuda_graphs else {}
+        base = load_pipeline(str(args.model), args.dtype if args.dtype != "fp32" else "fp16", device=device, dtype=dtype,
+                             **speed)
         base_images, base_latency = render_all(base, specs, settings, "16-bit")
         del base
         base_row = accuracy_row(specs, base_images, base_latency)
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"device": device.type, "precision": "fp8", "fp8_path": path,
                              "skipped": "needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9)"})
                 continue
-            loaded = load_pipeline(str(fp8_dir), "fp8", device=device, dtype=dtype, fp8_path=path)
+            loaded = load_pipeline(str(fp8_dir), "fp8", device=device, dtype=dtype, fp8_path=path, **speed)
             images, latency = render_all(loaded, specs, settings, f"FP8 {path}")
             del loaded
             row = accuracy_row(specs, images, latency)
