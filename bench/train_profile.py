@@ -74,11 +74,8 @@ def profile(device: torch.device, iterations: int, base_batch: int = TrainSettin
         times: dict[str, list[float]] = {}
         predict = VelocityPredictor(pipe.transformer)
         if cuda_graphs:
-            latent = resolution // 8
-            with _autocast(device):
-                example = (torch.randn(batch, 16, latent, latent, device=device), torch.rand(batch, device=device),
-                           *encode([""] * batch, device))
-            predict = graphed_predictors(pipe.transformer, {resolution: example}, not frozen_text_encoders)[resolution]
+            predict = graphed_predictors(pipe.transformer, encode, device, {resolution: batch},
+                                         not frozen_text_encoders)[resolution]
         for step in range(iterations + 2):
             images, captions = _timed(device, times, "render", lambda: _images(rng, batch, resolution, device))
             noisy, sigma, target = _timed(device, times, "vae_encode", lambda: noised_latents(pipe, images))

@@ -123,8 +123,11 @@ def _images(rng: random.Random, count: int, resolution: int, device: torch.devic
     return data.render(scenes, resolution, device) * 2 - 1, [scene.caption for scene in scenes]
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+def _autocast(device: torch.device, cache: bool = True):
+    """bf16 autocast on CUDA, none on the CPU; `cache=False` for code a CUDA graph captures."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
+    return torch.autocast("cpu", enabled=False)
 
 
 # ---------------------------------------------------------------------------------------------- VAE
@@ -298,24 +301,25 @@ class VelocityPredictor(torch.nn.Module):
         self.transformer = transformer
 
     def forward(self, noisy, sigma, embeds, pooled):
-        with torch.autocast(noisy.device.type, dtype=torch.bfloat16, enabled=noisy.device.type == "cuda",
-                            cache_enabled=False):
+        with _autocast(noisy.device, cache=False):
             return self.transformer(hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
                                     timestep=sigma * 1000, return_dict=False)[0].float()
 
 
-def graphed_predictors(transformer, shapes: dict[int, tuple], embeds_require_grad: bool) -> dict[int, object]:
+def graphed_predictors(transformer, encode, device: torch.device, batches: dict[int, int],
+                       embeds_require_grad: bool) -> dict[int, object]:
     """Per training resolution, the transformer's forward and backward captured as CUDA graphs
-    (`torch.cuda.make_graphed_callables`). `shapes` maps resolution -> (noisy, sigma, embeds, pooled) example
-    tensors of the batch that resolution trains with. Replaying a graph launches the step's thousand-odd kernels
+    (`torch.cuda.make_graphed_callables`); `batches` maps resolution -> the batch it trains with, `encode` (a
+    `PromptEncoder`) gives the prompt tensors' shapes. Replaying a graph launches the step's thousand-odd kernels
     at once instead of one by one from Python, which is what bounds an eager step of this small model."""
     predictors = {}
-    for resolution, example in shapes.items():
-        noisy, sigma, embeds, pooled = (t.detach().clone() for t in example)
-        embeds.requires_grad_(embeds_require_grad)
-        pooled.requires_grad_(embeds_require_grad)
-        predictors[resolution] = torch.cuda.make_graphed_callables(VelocityPredictor(transformer),
-                                                                   (noisy, sigma, embeds, pooled))
+    for resolution, batch in batches.items():
+        latent = resolution // 8
+        with _autocast(device):
+            embeds, pooled = (t.detach().clone().requires_grad_(embeds_require_grad)
+                              for t in encode([""] * batch, device))
+        example = (torch.randn(batch, 16, latent, latent, device=device), torch.rand(batch, device=device), embeds, pooled)
+        predictors[resolution] = torch.cuda.make_graphed_callables(VelocityPredictor(transformer), example)
     return predictors
 
 
@@ -323,19 +327,13 @@ def _graphs(pipe, settings: TrainSettings, device: torch.device, encode) -> dict
     """`graphed_predictors` for every training resolution, or {} (eager) off CUDA or where capturing fails."""
     if device.type != "cuda":
         return {}
-    examples = {}
-    for resolution in sorted(set(settings.resolutions)):
-        batch, latent = _batch_size(settings.batch, resolution), resolution // 8
-        with _autocast(device):
-            embeds, pooled = encode([""] * batch, device)
-        examples[resolution] = (torch.randn(batch, 16, latent, latent, device=device),
-                                torch.rand(batch, device=device), embeds, pooled)
+    batches = {resolution: _batch_size(settings.batch, resolution) for resolution in sorted(set(settings.resolutions))}
     try:
-        predictors = graphed_predictors(pipe.transformer, examples, settings.train_text_encoders)
+        predictors = graphed_predictors(pipe.transformer, encode, device, batches, settings.train_text_encoders)
     except RuntimeError as error:  # e.g. an operation CUDA graphs cannot capture on this GPU / torch
         print(f"CUDA graphs unavailable, training eagerly: {str(error).splitlines()[0]}", flush=True)
         return {}
-    print(f"transformer forward and backward captured as CUDA graphs at {', '.join(map(str, examples))} px", flush=True)
+    print(f"transformer forward and backward captured as CUDA graphs at {', '.join(map(str, batches))} px", flush=True)
     return predictors
 
 
