@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sd35fp8.errors import BadInput, run_command
 from sd35fp8.tiny import SHAPES_GUIDANCE, SHAPES_STEPS
 
 from . import data
@@ -48,6 +49,7 @@ RESOLUTION_CYCLE = (128, 64, 128, 256, 128)  # one resolution per iteration, in 
 CONFIGS = {"default": ModelConfig, "small": ModelConfig.small, "tiny": ModelConfig.tiny}
 BATCH_SCALE = {64: 2.0, 128: 1.0, 256: 0.5}  # batch size multiplier per resolution
 CHECKPOINT_SHARD_BYTES = 12 * 2**20
+T0 = time.perf_counter()  # this process's start: what --stop-after and the logged seconds count from
 
 
 @dataclass
@@ -72,6 +74,7 @@ class TrainSettings:
     deterministic: bool = True  # deterministic kernels (on CUDA they can be slower: cuDNN's deterministic convolutions)
     compile: bool = False  # torch.compile the transformer for training (fewer, fused kernels; compiles per shape first)
     cuda_graphs: bool = True  # on CUDA, replay the transformer's forward and backward as CUDA graphs (one per resolution)
+    stop_after: float | None = None  # seconds of this process: then save the full state (`TrainingState`) and stop
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -112,6 +115,14 @@ class Budget:
                 print(f"\nstopped by the time limit at iteration {step}", flush=True)
                 return False
         return step < self.iterations
+
+    def settled(self, step: int) -> bool:
+        """Whether the iteration count is final (with a time limit, it is fixed at step `CALIBRATE[1]`)."""
+        return not self.seconds or step >= self.CALIBRATE[1]
+
+    def resume(self, iterations: int, elapsed: float) -> None:
+        """Continue a stopped phase: its final count, and the seconds it had already run."""
+        self.iterations, self.started = iterations, time.perf_counter() - elapsed
 
 
 def _batch_size(base: int, resolution: int) -> int:
@@ -348,7 +359,10 @@ def update(params, optimizer, loss: torch.Tensor, ema_params, ema_weight: float)
             torch._foreach_lerp_(ema_params, params, ema_weight)
 
 
-def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: dict, checkpoint) -> None:
+def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: dict, checkpoint,
+                      state: "TrainingState | None" = None) -> bool:
+    """Train the transformer (and the text encoders if asked); False when `settings.stop_after` stopped it, after
+    writing `state` (a `TrainingState`; a saved one there is continued from)."""
     modules = {"transformer": pipe.transformer}
     if settings.train_text_encoders:
         modules |= {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")}
@@ -381,8 +395,10 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
     limit = settings.time_limit * (1 - settings.vae_share) if settings.time_limit else None
     budget = Budget(settings.iterations, limit)
     losses = log.setdefault("transformer_loss", [])
-    bar = tqdm(total=settings.iterations, desc="transformer", dynamic_ncols=True, mininterval=2.0)
     step, running = 0, None
+    if state and state.exists():
+        step, running = state.restore(modules, ema, optimizer, rng, generator, budget)
+    bar = tqdm(total=budget.iterations, initial=step, desc="transformer", dynamic_ncols=True, mininterval=2.0)
     while budget.running(step):
         resolution = settings.resolutions[step % len(settings.resolutions)]
         images, captions = _images(rng, _batch_size(settings.batch, resolution), resolution, device)
@@ -404,6 +420,13 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
         bar.total = budget.iterations
         bar.update(1)
         checkpoint.maybe(pipe, log)
+        if (state and settings.stop_after is not None and time.perf_counter() - T0 >= settings.stop_after
+                and budget.settled(step) and step < budget.iterations):
+            bar.close()
+            state.write(pipe, modules, ema, optimizer, rng, generator, step, budget, running, log, settings)
+            print(f"stopped after {time.perf_counter() - T0:.0f} s at transformer iteration {step} of {budget.iterations}; "
+                  f"the full training state is in {state.folder}: run the same command again to continue", flush=True)
+            return False
     bar.close()
     log["iterations_done"] = step
     log["transformer_seconds"] = round(time.perf_counter() - budget.started, 1)  # the iterations alone
@@ -413,6 +436,7 @@ def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: 
         module.eval().requires_grad_(False)
     checkpoint.ema = None
     print(f"transformer: {step} iterations, final smoothed loss {running:.4f}", flush=True)
+    return True
 
 
 @torch.no_grad()
@@ -503,6 +527,102 @@ class Checkpointer:
         plot_losses(meta, self.folder / "loss_curve.png")
         self.last = time.perf_counter()
         print(f"checkpoint written to {self.folder} ({log.get('phase')}, {time.perf_counter() - T0:.0f} s)", flush=True)
+
+
+def _resumable(settings: TrainSettings) -> dict:
+    """The settings a stopped run must be continued with (JSON-normalized)."""
+    return json.loads(json.dumps({k: v for k, v in vars(settings).items() if k not in ("stop_after", "probe")}))
+
+
+class TrainingState:
+    """The transformer phase's full state in a folder: the VAE, the trained modules and their EMA copies, the
+    optimizer's moments, both random generators and the progress (step, planned iterations, seconds, log).
+
+    A run stopped by `--stop-after` (for machines that cap how long a command may run) writes it; the same command
+    with the same `--state-dir` continues from it, and the weights equal those of one uninterrupted run
+    (tests/test_shapes.py checks this on the CPU). A finished run removes it. Tensors are safetensors; the rest JSON.
+    """
+
+    TENSORS, INFO = "state.safetensors", "state.json"
+
+    def __init__(self, folder: Path, config: ModelConfig):
+        self.folder, self.config = folder, config
+        self.info: dict | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def exists(self) -> bool:
+        return (self.folder / self.INFO).is_file()
+
+    def write(self, pipe, modules, ema, optimizer, rng, generator, step, budget, running, log, settings) -> None:
+        from safetensors.torch import save_file
+
+        def copies(prefix, module):  # copies: tied weights (T5's embeddings) share storage, which safetensors refuses
+            return {f"{prefix}.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+
+        tensors = copies("vae", pipe.vae)
+        for name, module in modules.items():
+            tensors |= copies(f"model.{name}", module)
+            if ema[name] is not module:
+                tensors |= copies(f"ema.{name}", ema[name])
+        optimized = optimizer.state_dict()
+        for index, values in optimized["state"].items():
+            tensors |= {f"optimizer.{index}.{k}": v.detach().to("cpu", copy=True) for k, v in values.items()}
+        tensors["generator"] = generator.get_state()
+        vae = pipe.vae.config
+        info = {"step": step, "iterations": budget.iterations, "elapsed": time.perf_counter() - budget.started,
+                "running": running, "rng": rng.getstate(), "param_groups": optimized["param_groups"],
+                "vae_factors": {"scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor},
+                "config": self.config.to_dict(), "settings": _resumable(settings),
+                "log": dict(log, segments=log.get("segments", []) + [round(time.perf_counter() - T0, 1)])}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / self.INFO).unlink(missing_ok=True)  # the info file marks a complete state: written last
+        save_file(tensors, str(self.folder / f"{self.TENSORS}.partial"))
+        os.replace(self.folder / f"{self.TENSORS}.partial", self.folder / self.TENSORS)
+        (self.folder / f"{self.INFO}.partial").write_text(json.dumps(info) + "\n")
+        os.replace(self.folder / f"{self.INFO}.partial", self.folder / self.INFO)
+
+    def read(self, settings: TrainSettings) -> dict:
+        """Load the saved state (checking it belongs to this run's model and settings); returns its log."""
+        from safetensors.torch import load_file
+
+        info = json.loads((self.folder / self.INFO).read_text())
+        saved = dict(info["settings"], config=info["config"])
+        wanted = json.loads(json.dumps(dict(_resumable(settings), config=self.config.to_dict())))
+        differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+        if differ:
+            raise BadInput(f"{self.folder} holds a stopped run with other settings ({', '.join(differ)}): continue it "
+                           "with the command that started it, or use another --state-dir")
+        self.info, self.tensors = info, load_file(str(self.folder / self.TENSORS))
+        return info["log"]
+
+    def _load(self, prefix: str, module) -> None:
+        module.load_state_dict({k[len(prefix) + 1:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")})
+
+    def restore_vae(self, pipe) -> None:
+        self._load("vae", pipe.vae)
+        pipe.vae.register_to_config(**self.info["vae_factors"])
+
+    def restore(self, modules, ema, optimizer, rng, generator, budget) -> tuple[int, float | None]:
+        """Put the saved weights, moments and generators back; returns the step and the smoothed loss."""
+        for name, module in modules.items():
+            self._load(f"model.{name}", module)
+            if ema[name] is not module:
+                self._load(f"ema.{name}", ema[name])
+        moments: dict[int, dict] = {}
+        for key, value in self.tensors.items():
+            if key.startswith("optimizer."):
+                _, index, what = key.split(".", 2)
+                moments.setdefault(int(index), {})[what] = value
+        optimizer.load_state_dict({"state": moments, "param_groups": self.info["param_groups"]})
+        version, internal, gauss = self.info["rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        generator.set_state(self.tensors["generator"])
+        budget.resume(self.info["iterations"], self.info["elapsed"])
+        return self.info["step"], self.info["running"]
+
+    def remove(self) -> None:
+        for name in (self.INFO, self.TENSORS):
+            (self.folder / name).unlink(missing_ok=True)
 
 
 def load_checkpoint(folder: Path):
@@ -690,8 +810,6 @@ def plot_losses(meta: dict, path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------------- CLI
 
-T0 = time.perf_counter()
-
 
 def total(runs: list[dict], key: str = "iterations") -> int:
     """A model's iterations (or VAE iterations) summed over the training runs that made it."""
@@ -715,8 +833,10 @@ def load_weights(pipe, folder: Path) -> dict:
 
 
 def train(config: ModelConfig, settings: TrainSettings, out: Path, device: torch.device,
-          checkpoint_dir: Path | None = None, checkpoint_every: float = 120.0, init_from: Path | None = None):
-    """Train a pipeline (from scratch, or on from the weights in `init_from`) and write it to `out`."""
+          checkpoint_dir: Path | None = None, checkpoint_every: float = 120.0, init_from: Path | None = None,
+          state_dir: Path | None = None):
+    """Train a pipeline (from scratch, or on from the weights in `init_from`) and write it to `out`; returns
+    (pipeline, meta), or None when `settings.stop_after` stopped it (its state is then in `state_dir`)."""
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     if device.type == "cuda":
@@ -737,15 +857,25 @@ def train(config: ModelConfig, settings: TrainSettings, out: Path, device: torch
         print(f"starting from {init_from} ({log['init_from']['iterations']} transformer iterations)", flush=True)
     checkpoint = Checkpointer(checkpoint_dir, checkpoint_every, config, settings)
     print(f"training on {name}; parameters: " + ", ".join(f"{n} {parameter_count(m) / 1e6:.2f}M" for n, m in trainable_modules(pipe).items()), flush=True)
-    if settings.vae_iterations > 0 or not init_from:
-        train_vae(pipe, settings, device, log, checkpoint)
+    state = TrainingState(state_dir, config) if state_dir else None
+    if state and state.exists():
+        log = state.read(settings)
+        state.restore_vae(pipe)
+        print(f"continuing the run stopped in {state_dir} at transformer iteration {state.info['step']}", flush=True)
     else:
-        log["vae_iterations_done"] = 0  # the VAE (and its latent factors) as loaded
-    log["vae_seconds"] = time.perf_counter() - started
-    log["phase"] = "transformer"
-    train_transformer(pipe, settings, device, log, checkpoint)
+        if settings.vae_iterations > 0 or not init_from:
+            train_vae(pipe, settings, device, log, checkpoint)
+        else:
+            log["vae_iterations_done"] = 0  # the VAE (and its latent factors) as loaded
+        log["vae_seconds"] = time.perf_counter() - started
+        log["phase"] = "transformer"
+    if not train_transformer(pipe, settings, device, log, checkpoint, state):
+        return None
     log["phase"] = "done"
-    log["seconds"] = time.perf_counter() - started
+    log["segments"] = log.get("segments", []) + [round(time.perf_counter() - T0, 1)]
+    log["seconds"] = sum(log["segments"])  # seconds of this process (and of the ones a resumed run continues)
+    if state:
+        state.remove()
     checkpoint.write(pipe, log)
     if settings.probe:
         log["probe"] = probe(pipe, device, settings.probe)
@@ -797,6 +927,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-every", type=float, default=120.0)
     parser.add_argument("--from-checkpoint", type=Path,
                         help="write --out from this checkpoint folder; no training (--probe still scores it)")
+    parser.add_argument("--state-dir", type=Path,
+                        help="where a run stopped by --stop-after keeps its full training state; the same command "
+                        "with the same folder continues it (exactly: the weights equal those of an uninterrupted run)")
+    parser.add_argument("--stop-after", type=float, metavar="SECONDS",
+                        help="after this many seconds of this process, write the state to --state-dir and stop (for "
+                        "machines that cap how long one command may run)")
     parser.add_argument("--init-from", type=Path, metavar="PIPELINE",
                         help="start from this pipeline folder's weights (same config), e.g. the shipped model; with "
                         "--vae-iterations 0 its VAE is kept as it is")
@@ -813,6 +949,8 @@ def main(argv: list[str] | None = None) -> int:
         write_pipeline(pipe, args.out, meta)
         print(f"wrote {args.out} from {args.from_checkpoint}")
         return 0
+    if args.stop_after is not None and not args.state_dir:
+        raise BadInput("--stop-after needs --state-dir: the folder where the stopped run's state is kept")
     config = CONFIGS[args.config]()
     settings = TrainSettings(
         iterations=args.iterations, vae_iterations=args.vae_iterations, batch=args.batch, vae_batch=args.vae_batch,
@@ -820,10 +958,12 @@ def main(argv: list[str] | None = None) -> int:
         train_text_encoders=args.train_text_encoders, time_limit=args.time_limit, vae_share=args.vae_share,
         seed=args.seed, log_every=args.log_every, resolutions=tuple(int(r) for r in args.resolutions.split(",")), probe=args.probe,
         deterministic=not args.no_deterministic, compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
+        stop_after=args.stop_after,
     )
-    train(config, settings, args.out, torch.device(args.device), args.checkpoint_dir, args.checkpoint_every, args.init_from)
+    train(config, settings, args.out, torch.device(args.device), args.checkpoint_dir, args.checkpoint_every,
+          args.init_from, args.state_dir)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

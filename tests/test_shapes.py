@@ -15,6 +15,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from convert.cli import main as convert_main
+from sd35fp8.errors import BadInput, run_command
 from sd35fp8.loading import load_pipeline
 from sd35fp8.metrics import ssim
 from sd35fp8.tiny import SHAPES_GUIDANCE, SHAPES_STEPS
@@ -102,6 +103,26 @@ def test_training_two_iterations_writes_a_loadable_pipeline(tmp_path):
                        "--iterations", "1", "--batch", "2", "--resolutions", "64", "--device", "cpu"]) == 0
     assert (more / "vae/diffusion_pytorch_model.safetensors").read_bytes() == (out / "vae/diffusion_pytorch_model.safetensors").read_bytes()
     assert json.loads((more / "training_log.json").read_text())["init_from"]["iterations"] == 2
+
+
+def test_training_stopped_and_continued_equals_one_run(tmp_path):
+    common = ["--config", "tiny", "--iterations", "3", "--vae-iterations", "1", "--batch", "2", "--vae-batch", "2",
+              "--resolutions", "64", "--device", "cpu"]
+    assert train.main(["--out", str(tmp_path / "one"), *common]) == 0
+    state, resumed = tmp_path / "state", tmp_path / "resumed"
+    for _ in range(2):  # stops after one transformer iteration each time, keeping the full state
+        assert train.main(["--out", str(resumed), *common, "--state-dir", str(state), "--stop-after", "0"]) == 0
+        assert (state / "state.json").is_file() and not resumed.exists()
+    with pytest.raises(BadInput, match="other settings .*batch"):
+        train.main(["--out", str(resumed), *common, "--batch", "4", "--state-dir", str(state)])
+    assert train.main(["--out", str(resumed), *common, "--state-dir", str(state)]) == 0
+    assert not (state / "state.json").exists()  # spent
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        assert (resumed / part).read_bytes() == (tmp_path / "one" / part).read_bytes(), part
+    log = json.loads((resumed / "training_log.json").read_text())
+    assert log["iterations_done"] == 3 and len(log["segments"]) == 3
+    assert [step for step, *_ in log["transformer_loss"]] == [1]  # one log entry per logged step, none repeated
+    assert run_command(lambda: train.main(["--out", str(resumed), "--stop-after", "5"])) == 2  # no --state-dir
 
 
 def test_training_prompt_encoder_matches_the_pipeline():
