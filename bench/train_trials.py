@@ -27,6 +27,7 @@ from shapes.model import ModelConfig, build_pipeline
 from shapes.train import (
     Checkpointer,
     PromptEncoder,
+    UNBOUNDED,
     TrainSettings,
     VelocityPredictor,
     _autocast,
@@ -68,7 +69,7 @@ def validation_loss(pipe, device: torch.device, batches: int = 4, batch: int = 2
 
 
 def run_trial(name: str, overrides: dict, seconds: float, device: torch.device, probe_count: int) -> dict:
-    settings = TrainSettings(**{"iterations": 10**7, "vae_iterations": 0, "vae_share": 0.0, "time_limit": seconds,
+    settings = TrainSettings(**{"iterations": UNBOUNDED, "vae_iterations": 0, "vae_share": 0.0, "time_limit": seconds,
                                 "deterministic": False, **overrides})
     torch.use_deterministic_algorithms(settings.deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = device.type == "cuda" and not settings.deterministic

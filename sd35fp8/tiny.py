@@ -25,9 +25,10 @@ from transformers import (
 TINY_MODEL_NAME = "tiny-random-sd3 (built in, random weights)"
 SHAPES_MODEL_NAME = "tiny-shapes (built in, trained on synthetic shapes)"
 SHAPES_DIR = Path(__file__).resolve().parent / "models" / "tiny-shapes"
-# tiny-shapes' sampling settings, chosen on training-split captions (the held-out ones never looked at): 96 captions,
-# 12 steps, CPU: caption accuracy 92.7% at guidance 2.5, 90.6% at 3.0, 82.3% at 4.5, 70.8% at 7.0. The scheduler's
-# shift stays at the 3.0 its config holds (shift 1 / 2 / 3 / 4.5: 90.6 / 91.7 / 92.7 / 91.7%).
+# tiny-shapes' sampling settings, chosen on training-split captions (the held-out ones never looked at) with an
+# earlier model (5 runs, 2026-12-01): 96 captions, 12 steps, CPU: caption accuracy 92.7% at guidance 2.5, 90.6% at 3.0,
+# 82.3% at 4.5, 70.8% at 7.0. The scheduler's shift stays at the 3.0 its config holds (shift 1 / 2 / 3 / 4.5: 90.6 /
+# 91.7 / 92.7 / 91.7%).
 SHAPES_STEPS = 12
 SHAPES_GUIDANCE = 2.5
 _WORDS = "a an the of and with in on cat dog photo painting portrait city night sky red blue green astronaut horse".split()

@@ -3,13 +3,16 @@
     python -m shapes.train --out DIR [--device cuda] [--iterations N] [--vae-iterations N] [--time-limit S] ...
 
 Everything is generated in code (`shapes.data`): no download. Deterministic for a given seed and iteration
-count (on CUDA up to the kernels PyTorch itself calls non-deterministic, which it warns about); a progress bar
-shows the loss. Writes DIR as a diffusers `StableDiffusion3Pipeline` folder in safetensors (bf16; the two small CLIP encoders
+count on the CPU; on CUDA only up to the kernels PyTorch itself calls non-deterministic and warns about (cuDNN
+attention's backward is one: two H200 runs' VAE losses differed in the fourth digit after 60 iterations). A
+progress bar shows the loss. Writes DIR as a diffusers `StableDiffusion3Pipeline` folder in safetensors (bf16; the two small CLIP encoders
 float32, see `storage_dtype`), with a model card (README.md), `loss_curve.png` and `training_log.json`.
 
 `--checkpoint-dir` additionally writes the weights every `--checkpoint-every` seconds as a few safetensors
 shards plus the log (what a time-limited remote run brings back); `--from-checkpoint DIR --out OUT` turns such
-a checkpoint into the pipeline folder without training.
+a checkpoint into the pipeline folder without training. `--stop-after S --state-dir DIR` stops after S seconds
+with the full training state in DIR, and the same command continues it exactly (for machines that cap how long
+one command may run: the shipped model's 14.6-minute run took two such processes).
 
 The objective is SD3's: latents x0 = (VAE sample - shift) * scale, noise e, sigma ~ sigmoid(N(0, 1))
 (logit-normal), x_t = (1 - sigma) x0 + sigma e, the transformer (timestep = 1000 sigma) predicts the velocity
@@ -49,6 +52,7 @@ RESOLUTION_CYCLE = (128, 64, 128, 256, 128)  # one resolution per iteration, in 
 CONFIGS = {"default": ModelConfig, "small": ModelConfig.small, "tiny": ModelConfig.tiny}
 BATCH_SCALE = {64: 2.0, 128: 1.0, 256: 0.5}  # batch size multiplier per resolution
 CHECKPOINT_SHARD_BYTES = 12 * 2**20
+UNBOUNDED = 10**9  # the iteration count of a phase that runs until its share of --time-limit is spent
 T0 = time.perf_counter()  # this process's start: what --stop-after and the logged seconds count from
 
 
@@ -360,7 +364,7 @@ def update(params, optimizer, loss: torch.Tensor, ema_params, ema_weight: float)
 
 
 def train_transformer(pipe, settings: TrainSettings, device: torch.device, log: dict, checkpoint,
-                      state: "TrainingState | None" = None) -> bool:
+                      state: TrainingState | None = None) -> bool:
     """Train the transformer (and the text encoders if asked); False when `settings.stop_after` stopped it, after
     writing `state` (a `TrainingState`; a saved one there is continued from)."""
     modules = {"transformer": pipe.transformer}
@@ -729,13 +733,18 @@ def training_runs(meta: dict) -> list[dict]:
            "vae_iterations": meta.get("vae_iterations_done", 0), "vae_loss_end": vae_loss[-1][1] if vae_loss else None,
            "iterations": meta.get("iterations_done", 0), "batch": settings.get("batch"), "lr": settings.get("lr"),
            "compile": settings.get("compile", False), "cuda_graphs": meta.get("cuda_graphs", False),
-           "deterministic": settings.get("deterministic", True), "probe": meta.get("probe")}
+           "deterministic": settings.get("deterministic", True), "probe": meta.get("probe"),
+           "segments": meta.get("segments", [])}
     return [*meta.get("init_from", {}).get("runs", []), own]
 
 
 def _runs_summary(runs: list[dict]) -> str:
     minutes = f"{sum(r['seconds'] for r in runs) / 60:.1f} minutes"
     if len(runs) == 1:
+        parts = runs[0].get("segments", [])
+        if len(parts) > 1:  # stopped by --stop-after and continued from --state-dir
+            return (f"one run, {minutes}, in {len(parts)} processes ({' + '.join(f'{p:.0f}' for p in parts)} s: stopped "
+                    "with `--stop-after` and continued from its saved state, `--state-dir`)")
         return f"one run, {minutes}"
     return f"{len(runs)} runs, each starting from the weights the one before wrote (`--init-from`), {minutes} in all"
 
@@ -745,7 +754,7 @@ def _runs_table(runs: list[dict]) -> str:
             "  | --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
     for number, run in enumerate(runs, 1):
         kernels = ("compiled" if run["compile"] else "CUDA graphs" if run.get("cuda_graphs") else "eager") + (
-            ", deterministic" if run["deterministic"] else ", non-deterministic")
+            ", deterministic mode" if run["deterministic"] else ", non-deterministic")
         found = run.get("probe")
         probe_text = f"{found['train']}% / {found['heldout']}% (guidance {found['guidance']:g})" if found else "-"
         rows.append(f"  | {number} | {run['device']} | {run['vae_iterations']} | {run['iterations']} | {run['lr']:g} | {kernels} "
@@ -894,8 +903,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", choices=CONFIGS, default="default",
                         help="model size (small: quick CPU trials; tiny: tests)")
-    parser.add_argument("--iterations", type=int, default=defaults.iterations, help="transformer iterations")
-    parser.add_argument("--vae-iterations", type=int, default=defaults.vae_iterations)
+    parser.add_argument("--iterations", type=int,
+                        help=f"transformer iterations (default {defaults.iterations}; with --time-limit, as many as fit)")
+    parser.add_argument("--vae-iterations", type=int,
+                        help=f"VAE iterations (default {defaults.vae_iterations}; with --time-limit, as many as fit)")
     parser.add_argument("--batch", type=int, default=defaults.batch)
     parser.add_argument("--vae-batch", type=int, default=defaults.vae_batch)
     parser.add_argument("--lr", type=float, default=defaults.lr)
@@ -931,12 +942,31 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where a run stopped by --stop-after keeps its full training state; the same command "
                         "with the same folder continues it (exactly: the weights equal those of an uninterrupted run)")
     parser.add_argument("--stop-after", type=float, metavar="SECONDS",
-                        help="after this many seconds of this process, write the state to --state-dir and stop (for "
-                        "machines that cap how long one command may run)")
+                        help="once this many seconds of this process have passed (checked after each transformer "
+                        "iteration), write the state to --state-dir and stop, for machines that cap how long one command "
+                        "may run")
     parser.add_argument("--init-from", type=Path, metavar="PIPELINE",
                         help="start from this pipeline folder's weights (same config), e.g. the shipped model; with "
                         "--vae-iterations 0 its VAE is kept as it is")
     return parser
+
+
+def settings_from(args: argparse.Namespace) -> TrainSettings:
+    """The `TrainSettings` of parsed command-line arguments. A phase's iteration count not given is, with
+    `--time-limit`, unbounded (the limit decides how many fit), else the default."""
+    def count(given: int | None, default: int) -> int:
+        return given if given is not None else UNBOUNDED if args.time_limit else default
+
+    return TrainSettings(
+        iterations=count(args.iterations, TrainSettings.iterations),
+        vae_iterations=count(args.vae_iterations, TrainSettings.vae_iterations),
+        batch=args.batch, vae_batch=args.vae_batch,
+        lr=args.lr, vae_lr=args.vae_lr, warmup=args.warmup, cfg_dropout=args.cfg_dropout, ema=args.ema,
+        train_text_encoders=args.train_text_encoders, time_limit=args.time_limit, vae_share=args.vae_share,
+        seed=args.seed, log_every=args.log_every, resolutions=tuple(int(r) for r in args.resolutions.split(",")), probe=args.probe,
+        deterministic=not args.no_deterministic, compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
+        stop_after=args.stop_after,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -951,15 +981,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.stop_after is not None and not args.state_dir:
         raise BadInput("--stop-after needs --state-dir: the folder where the stopped run's state is kept")
-    config = CONFIGS[args.config]()
-    settings = TrainSettings(
-        iterations=args.iterations, vae_iterations=args.vae_iterations, batch=args.batch, vae_batch=args.vae_batch,
-        lr=args.lr, vae_lr=args.vae_lr, warmup=args.warmup, cfg_dropout=args.cfg_dropout, ema=args.ema,
-        train_text_encoders=args.train_text_encoders, time_limit=args.time_limit, vae_share=args.vae_share,
-        seed=args.seed, log_every=args.log_every, resolutions=tuple(int(r) for r in args.resolutions.split(",")), probe=args.probe,
-        deterministic=not args.no_deterministic, compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
-        stop_after=args.stop_after,
-    )
+    config, settings = CONFIGS[args.config](), settings_from(args)
     train(config, settings, args.out, torch.device(args.device), args.checkpoint_dir, args.checkpoint_every,
           args.init_from, args.state_dir)
     return 0

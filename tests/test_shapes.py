@@ -125,6 +125,16 @@ def test_training_stopped_and_continued_equals_one_run(tmp_path):
     assert run_command(lambda: train.main(["--out", str(resumed), "--stop-after", "5"])) == 2  # no --state-dir
 
 
+def test_training_time_limit_decides_the_iterations_unless_they_are_given():
+    def settings(*extra):
+        return train.settings_from(train.build_parser().parse_args(["--out", "x", *extra]))
+
+    assert settings().iterations == train.TrainSettings.iterations
+    limited = settings("--time-limit", "900")  # not capped by the default count
+    assert limited.iterations == limited.vae_iterations == train.UNBOUNDED
+    assert settings("--time-limit", "900", "--iterations", "50").iterations == 50
+
+
 def test_training_prompt_encoder_matches_the_pipeline():
     pipe = build_pipeline(ModelConfig.tiny())
     captions = ["a red circle on a blue background", "", "A small orange square on the left on a black background.",
