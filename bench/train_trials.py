@@ -25,9 +25,9 @@ import torch
 from sd35fp8.tiny import SHAPES_DIR
 from shapes.model import ModelConfig, build_pipeline
 from shapes.train import (
+    UNBOUNDED,
     Checkpointer,
     PromptEncoder,
-    UNBOUNDED,
     TrainSettings,
     VelocityPredictor,
     _autocast,

@@ -11,7 +11,7 @@ float32, see `storage_dtype`), with a model card (README.md), `loss_curve.png` a
 `--checkpoint-dir` additionally writes the weights every `--checkpoint-every` seconds as a few safetensors
 shards plus the log (what a time-limited remote run brings back); `--from-checkpoint DIR --out OUT` turns such
 a checkpoint into the pipeline folder without training. `--stop-after S --state-dir DIR` stops after S seconds
-with the full training state in DIR, and the same command continues it exactly (for machines that cap how long
+with the full training state in DIR, and the same command continues it (for machines that cap how long
 one command may run: the shipped model's 14.6-minute run took two such processes).
 
 The objective is SD3's: latents x0 = (VAE sample - shift) * scale, noise e, sigma ~ sigmoid(N(0, 1))
@@ -524,18 +524,27 @@ class Checkpointer:
             old.unlink()
         for i, shard in enumerate(shards):
             save_file(shard, str(self.folder / f"checkpoint-{i + 1}-of-{len(shards)}.safetensors"))
-        vae = pipe.vae.config
-        meta = dict(log, config=self.config.to_dict(), settings=vars(self.settings),
-                    vae_factors={"scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor})
+        meta = dict(log, config=self.config.to_dict(), settings=vars(self.settings), vae_factors=_vae_factors(pipe))
         (self.folder / "training_log.json").write_text(json.dumps(meta) + "\n")
         plot_losses(meta, self.folder / "loss_curve.png")
         self.last = time.perf_counter()
         print(f"checkpoint written to {self.folder} ({log.get('phase')}, {time.perf_counter() - T0:.0f} s)", flush=True)
 
 
-def _resumable(settings: TrainSettings) -> dict:
-    """The settings a stopped run must be continued with (JSON-normalized)."""
-    return json.loads(json.dumps({k: v for k, v in vars(settings).items() if k not in ("stop_after", "probe")}))
+def _vae_factors(pipe) -> dict:
+    """The VAE's latent factors, as its config holds them (saved with every checkpoint and training state)."""
+    return {"scaling_factor": pipe.vae.config.scaling_factor, "shift_factor": pipe.vae.config.shift_factor}
+
+
+def _segments(log: dict) -> list[float]:
+    """The seconds of each process a run has taken so far, this one's included."""
+    return log.get("segments", []) + [round(time.perf_counter() - T0, 1)]
+
+
+def _run_identity(config: ModelConfig, settings: TrainSettings) -> dict:
+    """What a stopped run must be continued with: the model config and settings (JSON-normalized)."""
+    settings = {k: v for k, v in vars(settings).items() if k not in ("stop_after", "probe")}
+    return json.loads(json.dumps(dict(settings, config=config.to_dict())))
 
 
 class TrainingState:
@@ -572,12 +581,10 @@ class TrainingState:
         for index, values in optimized["state"].items():
             tensors |= {f"optimizer.{index}.{k}": v.detach().to("cpu", copy=True) for k, v in values.items()}
         tensors["generator"] = generator.get_state()
-        vae = pipe.vae.config
         info = {"step": step, "iterations": budget.iterations, "elapsed": time.perf_counter() - budget.started,
                 "running": running, "rng": rng.getstate(), "param_groups": optimized["param_groups"],
-                "vae_factors": {"scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor},
-                "config": self.config.to_dict(), "settings": _resumable(settings),
-                "log": dict(log, segments=log.get("segments", []) + [round(time.perf_counter() - T0, 1)])}
+                "vae_factors": _vae_factors(pipe), "run": _run_identity(self.config, settings),
+                "log": dict(log, segments=_segments(log))}
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / self.INFO).unlink(missing_ok=True)  # the info file marks a complete state: written last
         save_file(tensors, str(self.folder / f"{self.TENSORS}.partial"))
@@ -590,8 +597,7 @@ class TrainingState:
         from safetensors.torch import load_file
 
         info = json.loads((self.folder / self.INFO).read_text())
-        saved = dict(info["settings"], config=info["config"])
-        wanted = json.loads(json.dumps(dict(_resumable(settings), config=self.config.to_dict())))
+        saved, wanted = info["run"], _run_identity(self.config, settings)
         differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
         if differ:
             raise BadInput(f"{self.folder} holds a stopped run with other settings ({', '.join(differ)}): continue it "
@@ -881,7 +887,7 @@ def train(config: ModelConfig, settings: TrainSettings, out: Path, device: torch
     if not train_transformer(pipe, settings, device, log, checkpoint, state):
         return None
     log["phase"] = "done"
-    log["segments"] = log.get("segments", []) + [round(time.perf_counter() - T0, 1)]
+    log["segments"] = _segments(log)
     log["seconds"] = sum(log["segments"])  # seconds of this process (and of the ones a resumed run continues)
     if state:
         state.remove()
@@ -890,7 +896,7 @@ def train(config: ModelConfig, settings: TrainSettings, out: Path, device: torch
         log["probe"] = probe(pipe, device, settings.probe)
         checkpoint.write(pipe, log)
     meta = dict(log, config=config.to_dict(), settings=vars(settings),
-                vae_factors={"scaling_factor": pipe.vae.config.scaling_factor, "shift_factor": pipe.vae.config.shift_factor})
+                vae_factors=_vae_factors(pipe))
     write_pipeline(pipe, out, meta)
     print(f"wrote {out} ({log['seconds']:.0f} s)", flush=True)
     return pipe, meta
@@ -940,7 +946,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write --out from this checkpoint folder; no training (--probe still scores it)")
     parser.add_argument("--state-dir", type=Path,
                         help="where a run stopped by --stop-after keeps its full training state; the same command "
-                        "with the same folder continues it (exactly: the weights equal those of an uninterrupted run)")
+                        "with the same folder continues it (on the CPU the weights then equal those of an uninterrupted run)")
     parser.add_argument("--stop-after", type=float, metavar="SECONDS",
                         help="once this many seconds of this process have passed (checked after each transformer "
                         "iteration), write the state to --state-dir and stop, for machines that cap how long one command "
