@@ -114,6 +114,9 @@ CONFIGS = {c.name: c for c in [
            estimate={"large": 45, "medium": 35}),
     Config("fp8_max_autotune", "fp8", {**FUSED, **REGIONAL, "compile_mode": "max-autotune-no-cudagraphs"},
            estimate={"large": 200, "medium": 150}),
+    Config("fp8_default_max_autotune", "fp8", {**REGIONAL, "fuse_projections": True, "attention": "fp8_triton",
+                                               "cuda_graphs": True, "compile_mode": "max-autotune-no-cudagraphs"},
+           estimate={"large": 240, "medium": 150}),
     Config("fp8_full_compile", "fp8", {**FUSED, "compile": "full"}, issue="everywhere",
            estimate={"large": 200, "medium": 120}),
 ]}

@@ -33,6 +33,7 @@ from shapes.train import (
     _images,
     graphed_predictors,
     noised_latents,
+    set_kernels,
     update,
     velocity_loss,
 )
@@ -104,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graphs", action="store_true", help="the transformer's step replayed as CUDA graphs")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        torch.backends.cudnn.benchmark = device.type == "cuda"
+    set_kernels(device, args.deterministic)
     rows = profile(device, args.iterations, args.batch, not args.train_text_encoders, args.cuda_graphs)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     result = {"device": name, "torch": torch.__version__, "weights": "untrained (timing only)",

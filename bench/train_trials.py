@@ -35,6 +35,7 @@ from shapes.train import (
     load_weights,
     noised_latents,
     probe,
+    set_kernels,
     train_transformer,
     velocity_loss,
 )
@@ -71,8 +72,7 @@ def validation_loss(pipe, device: torch.device, batches: int = 4, batch: int = 2
 def run_trial(name: str, overrides: dict, seconds: float, device: torch.device, probe_count: int) -> dict:
     settings = TrainSettings(**{"iterations": UNBOUNDED, "vae_iterations": 0, "vae_share": 0.0, "time_limit": seconds,
                                 "deterministic": False, **overrides})
-    torch.use_deterministic_algorithms(settings.deterministic, warn_only=True)
-    torch.backends.cudnn.benchmark = device.type == "cuda" and not settings.deterministic
+    set_kernels(device, settings.deterministic)
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     pipe = build_pipeline(ModelConfig())

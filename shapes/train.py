@@ -2,10 +2,9 @@
 
     python -m shapes.train --out DIR [--device cuda] [--iterations N] [--vae-iterations N] [--time-limit S] ...
 
-Everything is generated in code (`shapes.data`): no download. Deterministic for a given seed and iteration
-count on the CPU; on CUDA only up to the kernels PyTorch itself calls non-deterministic and warns about (cuDNN
-attention's backward is one: two H200 runs' VAE losses differed in the fourth digit after 60 iterations). A
-progress bar shows the loss. Writes DIR as a diffusers `StableDiffusion3Pipeline` folder in safetensors (bf16; the two small CLIP encoders
+Everything is generated in code (`shapes.data`): no download. Bitwise deterministic for a given seed and
+iteration count, on the CPU and on CUDA (`set_kernels`; `--no-deterministic` trades that for cuDNN's benchmarked
+kernels). A progress bar shows the loss. Writes DIR as a diffusers `StableDiffusion3Pipeline` folder in safetensors (bf16; the two small CLIP encoders
 float32, see `storage_dtype`), with a model card (README.md), `loss_curve.png` and `training_log.json`.
 
 `--checkpoint-dir` additionally writes the weights every `--checkpoint-every` seconds as a few safetensors
@@ -553,7 +552,7 @@ class TrainingState:
 
     A run stopped by `--stop-after` (for machines that cap how long a command may run) writes it; the same command
     with the same `--state-dir` continues from it, and the weights equal those of one uninterrupted run
-    (tests/test_shapes.py checks this on the CPU). A finished run removes it. Tensors are safetensors; the rest JSON.
+    (tests/test_shapes.py checks this on the CPU; it held on an H200 too). A finished run removes it. Tensors are safetensors; the rest JSON.
     """
 
     TENSORS, INFO = "state.safetensors", "state.json"
@@ -739,7 +738,9 @@ def training_runs(meta: dict) -> list[dict]:
            "vae_iterations": meta.get("vae_iterations_done", 0), "vae_loss_end": vae_loss[-1][1] if vae_loss else None,
            "iterations": meta.get("iterations_done", 0), "batch": settings.get("batch"), "lr": settings.get("lr"),
            "compile": settings.get("compile", False), "cuda_graphs": meta.get("cuda_graphs", False),
-           "deterministic": settings.get("deterministic", True), "probe": meta.get("probe"),
+           # logs written before "kernels" was recorded come from warn-only deterministic mode
+           "kernels": meta.get("kernels", "warn-only" if settings.get("deterministic", True) else "non-deterministic"),
+           "probe": meta.get("probe"),
            "segments": meta.get("segments", [])}
     return [*meta.get("init_from", {}).get("runs", []), own]
 
@@ -759,8 +760,10 @@ def _runs_table(runs: list[dict]) -> str:
     rows = ["  | run | where | VAE iterations | transformer iterations | lr | kernels | seconds | probe: train / held-out |",
             "  | --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
     for number, run in enumerate(runs, 1):
-        kernels = ("compiled" if run["compile"] else "CUDA graphs" if run.get("cuda_graphs") else "eager") + (
-            ", deterministic mode" if run["deterministic"] else ", non-deterministic")
+        kernels = ("compiled" if run["compile"] else "CUDA graphs" if run.get("cuda_graphs") else "eager") + ", " + {
+            "deterministic": "deterministic kernels",
+            "warn-only": "deterministic mode, warnings only (cuDNN attention's backward is not deterministic)",
+        }.get(run["kernels"], run["kernels"])
         found = run.get("probe")
         probe_text = f"{found['train']}% / {found['heldout']}% (guidance {found['guidance']:g})" if found else "-"
         rows.append(f"  | {number} | {run['device']} | {run['vae_iterations']} | {run['iterations']} | {run['lr']:g} | {kernels} "
@@ -847,6 +850,24 @@ def load_weights(pipe, folder: Path) -> dict:
             "iterations": total(runs)}
 
 
+def set_kernels(device: torch.device, deterministic: bool) -> None:
+    """Training's kernel settings: TF32 on CUDA, and either deterministic kernels only (an operation without a
+    deterministic implementation raises and names itself) or cuDNN's benchmarked, fastest choices."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; read at its first use
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+
+
+def kernel_mode() -> str:
+    """How deterministic the kernels of this process are: "deterministic", "warn-only" or "non-deterministic"."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return "non-deterministic"
+    return "warn-only" if torch.is_deterministic_algorithms_warn_only_enabled() else "deterministic"
+
+
 def train(config: ModelConfig, settings: TrainSettings, out: Path, device: torch.device,
           checkpoint_dir: Path | None = None, checkpoint_every: float = 120.0, init_from: Path | None = None,
           state_dir: Path | None = None):
@@ -854,19 +875,12 @@ def train(config: ModelConfig, settings: TrainSettings, out: Path, device: torch
     (pipeline, meta), or None when `settings.stop_after` stopped it (its state is then in `state_dir`)."""
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if settings.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    set_kernels(device, settings.deterministic)
     started = time.perf_counter()
     pipe = build_pipeline(config)
     pipe.set_progress_bar_config(disable=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    log = {"device": name, "torch": torch.__version__, "phase": "vae"}
+    log = {"device": name, "torch": torch.__version__, "phase": "vae", "kernels": kernel_mode()}
     if init_from:
         log["init_from"] = load_weights(pipe, init_from)
         print(f"starting from {init_from} ({log['init_from']['iterations']} transformer iterations)", flush=True)
@@ -946,7 +960,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write --out from this checkpoint folder; no training (--probe still scores it)")
     parser.add_argument("--state-dir", type=Path,
                         help="where a run stopped by --stop-after keeps its full training state; the same command "
-                        "with the same folder continues it (on the CPU the weights then equal those of an uninterrupted run)")
+                        "with the same folder continues it, and the weights then equal those of an uninterrupted run")
     parser.add_argument("--stop-after", type=float, metavar="SECONDS",
                         help="once this many seconds of this process have passed (checked after each transformer "
                         "iteration), write the state to --state-dir and stop, for machines that cap how long one command "

@@ -135,6 +135,21 @@ def test_training_time_limit_decides_the_iterations_unless_they_are_given():
     assert settings("--time-limit", "900", "--iterations", "50").iterations == 50
 
 
+def test_training_kernels_are_strictly_deterministic_and_the_card_says_which_mode_ran():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        train.set_kernels(torch.device("cpu"), deterministic=True)
+        assert train.kernel_mode() == "deterministic"  # strict: an op without a deterministic kernel raises
+        train.set_kernels(torch.device("cpu"), deterministic=False)
+        assert train.kernel_mode() == "non-deterministic"
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    old_log = {"device": "NVIDIA H200", "settings": {"deterministic": True, "lr": 6e-4}, "seconds": 1.0}  # no "kernels" yet
+    assert train.training_runs(old_log)[0]["kernels"] == "warn-only"
+    assert "warnings only" in train._runs_table(train.training_runs(old_log))
+    assert "deterministic kernels" in train._runs_table(train.training_runs({**old_log, "kernels": "deterministic"}))
+
+
 def test_training_prompt_encoder_matches_the_pipeline():
     pipe = build_pipeline(ModelConfig.tiny())
     captions = ["a red circle on a blue background", "", "A small orange square on the left on a black background.",
