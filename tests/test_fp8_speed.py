@@ -160,6 +160,165 @@ def test_gelu_quantize_kernel_compiles_for_fp8_gpus(capability):
     assert compiled.asm["cubin"] and "tanh.approx.f32" in ptx and "cvt.rn.satfinite.e4m3x2." in ptx  # nearest
 
 
+# ------------------------------------------------------------------ short FP8 GEMMs through Triton (kernels.fp8_gemm)
+
+GEMM_INTERPRETER_CODE = """
+import torch
+from sd35fp8 import attention_kernel, kernels
+from sd35fp8.fp8 import _quantize_rows_eager, quantize_weight_rows
+assert attention_kernel.patch_interpreter_for_numpy2()
+torch.manual_seed(0)
+for rows, depth, columns, bias in ((2, 256, 384, True), (75, 1040, 272, True), (130, 384, 144, False),
+                                   (70, 192, 4224, True)):
+    x = torch.randn(rows, depth)
+    x[1] *= 40  # rows of very different magnitudes: each row's scale must land on its own row
+    x_fp8, x_scale = _quantize_rows_eager(x)
+    weight, weight_scale = quantize_weight_rows(torch.randn(columns, depth) * 0.05)
+    weight_scale = weight_scale.reshape(1, -1).float()
+    b = torch.randn(columns) if bias else None
+    expected = kernels.fp8_gemm_reference(x_fp8, weight, x_scale, weight_scale, b, torch.float32)
+    for config in (kernels.gemm_config(rows, columns), kernels.GemmConfig(32, 64, 64, 2, 4)):
+        out = torch.empty(rows, columns)  # float32: the interpreter's bf16 cast truncates where the GPU's rounds
+        kernels.launch_fp8_gemm(x_fp8, weight, x_scale.reshape(-1), weight_scale.reshape(-1), b, out, config)
+        error = float((out - expected).abs().max() / expected.abs().max())
+        assert error < 1e-5, (rows, depth, columns, config, error)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+def test_short_fp8_gemm_kernel_arithmetic_in_tritons_interpreter():
+    """The Triton GEMM, run by Triton's CPU interpreter, against float32 torch: rows that are not a multiple of the
+    tile (666 in SD3.5), K not a multiple of the K tile, with and without a bias, the three shipped tile configurations
+    and a smaller one (several tiles in each direction, so the grouped tile order and the epilogue's indices count)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", GEMM_INTERPRETER_CODE], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+@pytest.mark.parametrize("capability", [89, 90, 120])
+@pytest.mark.parametrize("columns", [2432, 7296])  # both tiles for SD3.5's text tokens
+def test_short_fp8_gemm_kernel_compiles_to_fp8_tensor_core_code(capability, columns):
+    """Built for the GPU without one, with the arguments inductor passes (no divisibility hints on the sizes and
+    strides): FP8 tensor-core instructions (Hopper's wgmma, mma.sync e4m3 on Ada and consumer Blackwell) fed by
+    16-byte asynchronous copies, and 16-byte stores."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    config = kernels.gemm_config(666, columns)
+    signature = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
+                 "bias_ptr": "*bf16", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
+                 "stride_bn": "i32", "stride_cm": "i32"}
+    constexprs = {"HAS_BIAS": True, "EVEN_K": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+                  "BLOCK_K": config.block_k, "GROUP_M": 8}
+    signature |= {name: "constexpr" for name in constexprs}
+    source = ASTSource(fn=kernels._fp8_gemm_kernel, signature=signature, constexprs=constexprs,
+                       attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name.endswith("_ptr")})
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    ptx = compiled.asm["ptx"]
+    mma = r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.f32\.e4m3\.e4m3" if capability == 90 else \
+        r"mma\.sync\.aligned\.m16n8k32\S*e4m3\.e4m3"
+    assert compiled.asm["cubin"] and re.search(mma, ptx)
+    assert "cp.async.cg.shared.global" in ptx and "cp.async.ca.shared.global" not in ptx  # 16 bytes, not 4 or 8
+    assert "st.global.v4.b32" in ptx and not re.search(r"st\.global\.(b8|b16)", ptx)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+@pytest.mark.parametrize("capability,shared_kb", [(90, 228), (89, 99), (120, 99)])  # H100/H200, L4/L40S, RTX 50xx
+def test_short_fp8_gemm_tiles_fit_the_gpus_shared_memory(capability, shared_kb):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    signature = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
+                 "bias_ptr": "*bf16", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
+                 "stride_bn": "i32", "stride_cm": "i32"}
+    for rows, columns in ((2, 14592), (666, 2432), (666, 9728)):
+        config = kernels.gemm_config(rows, columns, shared_kb * 1024)
+        constexprs = {"HAS_BIAS": True, "EVEN_K": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+                      "BLOCK_K": config.block_k, "GROUP_M": 8}
+        source = ASTSource(fn=kernels._fp8_gemm_kernel, signature=signature | dict.fromkeys(constexprs, "constexpr"),
+                           constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        assert compiled.metadata.shared <= shared_kb * 1024, (rows, columns, config, compiled.metadata.shared)
+
+
+def test_fp8_layer_runs_short_inputs_through_the_triton_gemm(monkeypatch):
+    """With `use_short_gemm`, a row-wise FP8 layer hands inputs of at most SHORT_GEMM_MAX_ROWS rows to
+    `kernels.fp8_gemm` (its quantized rows and scales, the bias, the output dtype) and longer ones to
+    torch._scaled_mm; without it, everything goes to torch._scaled_mm."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 48, dtype=torch.bfloat16), nn.Linear(48, 32, dtype=torch.bfloat16))
+    quantize_linears(model, "scaled_mm")
+    layer = model[0]
+    calls = []
+
+    def stand_in(x_fp8, weight, x_scale, weight_scale, bias, dtype):
+        calls.append(x_fp8.shape[0])
+        return kernels.fp8_gemm_reference(x_fp8, weight, x_scale, weight_scale, bias, dtype)
+
+    monkeypatch.setattr(kernels, "fp8_gemm", stand_in)
+    monkeypatch.setattr(kernels, "gemm_supports", lambda x_fp8, weight: x_fp8.shape[0] <= kernels.SHORT_GEMM_MAX_ROWS)
+    short, long = torch.randn(2, 333, 64, dtype=torch.bfloat16), torch.randn(2, 600, 64, dtype=torch.bfloat16)
+    expected_short = layer(short)  # torch._scaled_mm (on the CPU too, in this torch)
+    assert calls == [] and fp8.short_gemm_layers(model) == 0
+    assert fp8.use_short_gemm(model) == 2 == fp8.short_gemm_layers(model) and "short_gemm=True" in repr(layer)
+    out = layer(short)
+    assert calls == [666] and out.dtype == torch.bfloat16 and out.shape == (2, 333, 48)
+    assert relative_error(out, expected_short) < 1e-2  # the same product, summed in another order
+    layer(long)
+    assert calls == [666]  # 1200 rows: torch._scaled_mm
+    layer.set_mode("dequant")
+    assert fp8.short_gemm_layers(model) == 1  # only row-wise FP8 layers count
+
+
+@pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+def test_short_fp8_gemm_op_compiles_fullgraph_and_exports_as_one_op(monkeypatch):
+    """torch.compile (fullgraph) and torch.export see one op; its fake registration gives the shape and dtype. On
+    the CPU the launcher is replaced by a torch stand-in (the kernel runs on CUDA, or in the interpreter above)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def stand_in(x_fp8, weight, x_scale, weight_scale, bias, out, config=None):
+        out.copy_(kernels.fp8_gemm_reference(x_fp8, weight, x_scale, weight_scale, bias, out.dtype))
+
+    monkeypatch.setattr(kernels, "launch_fp8_gemm", stand_in)
+    torch.manual_seed(4)
+    x_fp8, x_scale = fp8._quantize_rows_eager(torch.randn(10, 64))
+    weight, weight_scale = fp8.quantize_weight_rows(torch.randn(32, 64))
+    weight_scale = weight_scale.reshape(1, -1).float()
+    bias = torch.randn(32, dtype=torch.bfloat16)
+
+    def gemm(x_fp8, x_scale, weight, weight_scale, bias):
+        return kernels.fp8_gemm(x_fp8, weight, x_scale, weight_scale, bias, torch.bfloat16).float() * 2
+
+    expected = gemm(x_fp8, x_scale, weight, weight_scale, bias)
+    assert torch.equal(expected / 2, kernels.fp8_gemm_reference(x_fp8, weight, x_scale, weight_scale, bias,
+                                                                 torch.bfloat16).float())
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(gemm, fullgraph=True, backend="aot_eager")(x_fp8, x_scale, weight, weight_scale,
+                                                                              bias), expected)
+
+    class Gemm(torch.nn.Module):
+        def forward(self, *args):
+            return gemm(*args)
+
+    exported = torch.export.export(Gemm(), (x_fp8, x_scale, weight, weight_scale, bias))
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert "sd35fp8.fp8_gemm.default" in targets, targets
+    with FakeTensorMode():
+        out = kernels.fp8_gemm(torch.empty(666, 2432, dtype=torch.float8_e4m3fn),
+                               torch.empty(7296, 2432, dtype=torch.float8_e4m3fn), torch.empty(666, 1),
+                               torch.empty(1, 7296), None, torch.bfloat16)
+        assert out.shape == (666, 7296) and out.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("kernel", kernels.KERNELS)
 def test_the_kernel_check_reports_instead_of_failing(monkeypatch, kernel):
     monkeypatch.setattr(kernels, "_CHECKS", {})
