@@ -19,26 +19,24 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from shapes.model import ModelConfig, build_pipeline
 from shapes.train import (
     PromptEncoder,
+    TrainSettings,
     VelocityPredictor,
     _autocast,
     _images,
     noised_latents,
     set_kernels,
+    vae_losses,
     velocity_loss,
 )
 
 
 def _vae_loss(pipe, images):
-    posterior = pipe.vae.encode(images).latent_dist
-    recon = pipe.vae.decode(posterior.sample()).sample.float()
-    mean, logvar = posterior.mean.float(), posterior.logvar.float()
-    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-    return F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-5 * kl
+    rec, kl = vae_losses(pipe.vae, images)
+    return rec + TrainSettings.kl_weight * kl
 
 
 def _pass(module, loss_fn, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -233,6 +233,7 @@ if triton is not None:
 # 0.048 / 0.021 / 0.064 ms with _scaled_mm not among the ten fastest choices; at 8192 rows (the image tokens)
 # _scaled_mm won by 1.6-1.8x.
 SHORT_GEMM_MAX_ROWS = 1024
+HOPPER_SHARED_MEMORY = 228 * 1024  # bytes per block the H100/H200 allow a kernel; Ada and consumer Blackwell: 99 KB
 
 
 class GemmConfig(NamedTuple):
@@ -243,7 +244,7 @@ class GemmConfig(NamedTuple):
     num_warps: int
 
 
-def gemm_config(rows: int, columns: int, shared_memory: int = 228 * 1024) -> GemmConfig:
+def gemm_config(rows: int, columns: int, shared_memory: int = HOPPER_SHARED_MEMORY) -> GemmConfig:
     """The tiles `fp8_gemm` launches for `rows` activation rows and `columns` output channels on a GPU with
     `shared_memory` bytes per block: the winners of that autotuning. 2 rows: 16 x 256 x 128 (M x N x K), 4 stages,
     8 warps (0.025 ms; its 102 KB of buffers exceed Ada's and consumer Blackwell's 99 KB, which get the runner-up,
@@ -263,7 +264,7 @@ def shared_memory_per_block(device: torch.device) -> int:
     key = str(device)
     if key not in _SHARED_MEMORY:
         _SHARED_MEMORY[key] = torch.cuda.get_device_properties(device).shared_memory_per_block_optin \
-            if device.type == "cuda" else 228 * 1024
+            if device.type == "cuda" else HOPPER_SHARED_MEMORY
     return _SHARED_MEMORY[key]
 
 

@@ -147,6 +147,19 @@ def _autocast(device: torch.device, cache: bool = True):
 # ---------------------------------------------------------------------------------------------- VAE
 
 
+def vae_losses(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's training losses on `images` (in [-1, 1]): reconstruction (L1 + MSE of a sampled latent's decoding)
+    and the KL divergence of its posterior from N(0, 1), both float32."""
+    with _autocast(images.device):
+        posterior = vae.encode(images).latent_dist
+        latents = posterior.sample()
+        recon = vae.decode(latents).sample
+    recon = recon.float()
+    mean, logvar = posterior.mean.float(), posterior.logvar.float()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+    return F.l1_loss(recon, images) + F.mse_loss(recon, images), kl
+
+
 def train_vae(pipe, settings: TrainSettings, device: torch.device, log: dict, checkpoint) -> None:
     vae = pipe.vae.to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
@@ -161,14 +174,7 @@ def train_vae(pipe, settings: TrainSettings, device: torch.device, log: dict, ch
         images, _ = _images(rng, _batch_size(settings.vae_batch, resolution), resolution, device)
         for group in optimizer.param_groups:
             group["lr"] = settings.vae_lr * _schedule(step, budget.iterations, settings.warmup)
-        with _autocast(device):
-            posterior = vae.encode(images).latent_dist
-            latents = posterior.sample()
-            recon = vae.decode(latents).sample
-        recon = recon.float()
-        mean, logvar = posterior.mean.float(), posterior.logvar.float()
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-        rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+        rec, kl = vae_losses(vae, images)
         loss = rec + settings.kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -197,6 +197,25 @@ def test_short_fp8_gemm_kernel_arithmetic_in_tritons_interpreter():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+def build_fp8_gemm(capability: int, config):
+    """`kernels._fp8_gemm_kernel` built for a GPU without one, with the arguments inductor passes: aligned pointers,
+    no divisibility hints on the sizes and strides."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    signature = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
+                 "bias_ptr": "*bf16", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
+                 "stride_bn": "i32", "stride_cm": "i32"}
+    constexprs = {"HAS_BIAS": True, "EVEN_K": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+                  "BLOCK_K": config.block_k, "GROUP_M": 8}
+    signature |= dict.fromkeys(constexprs, "constexpr")
+    source = ASTSource(fn=kernels._fp8_gemm_kernel, signature=signature, constexprs=constexprs,
+                       attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name.endswith("_ptr")})
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
 @pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
 @pytest.mark.parametrize("capability", [89, 90, 120])
 @pytest.mark.parametrize("columns", [2432, 7296])  # both tiles for SD3.5's text tokens
@@ -206,21 +225,7 @@ def test_short_fp8_gemm_kernel_compiles_to_fp8_tensor_core_code(capability, colu
     16-byte asynchronous copies, and 16-byte stores."""
     import re
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import ASTSource
-
-    config = kernels.gemm_config(666, columns)
-    signature = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
-                 "bias_ptr": "*bf16", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
-                 "stride_bn": "i32", "stride_cm": "i32"}
-    constexprs = {"HAS_BIAS": True, "EVEN_K": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
-                  "BLOCK_K": config.block_k, "GROUP_M": 8}
-    signature |= {name: "constexpr" for name in constexprs}
-    source = ASTSource(fn=kernels._fp8_gemm_kernel, signature=signature, constexprs=constexprs,
-                       attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name.endswith("_ptr")})
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    compiled = build_fp8_gemm(capability, kernels.gemm_config(666, columns))
     ptx = compiled.asm["ptx"]
     mma = r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.f32\.e4m3\.e4m3" if capability == 90 else \
         r"mma\.sync\.aligned\.m16n8k32\S*e4m3\.e4m3"
@@ -276,21 +281,9 @@ def test_short_fp8_gemm_in_the_tiny_transformer_step_matches_scaled_mm():
 @pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
 @pytest.mark.parametrize("capability,shared_kb", [(90, 228), (89, 99), (120, 99)])  # H100/H200, L4/L40S, RTX 50xx
 def test_short_fp8_gemm_tiles_fit_the_gpus_shared_memory(capability, shared_kb):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import ASTSource
-
-    signature = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_scale_ptr": "*fp32",
-                 "bias_ptr": "*bf16", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
-                 "stride_bn": "i32", "stride_cm": "i32"}
     for rows, columns in ((2, 14592), (666, 2432), (666, 9728)):
         config = kernels.gemm_config(rows, columns, shared_kb * 1024)
-        constexprs = {"HAS_BIAS": True, "EVEN_K": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
-                      "BLOCK_K": config.block_k, "GROUP_M": 8}
-        source = ASTSource(fn=kernels._fp8_gemm_kernel, signature=signature | dict.fromkeys(constexprs, "constexpr"),
-                           constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        compiled = build_fp8_gemm(capability, config)
         assert compiled.metadata.shared <= shared_kb * 1024, (rows, columns, config, compiled.metadata.shared)
 
 
