@@ -404,11 +404,12 @@ def _check(device: torch.device, kernel: str) -> str | None:
             from .fp8 import quantize_weight_rows
 
             worst = 0.0
-            for rows in (2, 75):  # both tile configurations; K not a multiple of the 128-wide K tile
+            # each of gemm_config's tiles; K not a multiple of the K tiles
+            for rows, columns in ((2, 272), (75, 272), (75, 4112)):
                 x = torch.randn(rows, 1040, generator=generator).to(device, torch.bfloat16)
-                weight, weight_scale = quantize_weight_rows(torch.randn(272, 1040, generator=generator) * 0.05)
+                weight, weight_scale = quantize_weight_rows(torch.randn(columns, 1040, generator=generator) * 0.05)
                 weight, weight_scale = weight.to(device), weight_scale.reshape(1, -1).float().to(device)
-                bias = torch.randn(272, generator=generator).to(device, torch.bfloat16)
+                bias = torch.randn(columns, generator=generator).to(device, torch.bfloat16)
                 x_fp8, x_scale = _quantize_rows_eager(x)
                 out = fp8_gemm(x_fp8, weight, x_scale, weight_scale, bias, torch.bfloat16).float()
                 expected = fp8_gemm_reference(x_fp8, weight, x_scale, weight_scale, bias, torch.float32)
