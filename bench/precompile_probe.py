@@ -3,7 +3,8 @@
     python -m bench.precompile_probe --out results.json [--device cuda] [--work DIR]
 
 A warm compile cache still pays dynamo's tracing at start-up (8-9 s of SD3.5 Large's 13.5-14.5 s first image on the
-H200). This probe tries torch's serializable route on the built-in tiny FP8 model, through the project's loader:
+H200). This probe tries torch's serializable route on the random tiny test pipeline (`load_pipeline("tiny", "fp8")`),
+through the project's loader:
 `torch.compile(type(block).forward, fullgraph=True, dynamic=True).aot_compile(((block, *args), kwargs))` for one
 block of each kind (the compiled function takes the block as its first argument, so one file serves every block of
 its kind), `save_compiled_function`, then in a fresh process `torch.compiler.load_compiled_function` and every
