@@ -95,6 +95,11 @@ CONFIGS = {c.name: c for c in [
     Config("fp8_triton_attention", "fp8", {**REGIONAL, "fuse_projections": True, "attention": "fp8_triton"},
            estimate={"large": 60, "medium": 50}, extra=("profile",)),
     Config("fp8_triton_cudagraphs", "fp8", DEFAULT_FP8, estimate={"large": 60, "medium": 50}),
+    # the default with its compiled blocks saved to disk, then an app restart that loads them (no tracing)
+    Config("fp8_precompiled", "fp8", {**DEFAULT_FP8, "compile": "precompiled"}, issue="both",
+           estimate={"large": 60, "medium": 50}, extra=("second_size",)),
+    Config("fp8_precompiled_warm", "fp8", {**DEFAULT_FP8, "compile": "precompiled"}, issue="everywhere",
+           estimate={"large": 45, "medium": 35}, extra=("child:fp8_precompiled",)),
     Config("bf16_compile_cudagraphs", "bf16", {**FUSED, **REGIONAL, "cuda_graphs": True},
            estimate={"large": 35, "medium": 30}),
     Config("torchao_fp8_compile", "bf16", TORCHAO_COMPILE, peer=True, estimate={"large": 45, "medium": 35}),
@@ -132,6 +137,7 @@ PLANS = {  # compilations that hung on the H200 (torchao, tensor-wise) run in ch
     "medium": ["bf16_eager", "fp8_best_plain", "bf16_compile_fused", "fp8_triton_attention", "fp8_eager", "torchao_fp8_compile_child",
                "fp8_fp8attn_compile"],
 }
+WARM_CHILDREN = {"fp8_best_plain": "fp8_best", "fp8_precompiled": "fp8_precompiled"}  # child -> what wrote its cache
 CARD_16GB = 16 * 2**30  # the 16 GB placement is sized for this card (fp8_16gb)
 BUILD_ESTIMATE = {"large": 45, "medium": 25, "tiny": 1}
 
@@ -411,7 +417,7 @@ class ModelBench:
             row.update(self.child(child, reference="reference" in config.extra))
             return row
         options = dict(config.options)
-        if args.tiny and options.get("compile") in ("regional", "full"):
+        if args.tiny and options.get("compile") in ("regional", "precompiled", "full"):
             options.setdefault("compile_backend", "eager")  # dry run: trace, do not generate kernels
         if args.tiny and options.get("compile_mode"):
             options.pop("compile_mode")
@@ -552,9 +558,9 @@ class ModelBench:
         row = json.loads(out.read_text()) if out.is_file() else {}
         row = {k: v for k, v in row.items() if k not in ("model", "config")}
         row["child"] = {"config": name, "process_s": round(time.perf_counter() - started, 1), "error": failure}
-        if name == "fp8_best_plain":
+        if name in WARM_CHILDREN:
             row["cache"] = "warm"
-            row["cache_note"] = "fresh process, compile cache written by this run's fp8_best (an app restart)"
+            row["cache_note"] = f"fresh process, compile cache written by this run's {WARM_CHILDREN[name]} (an app restart)"
         return row
 
 

@@ -6,6 +6,9 @@
   Large compiles two graphs (its last block has no context output) and Medium three. With `dynamic=True` the
   token and batch dimensions are symbolic, so a new image size or batch runs the same code: no recompilation.
   `"full"` compiles the whole transformer instead (one big graph, minutes for Large).
+* `precompile_blocks(t, folder)` is regional compile whose compiled block functions are saved to disk
+  (`torch.compile(...).aot_compile`, one file per block kind and input class) and loaded by the next process
+  with no tracing: a warm regional compile still spends most of its start re-tracing with dynamo.
 * `configure_compile_cache(dir)` points inductor's and Triton's on-disk caches (FX graph cache, AOTAutograd
   cache, compiled kernels) at a folder kept between runs, so a restarted app compiles from cache.
 * `aot_compile_blocks` exports one block of each kind (`torch.export`, symbolic token dimension) and builds an
@@ -19,6 +22,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -31,12 +35,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
-COMPILE_CHOICES = ("off", "regional", "full", "aot")
+COMPILE_CHOICES = ("off", "regional", "precompiled", "full", "aot")
 RECOMPILE_LIMIT = 64  # graphs per code object: block kinds x pipelines x (batch 1 / CFG); torch's default 8 is too few
 TOKEN_RANGE = (16, 16384)  # image tokens of a 64..2048 px side at VAE factor 8, patch 2
 BATCH_RANGE = (2, 16)  # CFG doubles the batch; batch 1 (no CFG) runs the blocks eagerly on the AOT path
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- caches
@@ -122,6 +128,126 @@ def compile_transformer(transformer: nn.Module, how: str = "regional", *, mode: 
         transformer.compile(**options)
         return "full model" + (", dynamic" if dynamic else "") + (f", {mode}" if mode else "")
     raise ValueError(f"unknown compile choice {how!r}; use regional or full")
+
+
+# ------------------------------------------------------------------------------------------- precompiled blocks
+
+
+PRECOMPILE_AVAILABLE = hasattr(torch.compiler, "load_compiled_function")  # torch >= 2.10
+PRECOMPILED_PER_KIND = 8  # saved functions a block kind may gather (batch 1, CFG, dtypes); past it: one dynamo compile
+
+
+class DirectAttention(Attention):
+    """diffusers' `Attention` calling its processor directly. Its own forward reads
+    `inspect.signature(self.processor.__call__)` on every call, which dynamo guards with an object-identity guard that
+    cannot be saved; the project's processors take every keyword, so nothing is lost."""
+
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                              attention_mask=attention_mask, **kwargs)
+
+
+def _aot_config() -> dict:
+    """dynamo settings `aot_compile` needs: float scalars specialized (it cannot restart its analysis after
+    turning them into tensors), and torch 2.11's opt-in flag (default on from 2.13)."""
+    config = torch._dynamo.config
+    return {name: True for name in ("specialize_float", "enable_aot_compile") if hasattr(config, name)}
+
+
+class PrecompiledKind:
+    """The compiled forwards of one block kind, kept as files in `folder` (`<kind>-<n>.bin`).
+
+    Each is `torch.compile(type(block).forward, fullgraph=True, dynamic=True).aot_compile(...)`: it takes the block
+    as its first argument, so one function serves every block of the kind, and `torch.compiler.
+    load_compiled_function` loads it in a later process with no tracing at all (a warm regional compile still
+    re-traces every kind with dynamo). A call runs the first function whose saved guards accept its inputs; a call
+    none accepts (the first ever, batch 1, another dtype) compiles one more from its own inputs and saves it. A file
+    that does not load, or a kind whose compile fails, falls back to a plain dynamo compile of the same forward."""
+
+    def __init__(self, kind: str, block_type: type, folder: Path, backend: str, mode: str | None = None):
+        self.kind, self.folder, self.options = kind, folder, {"backend": backend, "mode": mode}
+        self.forward = block_type.forward
+        self.functions, self.failures = [], []
+        self.lock = threading.Lock()
+        self.fallback = None
+        for path in sorted(folder.glob(f"{kind}-*.bin")):
+            try:
+                with open(path, "rb") as file:
+                    self.functions.append(torch.compiler.load_compiled_function(file))
+            except Exception as error:  # noqa: BLE001 - a stale or damaged cache file: compile anew instead
+                self.failures.append(f"{path.name}: {type(error).__name__}")
+        self.loaded = len(self.functions)
+
+    def __call__(self, block: nn.Module, args: tuple, kwargs: dict):
+        for function in self.functions:
+            if function.guard_check(block, *args, **kwargs):
+                return function(block, *args, **kwargs)
+        if self.fallback is None:
+            with self.lock:
+                function = self._compile(block, args, kwargs)
+            if function is not None:
+                return function(block, *args, **kwargs)
+        return self.fallback(block, *args, **kwargs)
+
+    def _compile(self, block: nn.Module, args: tuple, kwargs: dict):
+        """One more saved function from this call's inputs (None if it cannot be built: `fallback` is set)."""
+        for function in self.functions:  # another thread may have built it while this one waited
+            if function.guard_check(block, *args, **kwargs):
+                return function
+        if len(self.functions) < PRECOMPILED_PER_KIND:
+            # fresh tensors: the first block's context arrives as a view, and guards traced from a view check its
+            # `_base`, which every later block's input lacks
+            args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
+            installed = block.__dict__.pop("forward", None)  # saving pickles what the guards reach in the block
+            try:
+                with torch._dynamo.config.patch(**_aot_config()):
+                    function = torch.compile(self.forward, fullgraph=True, dynamic=True, **self.options) \
+                        .aot_compile(((block, *args), kwargs))
+                self.folder.mkdir(parents=True, exist_ok=True)
+                path = self.folder / f"{self.kind}-{len(self.functions)}.bin"
+                partial = path.with_suffix(".partial")
+                function.save_compiled_function(str(partial))
+                os.replace(partial, path)  # a stopped save leaves no file a later process would load
+                self.functions.append(function)
+                return function
+            except Exception as error:  # noqa: BLE001 - this kind runs dynamo's regular compile instead
+                self.failures.append(f"compile: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+                log.warning("saving the compiled %s blocks failed (%s); regional torch.compile instead",
+                            self.kind, self.failures[-1])
+            finally:
+                if installed is not None:
+                    block.forward = installed
+        self.fallback = torch.compile(self.forward, dynamic=True, **self.options)
+        return None
+
+
+class _PrecompiledBlock:
+    """Installed as a block's `forward`: its kind's precompiled functions with this block as their first argument."""
+
+    def __init__(self, block: nn.Module, kind: PrecompiledKind):
+        self.block, self.kind = block, kind
+
+    def __call__(self, *args, **kwargs):
+        return self.kind(self.block, args, kwargs)
+
+
+def precompile_blocks(transformer: nn.Module, folder: str | os.PathLike, backend: str = "inductor",
+                      mode: str | None = None) -> dict:
+    """Run every block through its kind's saved compiled functions in `folder` (loaded now; the missing ones are
+    compiled and saved at the first call that needs them); returns {kind: PrecompiledKind}."""
+    if not PRECOMPILE_AVAILABLE:
+        raise RuntimeError(f"torch {torch.__version__} cannot save compiled functions (torch >= 2.10 can)")
+    raise_recompile_limit()
+    for module in transformer.modules():
+        if type(module) is Attention:  # noqa: E721 - exactly diffusers' class, whose forward inspects the processor
+            module.__class__ = DirectAttention
+    kinds = {}
+    blocks = blocks_of(transformer)
+    for kind, indices in block_groups(transformer).items():
+        kinds[kind] = PrecompiledKind(kind, type(blocks[indices[0]]), Path(folder), backend, mode)
+        for index in indices:
+            blocks[index].forward = _PrecompiledBlock(blocks[index], kinds[kind])
+    return kinds
 
 
 # ------------------------------------------------------------------------------------------- AOTInductor

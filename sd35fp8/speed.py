@@ -20,8 +20,9 @@ import torch
 from . import attention_kernel, kernels
 from .blocks import fuse_norm_quantize, norm_fused
 from .attention import ATTENTION_BACKENDS, ATTENTION_LABELS, FALLBACKS, attention_of, cudnn_fp8_available, set_attention
-from .compile import COMPILE_CHOICES, CudaGraphTransformer, apply_aot_packages, aot_compile_blocks, compile_transformer, \
-    configure_compile_cache, package_load_failure
+from .compile import COMPILE_CHOICES, PRECOMPILE_AVAILABLE, CudaGraphTransformer, apply_aot_packages, \
+    aot_compile_blocks, blocks_of, compile_transformer, configure_compile_cache, package_load_failure, \
+    precompile_blocks
 from .fp8 import FP8_GEMM_MODES, fp8_path_of, fuse_gelu_quantize, fuse_projections, gelu_fused, projections_fused, \
     short_gemm_layers, use_short_gemm
 from .settings import SPEED
@@ -40,6 +41,7 @@ AUTO_FP8_ATTENTION_CAPABILITIES = {(9, 0)}
 # launches; graphs also make them steady); Medium bf16 50.7 vs 52.6. Each new image size warms up once and captures
 # one more graph (one shared memory pool); moving the transformer drops its graphs (`CudaGraphTransformer`).
 AUTO_CUDA_GRAPHS = True
+TORCH_COMPILES = ("regional", "precompiled", "full")  # the compile choices that run torch.compile's code
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ class SpeedOptions:
     short_gemm: bool = False  # row-wise FP8 layers: inputs of <= 1024 rows through a Triton GEMM (kernels.fp8_gemm);
     # off until timed in the model step (only the kernel-level autotuning figures exist, bench/NOTES.md session 11)
     attention: str = "auto"  # "sdpa" | "fp8_cudnn" | "fp8_triton" | "fp8_reference"; auto: fastest measured
-    compile: bool | str = False  # False/"off" | True/"regional" | "full" | "aot" | "auto" (regional on CUDA)
+    compile: bool | str = False  # False/"off" | True/"regional" | "precompiled" (regional, saved to disk) | "full" |
+    # "aot" | "auto" (regional on CUDA)
     compile_mode: str | None = None  # inductor mode, e.g. "max-autotune-no-cudagraphs"
     compile_dynamic: bool = True  # symbolic token/batch dims: a new size or batch does not recompile
     compile_backend: str = "inductor"  # "eager" / "aot_eager" trace without generating kernels (tests, dry runs)
@@ -83,7 +86,7 @@ class SpeedOptions:
             attention = "fp8_triton" if measured and attention_kernel.available() else "sdpa"
         compile_choice = {True: "regional", False: "off", "auto": "regional" if cuda else "off"}.get(
             self.compile, self.compile)
-        graphs = (cuda and AUTO_CUDA_GRAPHS and compile_choice in ("regional", "full") and not memory_tight) \
+        graphs = (cuda and AUTO_CUDA_GRAPHS and compile_choice in TORCH_COMPILES and not memory_tight) \
             if self.cuda_graphs == "auto" else bool(self.cuda_graphs) and cuda
         cache = self.compile_cache
         if cache == "auto" or cache is True:
@@ -103,13 +106,14 @@ def speed_options(speed: dict) -> SpeedOptions:
 
 
 def aot_fingerprint(transformer: torch.nn.Module, device: torch.device) -> str:
-    """Folder name for AOTInductor packages of this transformer's block code (the fusions it runs), dtypes, FP8
-    modes and device."""
-    config = dict(getattr(transformer, "config", {}))
+    """Folder name for compiled block code of this transformer (AOTInductor packages, precompiled functions): its
+    config, the fusions and attention it runs, dtypes, FP8 modes, device and torch version."""
+    # (not diffusers' private keys: `_use_default_values` lists a set, in a different order in each process)
+    config = {key: value for key, value in dict(getattr(transformer, "config", {})).items() if not key.startswith("_")}
     dtypes = sorted({str(p.dtype) for p in transformer.parameters()})
     capability = torch.cuda.get_device_capability(device) if torch.device(device).type == "cuda" else "cpu"
-    text = json.dumps([config, dtypes, fp8_path_of(transformer), projections_fused(transformer),
-                       gelu_fused(transformer), norm_fused(transformer), short_gemm_layers(transformer),
+    text = json.dumps([config, dtypes, fp8_path_of(transformer), attention_of(transformer),
+                       projections_fused(transformer), gelu_fused(transformer), norm_fused(transformer), short_gemm_layers(transformer),
                        str(capability), torch.__version__],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -168,7 +172,7 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
     pieces["attention"] = attention_of(transformer)
     _kernel_piece(pieces, transformer, device, "norm", options.fuse_norm, fuse_norm_quantize, norm_fused)
     _kernel_piece(pieces, transformer, device, "gemm", options.short_gemm, use_short_gemm, short_gemm_layers)
-    if options.compile in ("regional", "full") and options.compile_requested in (True, "auto") \
+    if options.compile in TORCH_COMPILES and options.compile_requested in (True, "auto") \
             and fp8_path_of(transformer) == "scaled_mm_tensorwise":
         # Measured on the H200: compiling the tensor-wise path (forced) did not finish within 250 s, so "auto"/True
         # keep it eager there; ask for compile="regional" explicitly to compile it anyway. (That was with one
@@ -192,6 +196,20 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
             pieces["compile"] = f"aot: {sum(patched.values())} blocks through {len(patched)} AOTInductor packages"
         else:  # regional torch.compile below: the same kernels, compiled in this process
             pieces["compile_fallback"] = f"AOTInductor packages do not load here ({failure}); regional compile instead"
+            options = replace(options, compile="regional")
+    if options.compile == "precompiled":
+        if PRECOMPILE_AVAILABLE:
+            root = Path(cache.get("cache_dir") or SPEED.compile_cache_dir) / "precompiled"
+            mode = options.compile_mode if options.compile_mode not in (None, "default") else None
+            folder = root / "-".join([aot_fingerprint(transformer, device), options.compile_backend] + [mode] * bool(mode))
+            kinds = precompile_blocks(transformer, folder, options.compile_backend, mode)
+            loaded = sum(kind.loaded for kind in kinds.values())
+            pieces["precompiled"] = {"folder": str(folder), "loaded": {name: k.loaded for name, k in kinds.items()},
+                                     "unreadable": [f for k in kinds.values() for f in k.failures]}
+            pieces["compile"] = (f"precompiled: {len(blocks_of(transformer))} blocks, {len(kinds)} kinds, "
+                                 f"{loaded} saved functions loaded" + ("" if loaded else ", compiles and saves them"))
+        else:
+            pieces["compile_fallback"] = f"torch {torch.__version__} cannot save compiled functions; regional compile"
             options = replace(options, compile="regional")
     if options.compile in ("regional", "full"):
         pieces["compile"] = compile_transformer(transformer, options.compile, mode=options.compile_mode,

@@ -61,12 +61,14 @@ def _clip(hidden: int, seed: int) -> CLIPTextModelWithProjection:
     return CLIPTextModelWithProjection(config).eval()
 
 
-def build_tiny_pipeline(with_t5: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0) -> StableDiffusion3Pipeline:
-    """Build a tiny SD3 pipeline (transformer, VAE, CLIP-L/G, optional T5) with seeded random weights."""
+def build_tiny_pipeline(with_t5: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0,
+                        num_layers: int = 2) -> StableDiffusion3Pipeline:
+    """Build a tiny SD3 pipeline (transformer with `num_layers` blocks, VAE, CLIP-L/G, optional T5) with seeded
+    random weights."""
     clip_dim, t5_dim = 32, 64
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=num_layers,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=t5_dim,
         caption_projection_dim=32, pooled_projection_dim=2 * clip_dim, pos_embed_max_size=64,
     )
