@@ -207,6 +207,7 @@ def load_pipeline(
     else:
         pipe = _from_pretrained(source, precision, dtype, revision, device)
     check_loaded(pipe)
+    seconds = {"weights": time.perf_counter() - started}  # where the load's time went (pieces["load_seconds"])
     path, probe = None, None
     if precision == "fp8":
         if device.type == "cuda" and fp8_path == "auto":
@@ -219,6 +220,7 @@ def load_pipeline(
         if fp8_path_of(pipe.transformer) is None:
             raise LoadError(f"{source!r} has no FP8 transformer: make one with `python -m convert {source} --out DIR`.")
         apply_fp8_path(pipe.transformer, path)  # before placing: on CUDA quanto would repack its weights
+    seconds["fp8"] = time.perf_counter() - started - sum(seconds.values())
     placement = _resolve_text_encoders(text_encoders, device, offload)
     encoders = None
     if placement == "on_demand":
@@ -231,7 +233,10 @@ def load_pipeline(
         PromptCache(SPEED.prompt_cache_entries, SPEED.prompt_cache_bytes) if prompt_cache else None)
     pieces = {"fp8_path": path, "fp8_probe": probe}
     options = options.resolved(device, fp8_weights=precision == "fp8", memory_tight=is_memory_tight(offload, encoders))
+    seconds["placement"] = time.perf_counter() - started - sum(seconds.values())
     pieces |= prepare_transformer(pipe.transformer, device, options, run_once=warmup_call(pipe))
+    seconds["speed_pieces"] = time.perf_counter() - started - sum(seconds.values())
+    pieces["load_seconds"] = {name: round(value, 2) for name, value in seconds.items()}
     pieces["text_encoders"] = encoders.describe() if encoders else ("model CPU offload" if offload else "gpu")
     pieces["prompt_cache"] = cache.describe() if cache is not None else None
     pieces["vae_tiling_above_pixels"] = SPEED.vae_tiling_above_pixels

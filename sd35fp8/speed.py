@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -149,6 +150,7 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
     capture the blocks' inputs for export.
     """
     pieces: dict[str, object] = {}
+    started = time.perf_counter()
     if options.fuse_projections:
         fuse_projections(transformer)
     pieces["fused_projections"] = projections_fused(transformer)
@@ -179,6 +181,7 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
         # activation scale per tensor; the path now shares row-wise quantization: re-measure before lifting this.)
         pieces["compile_skipped"] = "tensor-wise FP8 runs eagerly: its compilation did not finish on the H200 (250 s)"
         options = replace(options, compile="off")
+    pieces["checks_s"] = round(time.perf_counter() - started, 2)  # the kernels' load-time checks, mostly
     cache = configure_compile_cache(options.compile_cache) if options.compile != "off" else {"cache_dir": None}
     pieces["compile_cache"] = cache
     if options.compile == "aot":
@@ -199,12 +202,14 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
             options = replace(options, compile="regional")
     if options.compile == "precompiled":
         if PRECOMPILE_AVAILABLE:
+            loading = time.perf_counter()
             root = Path(cache.get("cache_dir") or SPEED.compile_cache_dir) / "precompiled"
             mode = options.compile_mode if options.compile_mode not in (None, "default") else None
             folder = root / "-".join([aot_fingerprint(transformer, device), options.compile_backend] + [mode] * bool(mode))
             kinds = precompile_blocks(transformer, folder, options.compile_backend, mode)
             loaded = sum(kind.loaded for kind in kinds.values())
             pieces["precompiled"] = {"folder": str(folder), "loaded": {name: k.loaded for name, k in kinds.items()},
+                                     "load_s": round(time.perf_counter() - loading, 2),
                                      "unreadable": [f for k in kinds.values() for f in k.failures]}
             pieces["compile"] = (f"precompiled: {len(blocks_of(transformer))} blocks, {len(kinds)} kinds, "
                                  f"{loaded} saved functions loaded" + ("" if loaded else ", compiles and saves them"))
