@@ -122,8 +122,6 @@ CONFIGS = {c.name: c for c in [
            estimate={"large": 200, "medium": 150}),
     Config("fp8_default_max_autotune", "fp8", {**DEFAULT_FP8, "compile_mode": "max-autotune-no-cudagraphs"},
            estimate={"large": 240, "medium": 150}),
-    Config("fp8_default_short_gemm", "fp8", {**DEFAULT_FP8, "short_gemm": True},
-           estimate={"large": 60, "medium": 50}, extra=("profile",)),
     Config("fp8_full_compile", "fp8", {**FUSED, "compile": "full"}, issue="everywhere",
            estimate={"large": 200, "medium": 120}),
 ]}
@@ -698,45 +696,6 @@ def norm_quantize_micro(torch, device) -> dict:
     return report
 
 
-SHORT_GEMM_SHAPES = {  # (rows, K, N): SD3.5's text-token stream with CFG (2 x 333 rows) and its adaLN (2 rows)
-    "large_context_qkv": (666, 2432, 7296), "large_context_out": (666, 2432, 2432),
-    "large_context_ff_up": (666, 2432, 9728), "large_context_ff_down": (666, 9728, 2432),
-    "large_adaln": (2, 2432, 14592), "medium_context_qkv": (666, 1536, 4608), "medium_context_ff_down": (666, 6144, 1536),
-}
-
-
-def short_gemm_micro(torch, device) -> dict:
-    """torch._scaled_mm (row-wise scales) vs `sd35fp8.kernels.fp8_gemm` at SD3.5's short-input shapes: time of each
-    and the relative difference of their outputs."""
-    from sd35fp8 import kernels
-    from sd35fp8.fp8 import _quantize_rows_eager, quantize_weight_rows
-
-    if device.type != "cuda" or not kernels.available():
-        return {"skipped": "needs CUDA and triton"}
-    report = {}
-    for name, (rows, depth, columns) in SHORT_GEMM_SHAPES.items():
-        x_fp8, x_scale = _quantize_rows_eager(torch.randn(rows, depth, device=device, dtype=torch.bfloat16))
-        weight, weight_scale = quantize_weight_rows(torch.randn(columns, depth, device=device, dtype=torch.bfloat16) * 0.02)
-        weight_scale = weight_scale.reshape(1, -1).float()
-        bias = torch.randn(columns, device=device, dtype=torch.bfloat16)
-        cublas = lambda: torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=weight_scale, bias=bias,  # noqa: E731
-                                          out_dtype=torch.bfloat16)
-        ours = lambda: kernels.fp8_gemm(x_fp8, weight, x_scale, weight_scale, bias, torch.bfloat16)  # noqa: E731
-        # GPU time from CUDA graphs: these kernels are shorter than their Python launches (which eager timing
-        # measures: 0.12-0.18 ms for every shape in session 12); with launch times too, for comparison
-        scaled_mm_ms, triton_ms = cuda_graph_ms(torch, cublas), cuda_graph_ms(torch, ours)
-        expected = cublas().float()
-        both = scaled_mm_ms is not None and triton_ms is not None
-        report[name] = {"rows_k_n": [rows, depth, columns], "scaled_mm_ms": scaled_mm_ms and round(scaled_mm_ms, 4),
-                        "triton_ms": triton_ms and round(triton_ms, 4),
-                        "speedup": round(scaled_mm_ms / triton_ms, 3) if both else None,
-                        "eager_launch_ms": {"scaled_mm": round(cuda_median_ms(torch, cublas, 50), 4),
-                                            "triton": round(cuda_median_ms(torch, ours, 50), 4)},
-                        "rel_difference": float((ours().float() - expected).norm() / expected.norm()),
-                        "config": kernels.gemm_config(rows, columns, kernels.shared_memory_per_block(device))._asdict()}
-    return report
-
-
 def attention_micro(torch, device, tiny: bool) -> dict:
     """16-bit SDPA (PyTorch's pick, cuDNN on Hopper) vs cuDNN FP8 sdpa_fp8 at SD3.5's shapes: kernel time, time with
     quantization, error against float32 attention."""
@@ -877,7 +836,6 @@ def main(argv=None) -> int:
     stages = Stages(deadline, record_failure)
     micros = [("gelu_quantize_micro", lambda: gelu_quantize_micro(torch, device), True),
               ("norm_quantize_micro", lambda: norm_quantize_micro(torch, device), True),
-              ("short_gemm_micro", lambda: short_gemm_micro(torch, device), True),
               ("attention_micro", lambda: attention_micro(torch, device, args.tiny), not args.no_attention_micro)]
     for key, measure, wanted in micros:
         if args.no_micro or not wanted:

@@ -27,8 +27,6 @@ Compute (what `load_pipeline` does with a quanto transformer):
 `fuse_projections` concatenates linear layers that read the same input (attention's q/k/v) into one layer:
 exact for FP8 too, because the scales are per output row. `fuse_gelu_quantize` moves each MLP's GELU into its
 second FP8 layer, which on CUDA computes GELU and the activation quantization in one Triton kernel (`kernels`).
-`use_short_gemm` lets the row-wise layers run inputs of few rows (SD3.5's text tokens) through a Triton GEMM
-(`kernels.fp8_gemm`) where torch._scaled_mm's kernel leaves most of the GPU idle.
 """
 
 from __future__ import annotations
@@ -278,7 +276,6 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.reshape(1, -1).to(torch.float32))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.input_gelu = False  # apply tanh-GELU to the input first (set by `fuse_gelu_quantize`)
-        self.short_gemm = False  # short inputs through `kernels.fp8_gemm` instead of _scaled_mm (`use_short_gemm`)
         if mode != "dequant" and not self.scaled_mm_shape_ok:
             self.mode = "dequant"
 
@@ -341,9 +338,7 @@ class Fp8Linear(nn.Module):
         """The FP8 GEMM of row-quantized activations: with row-wise scales in cuBLAS's epilogue ("scaled_mm"), or
         with unit tensor-wise scales and both scales applied to its output ("scaled_mm_tensorwise"; the GEMM writes
         bf16: unscaled products of E4M3 values exceed fp16's range)."""
-        if self.mode == "scaled_mm" and self.short_gemm and kernels.gemm_supports(x_fp8, self.weight):
-            out = kernels.fp8_gemm(x_fp8, self.weight, x_scale, self.weight_scale, bias, dtype)
-        elif self.mode == "scaled_mm":
+        if self.mode == "scaled_mm":
             out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                    bias=bias, out_dtype=dtype)
         else:
@@ -354,7 +349,7 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
-                + (", input_gelu=True" if self.input_gelu else "") + (", short_gemm=True" if self.short_gemm else ""))
+                + (", input_gelu=True" if self.input_gelu else ""))
 
 
 
@@ -527,17 +522,3 @@ def fuse_gelu_quantize(model: nn.Module) -> int:
 def gelu_fused(model: nn.Module) -> int:
     """How many FP8 layers of `model` apply the GELU of their input themselves (`fuse_gelu_quantize`)."""
     return sum(1 for m in model.modules() if isinstance(m, Fp8Linear) and m.input_gelu)
-
-
-def use_short_gemm(model: nn.Module) -> int:
-    """Let every row-wise FP8 layer of `model` run inputs of at most `kernels.SHORT_GEMM_MAX_ROWS` rows through the
-    Triton GEMM (`kernels.fp8_gemm`) instead of torch._scaled_mm; returns how many layers now do."""
-    layers = [m for m in model.modules() if isinstance(m, Fp8Linear) and m.mode == "scaled_mm"]
-    for layer in layers:
-        layer.short_gemm = True
-    return len(layers)
-
-
-def short_gemm_layers(model: nn.Module) -> int:
-    """How many FP8 layers of `model` run short inputs through the Triton GEMM (`use_short_gemm`)."""
-    return sum(1 for m in model.modules() if isinstance(m, Fp8Linear) and m.short_gemm and m.mode == "scaled_mm")

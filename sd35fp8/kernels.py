@@ -20,16 +20,9 @@ row: inductor's version of the same computation is a looped three-pass reduction
 max, cast) that took 83-109 us a call on SD3.5 Large's image tokens on an H200 where the bytes allow ~15-30 us.
 In the compiled Large step the 151 calls take 4.5 ms; the Triton time of the step fell from 14.6 to 11.6 ms
 (bench/NOTES.md). `sd35fp8.blocks` calls them; `norm_quantize_reference` is the same arithmetic in torch.
-
-`fp8_gemm(x_fp8, weight, x_scale, weight_scale, bias, dtype)` = the FP8 GEMM with row-wise scales that
-`torch._scaled_mm` computes, as a Triton matmul with fixed tiles for short inputs (`SHORT_GEMM_MAX_ROWS`):
-`Fp8Linear` calls it instead of `_scaled_mm` where the `short_gemm` piece is on; `fp8_gemm_reference` is its
-arithmetic in torch.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -224,148 +217,11 @@ if triton is not None:
         return h_out, data, row_scale
 
 
-# ---------------------------------------------------------------------------------------------- short FP8 GEMMs
-
-# FP8 GEMMs of at most this many rows (activation rows: batch x tokens) run `fp8_gemm` instead of torch._scaled_mm
-# when the piece is on: SD3.5's text-token stream (2 x 333 = 666 rows with CFG) and its adaLN layers (2 rows). There,
-# inductor's max-autotune timed Triton matmuls against torch._scaled_mm with row-wise scales on the H200 (Large,
-# bench/NOTES.md, session 11): 666 x 9728 -> 2432 0.061 vs 0.111 ms, and for 666 x 2432 -> 7296 / 2432 / 9728
-# 0.048 / 0.021 / 0.064 ms with _scaled_mm not among the ten fastest choices; at 8192 rows (the image tokens)
-# _scaled_mm won by 1.6-1.8x.
-SHORT_GEMM_MAX_ROWS = 1024
-HOPPER_SHARED_MEMORY = 228 * 1024  # bytes per block the H100/H200 allow a kernel; Ada and consumer Blackwell: 99 KB
-
-
-class GemmConfig(NamedTuple):
-    block_m: int
-    block_n: int
-    block_k: int
-    num_stages: int
-    num_warps: int
-
-
-def gemm_config(rows: int, columns: int, shared_memory: int = HOPPER_SHARED_MEMORY) -> GemmConfig:
-    """The tiles `fp8_gemm` launches for `rows` activation rows and `columns` output channels on a GPU with
-    `shared_memory` bytes per block: the winners of that autotuning. 2 rows: 16 x 256 x 128 (M x N x K), 4 stages,
-    8 warps (0.025 ms; its 102 KB of buffers exceed Ada's and consumer Blackwell's 99 KB, which get the runner-up,
-    16 x 256 x 64 in 6 stages, 85 KB: 0.027 ms). 666 rows: 64 x 128 x 64, 4 stages, where the output has 2432 columns
-    (attention out, ff down: 0.021 / 0.061 ms, against 0.035 / 0.066 with the other tile); 64 x 128 x 128, 3 stages,
-    where it has 7296 or 9728 (q/k/v, ff up: 0.048 / 0.064 ms, against 0.054 / 0.072)."""
-    if rows <= 16:
-        return GemmConfig(16, 256, 128, 4, 8) if shared_memory >= 104448 else GemmConfig(16, 256, 64, 6, 4)
-    return GemmConfig(64, 128, 64, 4, 4) if columns <= 4096 else GemmConfig(64, 128, 128, 3, 4)
-
-
-_SHARED_MEMORY: dict[str, int] = {}
-
-
-def shared_memory_per_block(device: torch.device) -> int:
-    """Bytes of shared memory a kernel may use per block on `device` (cached; the H200's figure off CUDA)."""
-    key = str(device)
-    if key not in _SHARED_MEMORY:
-        _SHARED_MEMORY[key] = torch.cuda.get_device_properties(device).shared_memory_per_block_optin \
-            if device.type == "cuda" else HOPPER_SHARED_MEMORY
-    return _SHARED_MEMORY[key]
-
-
-def gemm_supports(x_fp8: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `Fp8Linear` runs `fp8_gemm` for these operands: CUDA, E4M3 rows with unit column
-    stride, dimensions multiples of 16, at most SHORT_GEMM_MAX_ROWS rows. Not while exporting: a size test on a
-    symbolic size would become an export guard."""
-    return (available() and x_fp8.is_cuda and not torch.compiler.is_exporting() and x_fp8.dtype == torch.float8_e4m3fn
-            and x_fp8.dim() == 2 and x_fp8.stride(1) == 1 and weight.stride(1) == 1
-            and x_fp8.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0 and x_fp8.shape[0] <= SHORT_GEMM_MAX_ROWS)
-
-
-def fp8_gemm_reference(x_fp8: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
-                       bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """What `fp8_gemm` (and torch._scaled_mm with row-wise scales) computes, in float32 torch: (x @ w^T) scaled per
-    activation row and per weight channel, plus the bias, rounded once to `dtype`."""
-    out = (x_fp8.float() @ weight.float().t()) * x_scale.reshape(-1, 1).float() * weight_scale.reshape(1, -1).float()
-    return (out if bias is None else out + bias.float()).to(dtype)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _fp8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_bn,
-                         stride_cm, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        # C (M, N) = A (M, K) @ B (N, K)^T with both operands K-major (the layout FP8 wgmma takes), float32
-        # accumulators, the row and channel scales and the bias applied once in the epilogue. N, K and the strides
-        # are multiples of 16 (the launcher checks); written as such, so the loads and stores stay 16 bytes wide
-        # without the divisibility hints inductor's generated calls do not pass.
-        N = N // 16 * 16
-        K = K // 16 * 16
-        stride_am = stride_am // 16 * 16
-        stride_bn = stride_bn // 16 * 16
-        stride_cm = stride_cm // 16 * 16
-        pid = tl.program_id(0)
-        grid_m = tl.cdiv(M, BLOCK_M)
-        grid_n = tl.cdiv(N, BLOCK_N)
-        width = GROUP_M * grid_n  # groups of GROUP_M row tiles walk the columns together (B tiles reused in L2)
-        group = pid // width
-        group_size = tl.minimum(grid_m - group * GROUP_M, GROUP_M)
-        pid_m = group * GROUP_M + (pid % width) % group_size
-        pid_n = (pid % width) // group_size
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        # rows and columns past the end read row/column 0 again (computed, never stored): no masks on the loads
-        ram = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
-        rbn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
-        a_ptrs = a_ptr + ram[:, None].to(tl.int64) * stride_am + rk[None, :]
-        b_ptrs = b_ptr + rbn[None, :].to(tl.int64) * stride_bn + rk[:, None]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                left = K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=rk[None, :] < left, other=0.0)
-                b = tl.load(b_ptrs, mask=rk[:, None] < left, other=0.0)
-            acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
-        row_ok = rm < M
-        col_ok = rn < N
-        acc = acc * tl.load(a_scale_ptr + rm, mask=row_ok, other=0.0)[:, None]
-        acc = acc * tl.load(b_scale_ptr + rn, mask=col_ok, other=0.0)[None, :]
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-    def launch_fp8_gemm(x_fp8: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
-                        bias: torch.Tensor | None, out: torch.Tensor, config: GemmConfig | None = None) -> None:
-        """Run the GEMM into the preallocated `out` (M, N); `config` defaults to `gemm_config` for its shape and GPU."""
-        rows, depth = x_fp8.shape
-        columns = weight.shape[0]
-        if depth % 16 or columns % 16 or any(stride % 16 for stride in (x_fp8.stride(0), weight.stride(0), out.stride(0))):
-            raise ValueError("fp8_gemm needs K, N and the row strides to be multiples of 16")
-        config = config or gemm_config(rows, columns, shared_memory_per_block(out.device))
-        grid = (triton.cdiv(rows, config.block_m) * triton.cdiv(columns, config.block_n),)
-        torch.library.wrap_triton(_fp8_gemm_kernel)[grid](
-            x_fp8, weight, x_scale, weight_scale, bias if bias is not None else weight_scale, out, rows, columns, depth,
-            x_fp8.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-            EVEN_K=depth % config.block_k == 0, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            BLOCK_K=config.block_k, GROUP_M=8, num_stages=config.num_stages, num_warps=config.num_warps)
-
-    @torch.library.triton_op("sd35fp8::fp8_gemm", mutates_args=())
-    def fp8_gemm(x_fp8: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
-                 bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """`fp8_gemm_reference`'s product of E4M3 rows `x_fp8` (M, K) and E4M3 `weight` (N, K) on the GPU: (M, N)."""
-        out = torch.empty((x_fp8.shape[0], weight.shape[0]), dtype=dtype, device=x_fp8.device)
-        launch_fp8_gemm(x_fp8, weight, x_scale.reshape(-1), weight_scale.reshape(-1), bias, out)
-        return out
-
-
-KERNELS = ("gelu", "norm", "gemm")  # what `check` can test: gelu_quantize_rows, the two norm kernels, fp8_gemm
+KERNELS = ("gelu", "norm")  # what `check` can test: gelu_quantize_rows, the two norm kernels
 
 
 def check(device: torch.device | str, kernel: str = "gelu") -> str | None:
-    """Run `kernel` ("gelu", "norm" or "gemm") once on `device` against the torch arithmetic; None if it agrees, else why
+    """Run `kernel` ("gelu" or "norm") once on `device` against the torch arithmetic; None if it agrees, else why
     not (cached). `prepare_transformer` calls this before fusing, so a GPU or Triton that cannot run a kernel falls
     back to the separate kernels instead of failing."""
     if kernel not in KERNELS:
@@ -400,22 +256,6 @@ def _check(device: torch.device, kernel: str) -> str | None:
             data, scale = gelu_quantize_rows(x)
             expected_data, expected_scale = _quantize_rows_eager(F.gelu(x, approximate="tanh"))
             results = [agreement(data, expected_data, scale, expected_scale)]
-        elif kernel == "gemm":
-            from .fp8 import quantize_weight_rows
-
-            worst = 0.0
-            # each of gemm_config's tiles; K not a multiple of the K tiles
-            for rows, columns in ((2, 272), (75, 272), (75, 4112)):
-                x = torch.randn(rows, 1040, generator=generator).to(device, torch.bfloat16)
-                weight, weight_scale = quantize_weight_rows(torch.randn(columns, 1040, generator=generator) * 0.05)
-                weight, weight_scale = weight.to(device), weight_scale.reshape(1, -1).float().to(device)
-                bias = torch.randn(columns, generator=generator).to(device, torch.bfloat16)
-                x_fp8, x_scale = _quantize_rows_eager(x)
-                out = fp8_gemm(x_fp8, weight, x_scale, weight_scale, bias, torch.bfloat16).float()
-                expected = fp8_gemm_reference(x_fp8, weight, x_scale, weight_scale, bias, torch.float32)
-                worst = max(worst, float((out - expected).norm() / expected.norm()))
-            # bf16 rounding of the output is ~0.1% in norm; a wrong index or scale gives tens of percent
-            return None if worst < 5e-3 else f"disagrees with torch: relative error {worst:.2%}"
         else:
             h, y = ((torch.randn(2, 40, 1000, generator=generator) * 3).to(device, torch.bfloat16) for _ in range(2))
             shift, scale, gate = (torch.randn(2, 1000, generator=generator).to(device, torch.bfloat16) for _ in range(3))

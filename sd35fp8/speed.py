@@ -3,9 +3,8 @@
 `load_pipeline(...)` and `with_transformer(...)` take these options as keyword arguments (see `SpeedOptions`);
 "auto" means the fastest configuration measured on that hardware (bench/results/gpu_h200_speed.json), and
 every piece is off on the CPU unless asked for. `prepare_transformer` applies them in a fixed order: fused
-projections -> GELU + quantization fusion -> attention backend -> adaLN + quantization fusion -> short-input
-FP8 GEMMs -> compilation
-(regional / full / AOTInductor) -> CUDA graphs.
+projections -> GELU + quantization fusion -> attention backend -> adaLN + quantization fusion -> compilation
+(regional / precompiled / full / AOTInductor) -> CUDA graphs.
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ from .attention import ATTENTION_BACKENDS, ATTENTION_LABELS, FALLBACKS, attentio
 from .compile import COMPILE_CHOICES, PRECOMPILE_AVAILABLE, CudaGraphTransformer, apply_aot_packages, \
     aot_compile_blocks, blocks_of, compile_transformer, configure_compile_cache, package_load_failure, \
     precompile_blocks
-from .fp8 import FP8_GEMM_MODES, fp8_path_of, fuse_gelu_quantize, fuse_projections, gelu_fused, projections_fused, \
-    short_gemm_layers, use_short_gemm
+from .fp8 import FP8_GEMM_MODES, fp8_path_of, fuse_gelu_quantize, fuse_projections, gelu_fused, projections_fused
 from .settings import SPEED
 
 # What "auto" picks on a CUDA GPU, from the H200 measurements (bench/NOTES.md, gpu_h200_*.json). Attention of FP8
@@ -52,8 +50,6 @@ class SpeedOptions:
     fuse_projections: bool | str = "auto"  # concatenate q/k/v (and add_q/k/v) into one GEMM; auto: on CUDA
     fuse_gelu: bool | str = "auto"  # FP8 MLPs: GELU + activation quantization in one Triton kernel; auto: on CUDA
     fuse_norm: bool | str = "auto"  # FP8 blocks: adaLN (+ residual) + activation quantization in one kernel; auto: CUDA
-    short_gemm: bool = False  # row-wise FP8 layers: inputs of <= 1024 rows through a Triton GEMM (kernels.fp8_gemm);
-    # off until timed in the model step (only the kernel-level autotuning figures exist, bench/NOTES.md session 11)
     attention: str = "auto"  # "sdpa" | "fp8_cudnn" | "fp8_triton" | "fp8_reference"; auto: fastest measured
     compile: bool | str = False  # False/"off" | True/"regional" | "precompiled" (regional, saved to disk) | "full" |
     # "aot" | "auto" (regional on CUDA)
@@ -114,32 +110,27 @@ def aot_fingerprint(transformer: torch.nn.Module, device: torch.device) -> str:
     dtypes = sorted({str(p.dtype) for p in transformer.parameters()})
     capability = torch.cuda.get_device_capability(device) if torch.device(device).type == "cuda" else "cpu"
     text = json.dumps([config, dtypes, fp8_path_of(transformer), attention_of(transformer),
-                       projections_fused(transformer), gelu_fused(transformer), norm_fused(transformer), short_gemm_layers(transformer),
+                       projections_fused(transformer), gelu_fused(transformer), norm_fused(transformer),
                        str(capability), torch.__version__],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-KERNEL_PIECES = {  # kernel of `sd35fp8.kernels` -> (key in the pieces record, label, what runs without it)
-    "gelu": ("fused_gelu", "GELU + quantization kernel", "separate kernels"),
-    "norm": ("fused_norm", "adaLN + quantization kernels", "separate kernels"),
-    "gemm": ("short_gemm", "Triton FP8 GEMM for short inputs", "torch._scaled_mm"),
-}
+KERNEL_LABELS = {"gelu": "GELU + quantization kernel", "norm": "adaLN + quantization kernels"}
 
 
 def _kernel_piece(pieces: dict, transformer: torch.nn.Module, device: torch.device, kernel: str, wanted: bool,
-                  rewire, count) -> None:
+                  fuse, count) -> None:
     """Rewire the transformer for one of `sd35fp8.kernels` if asked, unless the kernel fails its check on the
-    device (then record why in pieces["<key>_fallback"]); pieces["<key>"] counts the rewired parts. The kernels
-    run only in FP8-GEMM layers on CUDA: they are checked there (once per device) only."""
-    key, label, instead = KERNEL_PIECES[kernel]
+    device (then record why in pieces["fused_<kernel>_fallback"]); pieces["fused_<kernel>"] counts the rewired
+    parts. The kernels run only in FP8-GEMM layers on CUDA: they are checked there (once per device) only."""
     runs = torch.device(device).type == "cuda" and fp8_path_of(transformer) in FP8_GEMM_MODES
     reason = kernels.check(device, kernel) if wanted and runs else None
     if reason is not None:
-        pieces[f"{key}_fallback"] = f"{label} unavailable ({reason}); {instead} instead"
+        pieces[f"fused_{kernel}_fallback"] = f"{KERNEL_LABELS[kernel]} unavailable ({reason}); separate kernels instead"
     elif wanted:
-        rewire(transformer)
-    pieces[key] = count(transformer)
+        fuse(transformer)
+    pieces[f"fused_{kernel}"] = count(transformer)
 
 
 def prepare_transformer(transformer: torch.nn.Module, device: torch.device, options: SpeedOptions,
@@ -173,7 +164,6 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
     set_attention(transformer, backend)
     pieces["attention"] = attention_of(transformer)
     _kernel_piece(pieces, transformer, device, "norm", options.fuse_norm, fuse_norm_quantize, norm_fused)
-    _kernel_piece(pieces, transformer, device, "gemm", options.short_gemm, use_short_gemm, short_gemm_layers)
     if options.compile in TORCH_COMPILES and options.compile_requested in (True, "auto") \
             and fp8_path_of(transformer) == "scaled_mm_tensorwise":
         # Measured on the H200: compiling the tensor-wise path (forced) did not finish within 250 s, so "auto"/True
@@ -239,8 +229,6 @@ def describe_pieces(pieces: dict) -> str:
         parts.append(f"GELU + FP8 quantization in one kernel in {pieces['fused_gelu']} MLPs")
     if pieces.get("fused_norm"):
         parts.append(f"adaLN + FP8 quantization in one kernel in {pieces['fused_norm']} blocks")
-    if pieces.get("short_gemm"):
-        parts.append(f"Triton FP8 GEMMs for short inputs in {pieces['short_gemm']} layers")
     if pieces.get("attention"):
         parts.append(ATTENTION_LABELS.get(pieces["attention"], str(pieces["attention"])))
     if pieces.get("compile") and pieces["compile"] != "off":
