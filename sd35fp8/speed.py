@@ -41,6 +41,11 @@ AUTO_FP8_ATTENTION_CAPABILITIES = {(9, 0)}
 # one more graph (one shared memory pool); moving the transformer drops its graphs (`CudaGraphTransformer`).
 AUTO_CUDA_GRAPHS = True
 TORCH_COMPILES = ("regional", "precompiled", "full")  # the compile choices that run torch.compile's code
+# What compile="auto" runs on CUDA: regional compile with the compiled blocks saved to disk, where torch can save them.
+# H200, SD3.5 Large FP8 default pieces (random weights): first image 15.1 s from a fresh cache (regional: 26.8 s),
+# 4.0-4.4 s in a restarted process (regional from a warm cache: 13.5 s), 90.7-91.7 vs 91.9 ms a step; Medium: 2.9 s
+# restarted, 39.5-39.8 vs 39.7 ms (bench/NOTES.md, session 13).
+AUTO_COMPILE = "precompiled" if PRECOMPILE_AVAILABLE else "regional"
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class SpeedOptions:
     fuse_norm: bool | str = "auto"  # FP8 blocks: adaLN (+ residual) + activation quantization in one kernel; auto: CUDA
     attention: str = "auto"  # "sdpa" | "fp8_cudnn" | "fp8_triton" | "fp8_reference"; auto: fastest measured
     compile: bool | str = False  # False/"off" | True/"regional" | "precompiled" (regional, saved to disk) | "full" |
-    # "aot" | "auto" (regional on CUDA)
+    # "aot" | "auto" (AUTO_COMPILE on CUDA)
     compile_mode: str | None = None  # inductor mode, e.g. "max-autotune-no-cudagraphs"
     compile_dynamic: bool = True  # symbolic token/batch dims: a new size or batch does not recompile
     compile_backend: str = "inductor"  # "eager" / "aot_eager" trace without generating kernels (tests, dry runs)
@@ -81,7 +86,7 @@ class SpeedOptions:
             measured = fp8_weights and cuda and \
                 torch.cuda.get_device_capability(device) in AUTO_FP8_ATTENTION_CAPABILITIES
             attention = "fp8_triton" if measured and attention_kernel.available() else "sdpa"
-        compile_choice = {True: "regional", False: "off", "auto": "regional" if cuda else "off"}.get(
+        compile_choice = {True: "regional", False: "off", "auto": AUTO_COMPILE if cuda else "off"}.get(
             self.compile, self.compile)
         graphs = (cuda and AUTO_CUDA_GRAPHS and compile_choice in TORCH_COMPILES and not memory_tight) \
             if self.cuda_graphs == "auto" else bool(self.cuda_graphs) and cuda

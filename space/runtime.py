@@ -23,7 +23,7 @@ from sd35fp8.loading import (
 )
 from sd35fp8.request import GenerationRequest
 from sd35fp8.settings import LIMITS, AppSettings
-from sd35fp8.speed import describe_pieces
+from sd35fp8.speed import AUTO_COMPILE, describe_pieces
 from sd35fp8.tiny import SHAPES_GUIDANCE, SHAPES_STEPS
 from sd35fp8.zerogpu import gpu_duration, zerogpu_compile
 
@@ -140,13 +140,13 @@ class Models:
 
         A `base` passed explicitly must load; one found in the model card that fails to load only
         disables the comparison (the reason is kept in `base_note`). `compile` ("auto", "on", "off"):
-        "auto" applies the fastest configuration measured (regional torch.compile on CUDA GPUs, nothing on
-        the CPU); on ZeroGPU, where torch.compile's code does not persist, call `compile_ahead_of_time()`
+        "auto" applies the fastest configuration measured (regional torch.compile with the compiled blocks kept on
+        disk, `sd35fp8.speed.AUTO_COMPILE`, on CUDA GPUs; nothing on the CPU); on ZeroGPU, where torch.compile's code does not persist, call `compile_ahead_of_time()`
         inside a `@spaces.GPU` call instead. The other speed pieces take `load_pipeline`'s "auto".
         """
         settings = settings or AppSettings()
         device = torch.device(device) if device is not None else default_device()
-        compile_option = {"auto": "auto", "on": "regional", "off": False}[compile]
+        compile_option = {"auto": "auto", "on": AUTO_COMPILE, "off": False}[compile]
         if settings.on_zerogpu:
             compile_option = False
         fp8 = load_pipeline(model, "fp8", device=device, offload=offload, compile=compile_option)

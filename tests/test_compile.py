@@ -211,3 +211,75 @@ def test_cuda_graphs_are_dropped_when_the_transformer_moves_or_after_an_out_of_m
     wrapper.uninstall()
     assert CudaGraphTransformer.installed(transformer) is None
     assert "_apply" not in transformer.__dict__ and "forward" not in transformer.__dict__
+
+
+PRECOMPILED_CHILD = """
+import hashlib, json, sys
+import numpy as np
+from sd35fp8.compile import compile_counters
+from sd35fp8.generate import generate
+from sd35fp8.loading import load_pipeline
+from sd35fp8.request import GenerationRequest
+from sd35fp8.tiny import build_tiny_pipeline
+
+loaded = load_pipeline(build_tiny_pipeline(num_layers=4), "fp8", device="cpu", compile="precompiled",
+                       compile_cache=sys.argv[1], compile_backend="eager")
+image = generate(loaded, GenerationRequest("a cat", steps=2, width=64, height=64, seed=1)).image
+print(json.dumps({"loaded": loaded.pieces["precompiled"]["loaded"], "counters": compile_counters(),
+                  "image": hashlib.sha256(np.asarray(image).tobytes()).hexdigest()}))
+"""
+
+
+def _sha(image) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
+
+
+def test_precompiled_blocks_are_saved_and_a_fresh_process_runs_them_without_tracing(tmp_path):
+    """compile="precompiled": each block kind's compiled forward is saved at its first call (one more file per input
+    class: CFG batch 2, batch 1), serves every block of its kind, and a new process loads the files and generates
+    the same image with no dynamo tracing at all."""
+    import json
+    import subprocess
+    import sys
+
+    request = GenerationRequest("a cat", steps=2, width=64, height=64, seed=1)
+    eager = generate(load_pipeline(build_tiny_pipeline(num_layers=4), "fp8", device="cpu"), request)
+    loaded = load_pipeline(build_tiny_pipeline(num_layers=4), "fp8", device="cpu", compile="precompiled",
+                           compile_cache=str(tmp_path), compile_backend="eager")
+    assert loaded.pieces["compile"] == "precompiled: 4 blocks, 2 kinds, 0 saved functions loaded, compiles and saves them"
+    folder = tmp_path / "precompiled"
+    assert _sha(generate(loaded, request).image) == _sha(eager.image)  # three blocks share one function
+    assert sorted(p.name for p in folder.rglob("*.bin")) == ["block-0.bin", "block_last-0.bin"]
+    assert generate(loaded, GenerationRequest("a cat", steps=1, width=96, height=128)).ok  # same files serve it
+    assert generate(loaded, GenerationRequest("a cat", steps=1, width=64, height=64, guidance=1.0)).ok  # batch 1
+    assert sorted(p.name for p in folder.rglob("*.bin")) == ["block-0.bin", "block-1.bin", "block_last-0.bin",
+                                                              "block_last-1.bin"]
+    assert not list(folder.rglob("*.partial"))
+    done = subprocess.run([sys.executable, "-c", PRECOMPILED_CHILD, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    assert child["loaded"] == {"block": 2, "block_last": 2}
+    assert child["counters"]["unique_graphs"] == 0 and child["counters"]["frames_compiled"] == 0  # nothing traced
+    assert child["image"] == _sha(eager.image)
+
+
+def test_precompiled_blocks_survive_a_damaged_file_and_a_failed_compile(tmp_path, monkeypatch, caplog):
+    """A cache file that does not load is reported and compiled anew; a kind whose compiled forward cannot be
+    built or saved runs dynamo's regular compile of the same forward, with a warning."""
+    request = GenerationRequest("a cat", steps=1, width=64, height=64, seed=1)
+    reference = generate(load_pipeline(build_tiny_pipeline(), "fp8", device="cpu"), request)
+    options = dict(device="cpu", compile="precompiled", compile_cache=str(tmp_path), compile_backend="eager")
+    generate(load_pipeline(build_tiny_pipeline(), "fp8", **options), request)
+    (damaged,) = (tmp_path / "precompiled").rglob("block-0.bin")
+    damaged.write_bytes(b"not a compiled function")
+    loaded = load_pipeline(build_tiny_pipeline(), "fp8", **options)
+    assert loaded.pieces["precompiled"]["loaded"] == {"block": 0, "block_last": 1}
+    assert loaded.pieces["precompiled"]["unreadable"][0].startswith("block-0.bin: ")
+    assert _sha(generate(loaded, request).image) == _sha(reference.image)
+    monkeypatch.setattr(compile_module, "_aot_config", lambda: {"no_such_dynamo_setting": True})
+    unsaved = load_pipeline(build_tiny_pipeline(), "fp8", **{**options, "compile_cache": str(tmp_path / "other")})
+    assert _sha(generate(unsaved, request).image) == _sha(reference.image)
+    assert "regional torch.compile instead" in caplog.text and not list((tmp_path / "other").rglob("*.bin"))

@@ -665,6 +665,9 @@ def test_auto_cuda_graphs_where_compiled_on_cuda_and_memory_is_not_tight(monkeyp
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert SpeedOptions(compile="regional").resolved(cuda).cuda_graphs is True
+    auto = SpeedOptions(compile="auto").resolved(cuda, fp8_weights=True)
+    assert auto.compile == "precompiled" and auto.cuda_graphs is True  # torch 2.13 saves compiled functions
+    assert SpeedOptions(compile="auto").resolved("cpu").compile == "off"
     assert SpeedOptions(compile="full").resolved(cuda, fp8_weights=True).cuda_graphs is True
     assert SpeedOptions(compile="regional").resolved(cuda, memory_tight=True).cuda_graphs is False  # 16 GB, offload
     assert SpeedOptions(compile="aot").resolved(cuda).cuda_graphs is False
