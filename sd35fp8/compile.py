@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,14 +156,16 @@ def _aot_config() -> dict:
 
 
 class PrecompiledKind:
-    """The compiled forwards of one block kind, kept as files in `folder` (`<kind>-<n>.bin`).
+    """The compiled forwards of one block kind, kept as files in `folder` (`<kind>-<random id>.bin`: processes and
+    GPUs sharing the folder never overwrite each other's).
 
     Each is `torch.compile(type(block).forward, fullgraph=True, dynamic=True).aot_compile(...)`: it takes the block
     as its first argument, so one function serves every block of the kind, and `torch.compiler.
     load_compiled_function` loads it in a later process with no tracing at all (a warm regional compile still
     re-traces every kind with dynamo). A call runs the first function whose saved guards accept its inputs; a call
-    none accepts (the first ever, batch 1, another dtype) compiles one more from its own inputs and saves it. A file
-    that does not load, or a kind whose compile fails, falls back to a plain dynamo compile of the same forward."""
+    none accepts (the first ever, batch 1, another dtype or GPU) compiles one more from its own inputs and saves it. A
+    file that does not load is removed (listed in `failures`); a kind whose compile or save fails runs dynamo's plain compile of
+    the same forward from then on."""
 
     def __init__(self, kind: str, block_type: type, folder: Path, backend: str, mode: str | None = None):
         self.kind, self.folder, self.options = kind, folder, {"backend": backend, "mode": mode}
@@ -174,8 +177,9 @@ class PrecompiledKind:
             try:
                 with open(path, "rb") as file:
                     self.functions.append(torch.compiler.load_compiled_function(file))
-            except Exception as error:  # noqa: BLE001 - a stale or damaged cache file: compile anew instead
-                self.failures.append(f"{path.name}: {type(error).__name__}")
+            except Exception as error:  # noqa: BLE001 - a damaged cache file (a killed save leaves none): drop it
+                self.failures.append(f"{path.name}: {type(error).__name__}, removed")
+                path.unlink(missing_ok=True)
         self.loaded = len(self.functions)
 
     def __call__(self, block: nn.Module, args: tuple, kwargs: dict):
@@ -204,7 +208,7 @@ class PrecompiledKind:
                     function = torch.compile(self.forward, fullgraph=True, dynamic=True, **self.options) \
                         .aot_compile(((block, *args), kwargs))
                 self.folder.mkdir(parents=True, exist_ok=True)
-                path = self.folder / f"{self.kind}-{len(self.functions)}.bin"
+                path = self.folder / f"{self.kind}-{uuid.uuid4().hex[:12]}.bin"
                 partial = path.with_suffix(".partial")
                 function.save_compiled_function(str(partial))
                 os.replace(partial, path)  # a stopped save leaves no file a later process would load
