@@ -175,7 +175,8 @@ def load_pipeline(
     fuse_gelu, fuse_norm, attention, compile, compile_mode, compile_dynamic, compile_cache, cuda_graphs, aot_dir,
     compile_backend; each documented there). Each can be switched off; "auto" = fastest measured on this hardware,
     off on the CPU. `compile` is off unless asked for; the first generation at each new kind of input pays the
-    compilation, a new size does not.
+    compilation, a new size does not; with compile="precompiled" (what "auto" picks on CUDA) the compiled blocks are
+    saved, and a later process loads them instead of compiling.
     Placement: `offload` (accelerate's model CPU offload, for 12 GB cards), `text_encoders` ("gpu", "on_demand":
     the CLIP encoders on the GPU, T5 in pinned CPU memory streamed to the GPU block by block while it encodes;
     "auto": on demand on GPUs of 24 GB or less).
