@@ -155,7 +155,7 @@ class Models:
             return cls(fp8, None, base=None, base_note=note, offload=offload)
         started = time.perf_counter()
         try:
-            transformer = load_transformer(base_source, "bf16")
+            transformer = load_transformer(base_source, "bf16", device=device)
         except LoadError as error:
             if base:
                 raise
