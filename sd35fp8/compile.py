@@ -164,8 +164,8 @@ class PrecompiledKind:
     load_compiled_function` loads it in a later process with no tracing at all (a warm regional compile still
     re-traces every kind with dynamo). A call runs the first function whose saved guards accept its inputs; a call
     none accepts (the first ever, batch 1, another dtype or GPU) compiles one more from its own inputs and saves it. A
-    file that does not load is removed (listed in `failures`); a kind whose compile or save fails runs dynamo's plain compile of
-    the same forward from then on."""
+    file that does not load is removed (listed in `failures`); a kind whose compile or save fails runs dynamo's plain
+    compile of the same forward from then on."""
 
     def __init__(self, kind: str, block_type: type, folder: Path, backend: str, mode: str | None = None):
         self.kind, self.folder, self.options = kind, folder, {"backend": backend, "mode": mode}

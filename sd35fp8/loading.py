@@ -209,7 +209,12 @@ def load_pipeline(
     else:
         pipe = _from_pretrained(source, precision, dtype, revision, device)
     check_loaded(pipe)
-    seconds = {"weights": time.perf_counter() - started}  # where the load's time went (pieces["load_seconds"])
+    seconds: dict[str, float] = {}  # where the load's time went (pieces["load_seconds"])
+
+    def lap(name: str) -> None:
+        seconds[name] = round(time.perf_counter() - started - sum(seconds.values()), 2)
+
+    lap("weights")
     path, probe = None, None
     if precision == "fp8":
         if device.type == "cuda" and fp8_path == "auto":
@@ -222,7 +227,7 @@ def load_pipeline(
         if fp8_path_of(pipe.transformer) is None:
             raise LoadError(f"{source!r} has no FP8 transformer: make one with `python -m convert {source} --out DIR`.")
         apply_fp8_path(pipe.transformer, path)  # before placing: on CUDA quanto would repack its weights
-    seconds["fp8"] = time.perf_counter() - started - sum(seconds.values())
+    lap("fp8")
     placement = _resolve_text_encoders(text_encoders, device, offload)
     encoders = None
     if placement == "on_demand":
@@ -235,10 +240,10 @@ def load_pipeline(
         PromptCache(SPEED.prompt_cache_entries, SPEED.prompt_cache_bytes) if prompt_cache else None)
     pieces = {"fp8_path": path, "fp8_probe": probe}
     options = options.resolved(device, fp8_weights=precision == "fp8", memory_tight=is_memory_tight(offload, encoders))
-    seconds["placement"] = time.perf_counter() - started - sum(seconds.values())
+    lap("placement")
     pieces |= prepare_transformer(pipe.transformer, device, options, run_once=warmup_call(pipe))
-    seconds["speed_pieces"] = time.perf_counter() - started - sum(seconds.values())
-    pieces["load_seconds"] = {name: round(value, 2) for name, value in seconds.items()}
+    lap("speed_pieces")
+    pieces["load_seconds"] = seconds
     pieces["text_encoders"] = encoders.describe() if encoders else ("model CPU offload" if offload else "gpu")
     pieces["prompt_cache"] = cache.describe() if cache is not None else None
     pieces["vae_tiling_above_pixels"] = SPEED.vae_tiling_above_pixels
@@ -325,10 +330,10 @@ def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
 
 
 def load_transformer(source: str, precision: str, *, dtype: torch.dtype | None = None,
-                     revision: str | None = None, device: torch.device | str = "cpu") -> SD3Transformer2DModel:
+                     revision: str | None = None, device: torch.device | str | None = None) -> SD3Transformer2DModel:
     """Load only the transformer of `source` in a 16-bit precision (the reference for a comparison), in the dtype it
-    computes in on `device` (`compute_dtype`) unless `dtype` is given."""
-    dtype = dtype or compute_dtype(precision, device)
+    computes in on `device` (default: as `load_pipeline`'s) unless `dtype` is given (`compute_dtype`)."""
+    dtype = dtype or compute_dtype(precision, device if device is not None else default_device())
     if source == TINY:
         return build_tiny_pipeline(dtype=dtype).transformer
     try:

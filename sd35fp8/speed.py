@@ -199,8 +199,9 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
         if PRECOMPILE_AVAILABLE:
             loading = time.perf_counter()
             root = Path(cache.get("cache_dir") or SPEED.compile_cache_dir) / "precompiled"
-            mode = options.compile_mode if options.compile_mode not in (None, "default") else None
-            folder = root / "-".join([aot_fingerprint(transformer, device), options.compile_backend] + [mode] * bool(mode))
+            mode = None if options.compile_mode in (None, "default") else options.compile_mode
+            name = f"{aot_fingerprint(transformer, device)}-{options.compile_backend}" + (f"-{mode}" if mode else "")
+            folder = root / name
             kinds = precompile_blocks(transformer, folder, options.compile_backend, mode)
             loaded = sum(kind.loaded for kind in kinds.values())
             pieces["precompiled"] = {"folder": str(folder), "loaded": {name: k.loaded for name, k in kinds.items()},

@@ -141,8 +141,8 @@ class Models:
         A `base` passed explicitly must load; one found in the model card that fails to load only
         disables the comparison (the reason is kept in `base_note`). `compile` ("auto", "on", "off"):
         "auto" applies the fastest configuration measured (regional torch.compile with the compiled blocks kept on
-        disk, `sd35fp8.speed.AUTO_COMPILE`, on CUDA GPUs; nothing on the CPU); on ZeroGPU, where torch.compile's code does not persist, call `compile_ahead_of_time()`
-        inside a `@spaces.GPU` call instead. The other speed pieces take `load_pipeline`'s "auto".
+        disk, `sd35fp8.speed.AUTO_COMPILE`, on CUDA GPUs; nothing on the CPU); on ZeroGPU, where torch.compile's
+        code does not persist, call `compile_ahead_of_time()` inside a `@spaces.GPU` call instead. The other speed pieces take `load_pipeline`'s "auto".
         """
         settings = settings or AppSettings()
         device = torch.device(device) if device is not None else default_device()

@@ -248,7 +248,8 @@ def test_precompiled_blocks_are_saved_and_a_fresh_process_runs_them_without_trac
     eager = generate(load_pipeline(build_tiny_pipeline(num_layers=4), "fp8", device="cpu"), request)
     loaded = load_pipeline(build_tiny_pipeline(num_layers=4), "fp8", device="cpu", compile="precompiled",
                            compile_cache=str(tmp_path), compile_backend="eager")
-    assert loaded.pieces["compile"] == "precompiled: 4 blocks, 2 kinds, 0 saved functions loaded, compiles and saves them"
+    assert loaded.pieces["compile"] == ("precompiled: 4 blocks, 2 kinds, 0 saved functions loaded, "
+                                        "compiles and saves them")
     folder = tmp_path / "precompiled"
     assert _sha(generate(loaded, request).image) == _sha(eager.image)  # three blocks share one function
     saved = lambda: sorted(p.name.split("-")[0] for p in folder.rglob("*.bin"))  # noqa: E731 - kind of each file
