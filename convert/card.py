@@ -22,7 +22,7 @@ HARDWARE_NOTE = (
     "project's `load_pipeline` needs neither: it keeps both in FP8 on the GPU and, on compute capability 8.9+, "
     "runs the transformer on FP8 tensor cores (on Hopper its attention too, through the project's FP8 attention "
     "kernel), compiled (the compiled blocks are kept on disk, so a restarted process skips compilation: first "
-    "image in about 4 s on an H200) and replayed as CUDA graphs."
+    "image of SD3.5 Large in about 4 s on an H200, measured with random weights) and replayed as CUDA graphs."
 )
 
 
