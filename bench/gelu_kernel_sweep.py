@@ -83,7 +83,7 @@ def one_tile(x, data, scale, num_warps, fast):
 
 
 def shipped(x, data, scale, num_warps):
-    kernels.launch_gelu_quantize_rows(x, data, scale, num_warps=num_warps, approx_tanh=True)
+    kernels.launch_quantize_rows(x, data, scale, gelu=True, num_warps=num_warps, approx_tanh=True)
 
 
 def variants():

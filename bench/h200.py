@@ -86,6 +86,14 @@ CONFIGS = {c.name: c for c in [
     Config("fp8_tensorwise_compile_child", "fp8", {**FUSED, **REGIONAL, "fp8_path": "scaled_mm_tensorwise"},
            issue="everywhere", estimate={"large": 70, "medium": 50},
            extra=("child:fp8_tensorwise_compile", "reference")),
+    # the forced tensor-wise path compiled the way "auto" compiles the row-wise one (it stays eager under "auto")
+    Config("fp8_tensorwise_precompiled_child", "fp8", {**DEFAULT_FP8, "compile": "precompiled",
+                                                       "fp8_path": "scaled_mm_tensorwise"},
+           issue="everywhere", estimate={"large": 120, "medium": 80},
+           extra=("child:fp8_tensorwise_precompiled", "reference")),
+    Config("fp8_tensorwise_precompiled", "fp8", {**DEFAULT_FP8, "compile": "precompiled",
+                                                 "fp8_path": "scaled_mm_tensorwise"},
+           issue="everywhere", estimate={"large": 100, "medium": 70}),
     Config("fp8_tensorwise_eager", "fp8", {**FUSED, "compile": False, "fp8_path": "scaled_mm_tensorwise"},
            issue="everywhere", estimate={"large": 25, "medium": 20}),
     Config("bf16_compile_fused", "bf16", {**FUSED, **REGIONAL}, estimate={"large": 35, "medium": 30},
@@ -98,6 +106,10 @@ CONFIGS = {c.name: c for c in [
     # the default with its compiled blocks saved to disk, then an app restart that loads them (no tracing)
     Config("fp8_precompiled", "fp8", {**DEFAULT_FP8, "compile": "precompiled"}, issue="both",
            estimate={"large": 60, "medium": 50}, extra=("second_size",)),
+    Config("fp8_precompiled_profile", "fp8", {**DEFAULT_FP8, "compile": "precompiled"}, issue="both",
+           estimate={"large": 60, "medium": 50}, extra=("profile",)),
+    Config("fp8_precompiled_no_row_kernel", "fp8", {**DEFAULT_FP8, "compile": "precompiled", "row_kernel": False},
+           estimate={"large": 60, "medium": 50}, extra=("profile",)),
     Config("fp8_precompiled_warm", "fp8", {**DEFAULT_FP8, "compile": "precompiled"}, issue="everywhere",
            estimate={"large": 45, "medium": 35}, extra=("child:fp8_precompiled",)),
     Config("bf16_compile_cudagraphs", "bf16", {**FUSED, **REGIONAL, "cuda_graphs": True},
@@ -332,6 +344,7 @@ class ModelBench:
             if us > 0:
                 kernels.append((event.key, us, event.count))
         kernels.sort(key=lambda k: -k[1])
+        busy_us, span_us = self.kernel_timeline(prof)
 
         def family(name: str) -> str:
             low = name.lower()
@@ -357,7 +370,30 @@ class ModelBench:
             "by_family_ms": {k: round(v / 1000, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
             "quantizing_triton_kernels_ms": round(sum(us for _, us, _ in quantize) / 1000, 2),
             "top_kernels": [{"name": n[:160], "ms": round(us / 1000, 3), "calls": c} for n, us, c in kernels[:25]],
+            "kernels_per_step": sum(c for _, _, c in kernels),
+            "memsets_per_step": sum(c for n, _, c in kernels if n.startswith("Memset")),
+            # the step's kernels laid end to end against first start to last end: the rest is gaps between them
+            "timeline_busy_ms": round(busy_us / 1000, 2), "timeline_span_ms": round(span_us / 1000, 2),
+            "all_kernels": [[n[:100], c, round(us / 1000, 4)] for n, us, c in kernels],
         }
+
+    @staticmethod
+    def kernel_timeline(prof) -> tuple[float, float]:
+        """(GPU-busy microseconds: the union of the kernels' intervals, first start to last end) of a profile."""
+        intervals = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                           if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")
+                           and e.time_range.end > e.time_range.start)
+        if not intervals:
+            return 0.0, 0.0
+        busy, (start, end) = 0.0, intervals[0]
+        for a, b in intervals[1:]:
+            if a > end:
+                busy += end - start
+                start, end = a, b
+            else:
+                end = max(end, b)
+        busy += end - start
+        return busy, intervals[-1][1] - intervals[0][0]
 
     def own_peak(self, loaded, result) -> float | None:
         """Peak VRAM of this pipeline alone: the generation's peak minus memory held by other pipelines' weights

@@ -239,11 +239,32 @@ def fused_triton_attention(attn, hidden_states, encoder_hidden_states) -> torch.
     heads = attn.heads
     width = qkv.shape[-1] // 3
     head_dim = width // heads
-    scales = FP8_MAX / torch.stack([_rms_bound(norms[0::2], head_dim), _rms_bound(norms[1::2], head_dim)])
-    q8, k8, v8, descale_v = attention_kernel.quantize_qkv(qkv, context_qkv, norms, heads, scales)
-    out = attention_kernel.flash_attention_fp8(q8, k8, v8, 1 / scales[0], 1 / scales[1], descale_v,
+    scales = getattr(attn, "fp8_qk_scales", None)  # (q, k, 1/q, 1/k), kept by `set_attention`
+    if scales is None or scales.dtype != torch.float32:  # (a transformer cast after set_attention)
+        scales = qk_scales(norms, head_dim)
+    q8, k8, v8, descale_v = attention_kernel.quantize_qkv(qkv, context_qkv, norms, heads, scales[:2])
+    out = attention_kernel.flash_attention_fp8(q8, k8, v8, scales[2], scales[3], descale_v,
                                                1.0 / math.sqrt(head_dim), v_transposed=True)
     return out.reshape(qkv.shape[0], -1, width).to(qkv.dtype)
+
+
+def qk_scales(norms: tuple, head_dim: int) -> torch.Tensor:
+    """float32 (q scale, k scale, 1 / q scale, 1 / k scale) of the fp8_triton backend: 448 over the static bound of
+    the q and k RMS norms' outputs (`norms`: norm_q, norm_k[, norm_added_q, norm_added_k])."""
+    scales = FP8_MAX / torch.stack([_rms_bound(norms[0::2], head_dim), _rms_bound(norms[1::2], head_dim)])
+    return torch.cat([scales, 1 / scales])
+
+
+def _keep_qk_scales(attn) -> None:
+    """Compute the fp8_triton scales of `attn` once, from its norms' weights, as a buffer (moved with the model):
+    computed in every call they were 3 small kernels a block (111 of a Large step's ~1,750)."""
+    context = getattr(attn, "add_q_proj", None) is not None or getattr(attn, "to_added_qkv", None) is not None
+    norms = (attn.norm_q, attn.norm_k) + ((attn.norm_added_q, attn.norm_added_k) if context else ())
+    if not attention_kernel.qkv_norms_fusable(norms):
+        return
+    with torch.no_grad():
+        scales = qk_scales(norms, attn.inner_dim // attn.heads)
+    attn.register_buffer("fp8_qk_scales", scales, persistent=False)
 
 
 # ------------------------------------------------------------------------------------------- the processor
@@ -337,6 +358,8 @@ def set_attention(transformer: torch.nn.Module, backend: str) -> int:
     for module in transformer.modules():
         if isinstance(module, Attention):
             module.set_processor(processor)
+            if backend == "fp8_triton":
+                _keep_qk_scales(module)
             count += 1
     return count
 

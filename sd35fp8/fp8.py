@@ -276,6 +276,7 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.reshape(1, -1).to(torch.float32))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.input_gelu = False  # apply tanh-GELU to the input first (set by `fuse_gelu_quantize`)
+        self.row_kernel = False  # quantize (B, T, C) inputs with `kernels.quantize_rows` (set by `use_row_kernel`)
         if mode != "dequant" and not self.scaled_mm_shape_ok:
             self.mode = "dequant"
 
@@ -321,6 +322,8 @@ class Fp8Linear(nn.Module):
                 return self._fp8_mm(x.data.reshape(-1, self.in_features), x.scale.reshape(-1, 1), bias,
                                     x.data.shape[:-1], x.dtype)
             x = dequantize_activation(x)
+        if self.row_kernel and self.mode in FP8_GEMM_MODES and kernels.rows_supported(x):
+            return self._fp8_mm(*kernels.quantize_rows(x), bias, x.shape[:-1], x.dtype)  # read in place, one pass
         rows = x.reshape(-1, self.in_features)
         if self.input_gelu and self.mode in FP8_GEMM_MODES and kernels.supports(rows):
             x_fp8, x_scale = kernels.gelu_quantize_rows(rows)  # GELU + quantization in one pass
@@ -522,3 +525,24 @@ def fuse_gelu_quantize(model: nn.Module) -> int:
 def gelu_fused(model: nn.Module) -> int:
     """How many FP8 layers of `model` apply the GELU of their input themselves (`fuse_gelu_quantize`)."""
     return sum(1 for m in model.modules() if isinstance(m, Fp8Linear) and m.input_gelu)
+
+
+def use_row_kernel(model: nn.Module) -> int:
+    """Let each attention's FP8 output projections (`to_out[0]`, `to_add_out`) quantize their input with the
+    one-pass Triton kernel (`sd35fp8.kernels.quantize_rows`), reading the attention output's image and context
+    halves in place; elsewhere (the CPU, other inputs) they quantize as before. Returns how many layers."""
+    from diffusers.models.attention_processor import Attention
+
+    count = 0
+    for attention in [m for m in model.modules() if isinstance(m, Attention)]:
+        for layer in (attention.to_out[0] if attention.to_out is not None else None,
+                      getattr(attention, "to_add_out", None)):
+            if isinstance(layer, Fp8Linear):
+                layer.row_kernel = True
+                count += 1
+    return count
+
+
+def row_kernel_layers(model: nn.Module) -> int:
+    """How many FP8 layers of `model` quantize their input with the row kernel (`use_row_kernel`)."""
+    return sum(1 for m in model.modules() if isinstance(m, Fp8Linear) and m.row_kernel)

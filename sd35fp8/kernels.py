@@ -6,6 +6,10 @@ second read. It replaces what inductor generates for the same three steps on SD3
 two-pass reduction evaluating GELU twice): 0.41 -> 0.11 ms at 8858 x 9728 on an H200 (launch settings swept by
 bench/gelu_kernel_sweep.py; bench/NOTES.md); in the compiled SD3.5 Large step its 75 calls take 2.8 ms.
 
+`quantize_rows(x)` is the same kernel without GELU, for (B, T, C) token activations with any batch and token strides
+(the attention output's image and context halves, slices of one tensor): inductor compiles that quantization as
+a looped two-pass reduction, 51 us a call on SD3.5 Large's image tokens on an H200 (1.9 ms a step, 37 calls).
+
 Registered with `torch.library.triton_op`, so torch.compile and torch.export see one opaque op and inductor calls
 the kernel from its generated code (no graph break). The arithmetic matches `F.gelu(x, approximate="tanh")` in
 `x.dtype` followed by `sd35fp8.fp8.quantize_rows`, with two shortcuts: tanh is the GPU's `tanh.approx.f32` and each
@@ -51,6 +55,15 @@ def supports(x: torch.Tensor) -> bool:
             and x.shape[1] <= MAX_COLUMNS and x.stride(1) == 1)
 
 
+def rows_supported(x: torch.Tensor) -> bool:
+    """Whether `quantize_rows(x)` runs the kernel for this input: (B, T, C) on CUDA, 16-bit, C contiguous, a multiple
+    of 8 and not too wide, the other strides multiples of 8 elements (16 bytes: the kernel's loads stay vectorized;
+    a symbolic stride under torch.compile is a multiple of the row pitch C)."""
+    return (available() and x.is_cuda and x.dim() == 3 and x.dtype in (torch.bfloat16, torch.float16)
+            and x.shape[2] <= MAX_COLUMNS and x.shape[2] % 8 == 0 and x.stride(2) == 1
+            and all(not isinstance(stride, int) or stride % 8 == 0 for stride in x.stride()[:2]))
+
+
 if triton is not None:
 
     @triton.jit
@@ -64,26 +77,29 @@ if triton is not None:
         return 0.5 * x * (1.0 + t)
 
     @triton.jit
-    def _gelu_quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_cols, x_row_stride, out_row_stride,
-                                   FP8_MAX: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                                   APPROX_TANH: tl.constexpr):
+    def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_cols, tokens, x_batch_stride, x_row_stride,
+                              out_row_stride, FP8_MAX: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                              GELU: tl.constexpr, APPROX_TANH: tl.constexpr):
         # the row as two power-of-two tiles held in registers (9728 = 8192 + 1536 of 2048, 6144 = 4096 + 2048):
-        # one tile of 16384 left 40% of the lanes masked and ran at 1.3-1.5 TB/s on the H200 instead of 2.4
+        # one tile of 16384 left 40% of the lanes masked and ran at 1.3-1.5 TB/s on the H200 instead of 2.4.
+        # Row r is token r % tokens of batch r // tokens. The strides are multiples of 8 (the launchers check):
+        # `// 8 * 8` tells Triton so where inductor passes them as plain integers, which keeps the loads 16 bytes wide.
         row = tl.program_id(0).to(tl.int64)
         cols_a = tl.arange(0, BLOCK_A)
         cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
         mask_b = cols_b < n_cols
-        x_row = x_ptr + row * x_row_stride
-        gelu_a = _gelu_tanh(tl.load(x_row + cols_a).to(tl.float32), APPROX_TANH)
-        gelu_b = _gelu_tanh(tl.load(x_row + cols_b, mask=mask_b, other=0.0).to(tl.float32), APPROX_TANH)
-        gelu_a = gelu_a.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded like the eager GELU's output
-        gelu_b = gelu_b.to(x_ptr.dtype.element_ty).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(gelu_a), axis=0), tl.max(tl.abs(gelu_b), axis=0))
+        x_row = x_ptr + (row // tokens) * (x_batch_stride // 8 * 8) + (row % tokens) * (x_row_stride // 8 * 8)
+        value_a = tl.load(x_row + cols_a).to(tl.float32)
+        value_b = tl.load(x_row + cols_b, mask=mask_b, other=0.0).to(tl.float32)
+        if GELU:
+            value_a = _gelu_tanh(value_a, APPROX_TANH).to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded like
+            value_b = _gelu_tanh(value_b, APPROX_TANH).to(x_ptr.dtype.element_ty).to(tl.float32)  # the eager GELU
+        amax = tl.maximum(tl.max(tl.abs(value_a), axis=0), tl.max(tl.abs(value_b), axis=0))
         scale = tl.maximum(amax / FP8_MAX, 1e-12)
         inverse = 1.0 / scale
         out_row = out_ptr + row * out_row_stride
-        tl.store(out_row + cols_a, tl.clamp(gelu_a * inverse, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty))
-        tl.store(out_row + cols_b, tl.clamp(gelu_b * inverse, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty),
+        tl.store(out_row + cols_a, tl.clamp(value_a * inverse, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty))
+        tl.store(out_row + cols_b, tl.clamp(value_b * inverse, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty),
                  mask=mask_b)
         tl.store(scale_ptr + row, scale)
 
@@ -98,21 +114,35 @@ if triton is not None:
         return (torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=device),
                 torch.empty((rows, 1), dtype=torch.float32, device=device))
 
-    def launch_gelu_quantize_rows(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, *,
-                                  approx_tanh: bool = True, num_warps: int | None = None) -> None:
-        """Run the kernel into preallocated outputs. `data` may be float32 to read the values before the FP8 cast,
-        `approx_tanh=False` evaluates tanh through a sigmoid (for Triton's CPU interpreter)."""
-        cols = x.shape[1]
+    def launch_quantize_rows(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, *, gelu: bool = False,
+                             approx_tanh: bool = True, num_warps: int | None = None) -> None:
+        """Run the kernel on a 2-D or (B, T, C) `x` into preallocated (rows, C) outputs, applying tanh-GELU first
+        if `gelu`. `data` may be float32 to read the values before the FP8 cast, `approx_tanh=False` evaluates tanh
+        through a sigmoid (for Triton's CPU interpreter)."""
+        cols = x.shape[-1]
+        batch_stride, tokens, row_stride = (0, x.shape[0], x.stride(0)) if x.dim() == 2 else \
+            (x.stride(0), x.shape[1], x.stride(1))
+        if any(isinstance(stride, int) and stride % 8 for stride in (batch_stride, row_stride)) or x.stride(-1) != 1:
+            raise ValueError(f"quantize_rows needs contiguous rows whose strides are multiples of 8, got {x.stride()}")
         block_a, block_b = _tiles(cols)
-        torch.library.wrap_triton(_gelu_quantize_rows_kernel)[(x.shape[0],)](
-            x, data, scale, cols, x.stride(0), data.stride(0), FP8_MAX=FP8_MAX, BLOCK_A=block_a, BLOCK_B=block_b,
-            APPROX_TANH=approx_tanh, num_warps=num_warps or (8 if block_a >= 8192 else 4))
+        torch.library.wrap_triton(_quantize_rows_kernel)[(data.shape[0],)](
+            x, data, scale, cols, tokens, batch_stride, row_stride, data.stride(0), FP8_MAX=FP8_MAX,
+            BLOCK_A=block_a, BLOCK_B=block_b, GELU=gelu, APPROX_TANH=approx_tanh,
+            num_warps=num_warps or (8 if block_a >= 8192 else 4))
 
     @torch.library.triton_op("sd35fp8::gelu_quantize_rows", mutates_args=())
     def gelu_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tanh-GELU then row-wise E4M3 quantization of a 2-D 16-bit CUDA tensor: (data, float32 scales [rows, 1])."""
         data, scale = _fp8_rows(x.shape[0], x.shape[1], x.device)
-        launch_gelu_quantize_rows(x, data, scale)
+        launch_quantize_rows(x, data, scale, gelu=True)
+        return data, scale
+
+    @torch.library.triton_op("sd35fp8::quantize_rows", mutates_args=())
+    def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-wise E4M3 quantization of a (B, T, C) 16-bit CUDA tensor, any batch/token strides (see
+        `rows_supported`): (data (B*T, C), float32 scales [B*T, 1])."""
+        data, scale = _fp8_rows(x.shape[0] * x.shape[1], x.shape[2], x.device)
+        launch_quantize_rows(x, data, scale)
         return data, scale
 
 
@@ -143,9 +173,11 @@ if triton is not None:
 
     @triton.jit
     def _norm_quantize_rows_kernel(h_ptr, residual_ptr, gate_ptr, shift_ptr, scale_ptr, h_out_ptr, out_ptr,
-                                   row_scale_ptr, n_cols, tokens, eps, FP8_MAX: tl.constexpr,
-                                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-        # rows of h, residual, h_out, out are contiguous with n_cols columns; shift/scale/gate are (B, n_cols)
+                                   row_scale_ptr, n_cols, tokens, eps, gate_stride, shift_stride, scale_stride,
+                                   FP8_MAX: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                                   HAS_RESIDUAL: tl.constexpr):
+        # rows of h, residual, h_out, out are contiguous with n_cols columns; shift/scale/gate are (B, n_cols) with
+        # contiguous rows `*_stride` apart (chunks of the block's modulation: read in place, no copies)
         row = tl.program_id(0).to(tl.int64)
         batch = row // tokens
         cols_a = tl.arange(0, BLOCK_A)
@@ -155,7 +187,7 @@ if triton is not None:
         h_a = tl.load(h_ptr + offset + cols_a).to(tl.float32)
         h_b = tl.load(h_ptr + offset + cols_b, mask=mask_b, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            gate_row = gate_ptr + batch * n_cols
+            gate_row = gate_ptr + batch * gate_stride
             y_a = tl.load(residual_ptr + offset + cols_a).to(tl.float32)
             y_b = tl.load(residual_ptr + offset + cols_b, mask=mask_b, other=0.0).to(tl.float32)
             new_a = (h_a + tl.load(gate_row + cols_a).to(tl.float32) * y_a).to(h_out_ptr.dtype.element_ty)
@@ -169,7 +201,7 @@ if triton is not None:
         d_a = h_a - mean
         d_b = tl.where(mask_b, h_b - mean, 0.0)
         rstd = 1.0 / tl.sqrt((tl.sum(d_a * d_a, axis=0) + tl.sum(d_b * d_b, axis=0)) / n_cols + eps)
-        shift_row, scale_row = shift_ptr + batch * n_cols, scale_ptr + batch * n_cols
+        shift_row, scale_row = shift_ptr + batch * shift_stride, scale_ptr + batch * scale_stride
         m_a = d_a * rstd * (1.0 + tl.load(scale_row + cols_a).to(tl.float32)) + tl.load(shift_row + cols_a).to(
             tl.float32)
         m_b = d_b * rstd * (1.0 + tl.load(scale_row + cols_b, mask=mask_b, other=0.0).to(tl.float32)) + tl.load(
@@ -184,6 +216,11 @@ if triton is not None:
                  mask=mask_b)
         tl.store(row_scale_ptr + row, row_scale)
 
+    def _unit_columns(t: torch.Tensor) -> torch.Tensor:
+        """`t` (B, C) as the norm kernel reads it: as it is if its columns are contiguous (a chunk of the
+        modulation), else a contiguous copy."""
+        return t if t.stride(1) == 1 else t.contiguous()
+
     def launch_norm_quantize_rows(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                                   data: torch.Tensor, row_scale: torch.Tensor, residual: torch.Tensor | None = None,
                                   gate: torch.Tensor | None = None, h_out: torch.Tensor | None = None,
@@ -193,11 +230,13 @@ if triton is not None:
         cols = h.shape[-1]
         block_a, block_b = _tiles(cols)
         has_residual = residual is not None
+        gate, shift, scale = (_unit_columns(t) for t in (gate if has_residual else shift, shift, scale))
         torch.library.wrap_triton(_norm_quantize_rows_kernel)[(h.shape[0] * h.shape[1],)](
-            h, residual if has_residual else h, gate.contiguous() if has_residual else shift,
-            shift.contiguous(), scale.contiguous(), h_out if has_residual else h, data, row_scale, cols, h.shape[1],
-            eps, FP8_MAX=FP8_MAX, BLOCK_A=block_a, BLOCK_B=block_b, HAS_RESIDUAL=has_residual,
+            h, residual if has_residual else h, gate, shift, scale, h_out if has_residual else h, data, row_scale,
+            cols, h.shape[1], eps, gate.stride(0), shift.stride(0), scale.stride(0), FP8_MAX=FP8_MAX,
+            BLOCK_A=block_a, BLOCK_B=block_b, HAS_RESIDUAL=has_residual,
             num_warps=num_warps or (8 if block_a >= 2048 else 4))
+
 
     @torch.library.triton_op("sd35fp8::norm_quantize_rows", mutates_args=())
     def norm_quantize_rows(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
@@ -217,11 +256,11 @@ if triton is not None:
         return h_out, data, row_scale
 
 
-KERNELS = ("gelu", "norm")  # what `check` can test: gelu_quantize_rows, the two norm kernels
+KERNELS = ("gelu", "norm", "rows")  # what `check` can test: gelu_quantize_rows, the two norm kernels, quantize_rows
 
 
 def check(device: torch.device | str, kernel: str = "gelu") -> str | None:
-    """Run `kernel` ("gelu" or "norm") once on `device` against the torch arithmetic; None if it agrees, else why
+    """Run `kernel` (one of `KERNELS`) once on `device` against the torch arithmetic; None if it agrees, else why
     not (cached). `prepare_transformer` calls this before fusing, so a GPU or Triton that cannot run a kernel falls
     back to the separate kernels instead of failing."""
     if kernel not in KERNELS:
@@ -255,6 +294,11 @@ def _check(device: torch.device, kernel: str) -> str | None:
             x = (torch.randn(64, 1000, generator=generator) * 3).to(device, torch.bfloat16)
             data, scale = gelu_quantize_rows(x)
             expected_data, expected_scale = _quantize_rows_eager(F.gelu(x, approximate="tanh"))
+            results = [agreement(data, expected_data, scale, expected_scale)]
+        elif kernel == "rows":  # the image half of an attention output: a strided (B, T, C) slice
+            x = (torch.randn(2, 50, 1000, generator=generator) * 3).to(device, torch.bfloat16)[:, :40]
+            data, scale = quantize_rows(x)
+            expected_data, expected_scale = _quantize_rows_eager(x.reshape(-1, 1000))
             results = [agreement(data, expected_data, scale, expected_scale)]
         else:
             h, y = ((torch.randn(2, 40, 1000, generator=generator) * 3).to(device, torch.bfloat16) for _ in range(2))

@@ -3,7 +3,8 @@
 `load_pipeline(...)` and `with_transformer(...)` take these options as keyword arguments (see `SpeedOptions`);
 "auto" means the fastest configuration measured on that hardware (bench/results/gpu_h200_speed.json), and
 every piece is off on the CPU unless asked for. `prepare_transformer` applies them in a fixed order: fused
-projections -> GELU + quantization fusion -> attention backend -> adaLN + quantization fusion -> compilation
+projections -> GELU + quantization fusion -> the row quantization kernel -> attention backend -> adaLN +
+quantization fusion -> compilation
 (regional / precompiled / full / AOTInductor) -> CUDA graphs.
 """
 
@@ -23,7 +24,8 @@ from .attention import ATTENTION_BACKENDS, ATTENTION_LABELS, FALLBACKS, attentio
 from .compile import COMPILE_CHOICES, PRECOMPILE_AVAILABLE, CudaGraphTransformer, apply_aot_packages, \
     aot_compile_blocks, blocks_of, compile_transformer, configure_compile_cache, package_load_failure, \
     precompile_blocks
-from .fp8 import FP8_GEMM_MODES, fp8_path_of, fuse_gelu_quantize, fuse_projections, gelu_fused, projections_fused
+from .fp8 import FP8_GEMM_MODES, fp8_path_of, fuse_gelu_quantize, fuse_projections, gelu_fused, projections_fused, \
+    row_kernel_layers, use_row_kernel
 from .settings import SPEED
 
 # What "auto" picks on a CUDA GPU, from the H200 measurements (bench/NOTES.md, gpu_h200_*.json). Attention of FP8
@@ -55,6 +57,7 @@ class SpeedOptions:
     fuse_projections: bool | str = "auto"  # concatenate q/k/v (and add_q/k/v) into one GEMM; auto: on CUDA
     fuse_gelu: bool | str = "auto"  # FP8 MLPs: GELU + activation quantization in one Triton kernel; auto: on CUDA
     fuse_norm: bool | str = "auto"  # FP8 blocks: adaLN (+ residual) + activation quantization in one kernel; auto: CUDA
+    row_kernel: bool | str = "auto"  # FP8 attention outputs quantized in one Triton pass, read in place; auto: CUDA
     attention: str = "auto"  # "sdpa" | "fp8_cudnn" | "fp8_triton" | "fp8_reference"; auto: fastest measured
     compile: bool | str = False  # False/"off" | True/"regional" | "precompiled" (regional, saved to disk) | "full" |
     # "aot" | "auto" (AUTO_COMPILE on CUDA)
@@ -81,6 +84,7 @@ class SpeedOptions:
         kernels_run = cuda and kernels.available()  # "auto" for each of `sd35fp8.kernels`' pieces
         fuse_gelu = kernels_run if self.fuse_gelu == "auto" else bool(self.fuse_gelu)
         fuse_norm = kernels_run if self.fuse_norm == "auto" else bool(self.fuse_norm)
+        row_kernel = kernels_run if self.row_kernel == "auto" else bool(self.row_kernel)
         attention = self.attention
         if attention == "auto":
             measured = fp8_weights and cuda and \
@@ -93,7 +97,8 @@ class SpeedOptions:
         cache = self.compile_cache
         if cache == "auto" or cache is True:
             cache = SPEED.compile_cache_dir if compile_choice != "off" else None
-        return replace(self, fuse_projections=fuse, fuse_gelu=fuse_gelu, fuse_norm=fuse_norm, attention=attention,
+        return replace(self, fuse_projections=fuse, fuse_gelu=fuse_gelu, fuse_norm=fuse_norm, row_kernel=row_kernel,
+                       attention=attention,
                        compile=compile_choice, cuda_graphs=graphs, compile_cache=cache or None,
                        compile_requested=self.compile)
 
@@ -116,12 +121,14 @@ def aot_fingerprint(transformer: torch.nn.Module, device: torch.device) -> str:
     capability = torch.cuda.get_device_capability(device) if torch.device(device).type == "cuda" else "cpu"
     text = json.dumps([config, dtypes, fp8_path_of(transformer), attention_of(transformer),
                        projections_fused(transformer), gelu_fused(transformer), norm_fused(transformer),
+                       row_kernel_layers(transformer),
                        str(capability), torch.__version__],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-KERNEL_LABELS = {"gelu": "GELU + quantization kernel", "norm": "adaLN + quantization kernels"}
+KERNEL_LABELS = {"gelu": "GELU + quantization kernel", "norm": "adaLN + quantization kernels",
+                 "rows": "row quantization kernel"}
 
 
 def _kernel_piece(pieces: dict, transformer: torch.nn.Module, device: torch.device, kernel: str, wanted: bool,
@@ -151,6 +158,7 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
         fuse_projections(transformer)
     pieces["fused_projections"] = projections_fused(transformer)
     _kernel_piece(pieces, transformer, device, "gelu", options.fuse_gelu, fuse_gelu_quantize, gelu_fused)
+    _kernel_piece(pieces, transformer, device, "rows", options.row_kernel, use_row_kernel, row_kernel_layers)
     backend = options.attention
     if backend == "fp8_cudnn":
         reason = cudnn_fp8_available()
@@ -169,13 +177,6 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
     set_attention(transformer, backend)
     pieces["attention"] = attention_of(transformer)
     _kernel_piece(pieces, transformer, device, "norm", options.fuse_norm, fuse_norm_quantize, norm_fused)
-    if options.compile in TORCH_COMPILES and options.compile_requested in (True, "auto") \
-            and fp8_path_of(transformer) == "scaled_mm_tensorwise":
-        # Measured on the H200: compiling the tensor-wise path (forced) did not finish within 250 s, so "auto"/True
-        # keep it eager there; ask for compile="regional" explicitly to compile it anyway. (That was with one
-        # activation scale per tensor; the path now shares row-wise quantization: re-measure before lifting this.)
-        pieces["compile_skipped"] = "tensor-wise FP8 runs eagerly: its compilation did not finish on the H200 (250 s)"
-        options = replace(options, compile="off")
     pieces["checks_s"] = round(time.perf_counter() - started, 2)  # the kernels' load-time checks, mostly
     cache = configure_compile_cache(options.compile_cache) if options.compile != "off" else {"cache_dir": None}
     pieces["compile_cache"] = cache
@@ -235,6 +236,8 @@ def describe_pieces(pieces: dict) -> str:
         parts.append(f"GELU + FP8 quantization in one kernel in {pieces['fused_gelu']} MLPs")
     if pieces.get("fused_norm"):
         parts.append(f"adaLN + FP8 quantization in one kernel in {pieces['fused_norm']} blocks")
+    if pieces.get("fused_rows"):
+        parts.append(f"attention outputs quantized in one pass in {pieces['fused_rows']} layers")
     if pieces.get("attention"):
         parts.append(ATTENTION_LABELS.get(pieces["attention"], str(pieces["attention"])))
     if pieces.get("compile") and pieces["compile"] != "off":
