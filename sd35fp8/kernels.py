@@ -173,17 +173,20 @@ if triton is not None:
 
     @triton.jit
     def _norm_quantize_rows_kernel(h_ptr, residual_ptr, gate_ptr, shift_ptr, scale_ptr, h_out_ptr, out_ptr,
-                                   row_scale_ptr, n_cols, tokens, eps, gate_stride, shift_stride, scale_stride,
-                                   FP8_MAX: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                                   HAS_RESIDUAL: tl.constexpr):
+                                   row_scale_ptr, n_rows, n_cols, tokens, eps, gate_stride, shift_stride,
+                                   scale_stride, FP8_MAX: tl.constexpr, ROWS: tl.constexpr, BLOCK_A: tl.constexpr,
+                                   BLOCK_B: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
         # rows of h, residual, h_out, out are contiguous with n_cols columns; shift/scale/gate are (B, n_cols) with
-        # contiguous rows `*_stride` apart (chunks of the block's modulation: read in place, no copies)
-        row = tl.program_id(0).to(tl.int64)
-        batch = row // tokens
-        cols_a = tl.arange(0, BLOCK_A)
-        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        # contiguous rows `*_stride` apart (chunks of the block's modulation: read in place, no copies). One program
+        # normalizes ROWS rows, each row as two power-of-two tiles (BLOCK_A + BLOCK_B >= n_cols).
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        live = (rows < n_rows)[:, None]
+        rows = tl.minimum(rows, n_rows - 1)  # the rows past the end repeat the last one (not stored)
+        batch = (rows // tokens)[:, None]
+        cols_a = tl.arange(0, BLOCK_A)[None, :]
+        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)[None, :]
         mask_b = cols_b < n_cols
-        offset = row * n_cols
+        offset = (rows * n_cols)[:, None]
         h_a = tl.load(h_ptr + offset + cols_a).to(tl.float32)
         h_b = tl.load(h_ptr + offset + cols_b, mask=mask_b, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
@@ -193,28 +196,29 @@ if triton is not None:
             new_a = (h_a + tl.load(gate_row + cols_a).to(tl.float32) * y_a).to(h_out_ptr.dtype.element_ty)
             new_b = (h_b + tl.load(gate_row + cols_b, mask=mask_b, other=0.0).to(tl.float32) * y_b).to(
                 h_out_ptr.dtype.element_ty)
-            tl.store(h_out_ptr + offset + cols_a, new_a)
-            tl.store(h_out_ptr + offset + cols_b, new_b, mask=mask_b)
+            tl.store(h_out_ptr + offset + cols_a, new_a, mask=live)
+            tl.store(h_out_ptr + offset + cols_b, new_b, mask=mask_b & live)
             h_a = new_a.to(tl.float32)
             h_b = new_b.to(tl.float32)
-        mean = (tl.sum(h_a, axis=0) + tl.sum(h_b, axis=0)) / n_cols
-        d_a = h_a - mean
-        d_b = tl.where(mask_b, h_b - mean, 0.0)
-        rstd = 1.0 / tl.sqrt((tl.sum(d_a * d_a, axis=0) + tl.sum(d_b * d_b, axis=0)) / n_cols + eps)
+        mean = (tl.sum(h_a, axis=1) + tl.sum(h_b, axis=1)) / n_cols
+        d_a = h_a - mean[:, None]
+        d_b = tl.where(mask_b, h_b - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt((tl.sum(d_a * d_a, axis=1) + tl.sum(d_b * d_b, axis=1)) / n_cols + eps)
         shift_row, scale_row = shift_ptr + batch * shift_stride, scale_ptr + batch * scale_stride
-        m_a = d_a * rstd * (1.0 + tl.load(scale_row + cols_a).to(tl.float32)) + tl.load(shift_row + cols_a).to(
-            tl.float32)
-        m_b = d_b * rstd * (1.0 + tl.load(scale_row + cols_b, mask=mask_b, other=0.0).to(tl.float32)) + tl.load(
-            shift_row + cols_b, mask=mask_b, other=0.0).to(tl.float32)
+        m_a = d_a * rstd[:, None] * (1.0 + tl.load(scale_row + cols_a).to(tl.float32)) + tl.load(
+            shift_row + cols_a).to(tl.float32)
+        m_b = d_b * rstd[:, None] * (1.0 + tl.load(scale_row + cols_b, mask=mask_b, other=0.0).to(tl.float32)) + \
+            tl.load(shift_row + cols_b, mask=mask_b, other=0.0).to(tl.float32)
         m_a = m_a.to(h_ptr.dtype.element_ty).to(tl.float32)  # rounded like a 16-bit modulated activation
         m_b = tl.where(mask_b, m_b.to(h_ptr.dtype.element_ty).to(tl.float32), 0.0)
-        amax = tl.maximum(tl.max(tl.abs(m_a), axis=0), tl.max(tl.abs(m_b), axis=0))
+        amax = tl.maximum(tl.max(tl.abs(m_a), axis=1), tl.max(tl.abs(m_b), axis=1))
         row_scale = tl.maximum(amax / FP8_MAX, 1e-12)
-        inverse = 1.0 / row_scale
-        tl.store(out_ptr + offset + cols_a, tl.clamp(m_a * inverse, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty))
+        inverse = (1.0 / row_scale)[:, None]
+        tl.store(out_ptr + offset + cols_a, tl.clamp(m_a * inverse, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty),
+                 mask=live)
         tl.store(out_ptr + offset + cols_b, tl.clamp(m_b * inverse, -FP8_MAX, FP8_MAX).to(out_ptr.dtype.element_ty),
-                 mask=mask_b)
-        tl.store(row_scale_ptr + row, row_scale)
+                 mask=mask_b & live)
+        tl.store(row_scale_ptr + rows[:, None], row_scale[:, None], mask=live)
 
     def _unit_columns(t: torch.Tensor) -> torch.Tensor:
         """`t` (B, C) as the norm kernel reads it: as it is if its columns are contiguous (a chunk of the
@@ -224,17 +228,18 @@ if triton is not None:
     def launch_norm_quantize_rows(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                                   data: torch.Tensor, row_scale: torch.Tensor, residual: torch.Tensor | None = None,
                                   gate: torch.Tensor | None = None, h_out: torch.Tensor | None = None,
-                                  num_warps: int | None = None) -> None:
+                                  num_warps: int | None = None, rows_per_program: int = 1) -> None:
         """Run a norm kernel into preallocated outputs (`data` may be float32: the values before the FP8 cast);
         with `residual`, `gate` and `h_out` it adds the gated residual first and writes the sum to `h_out`."""
         cols = h.shape[-1]
         block_a, block_b = _tiles(cols)
         has_residual = residual is not None
         gate, shift, scale = (_unit_columns(t) for t in (gate if has_residual else shift, shift, scale))
-        torch.library.wrap_triton(_norm_quantize_rows_kernel)[(h.shape[0] * h.shape[1],)](
+        n_rows = h.shape[0] * h.shape[1]
+        torch.library.wrap_triton(_norm_quantize_rows_kernel)[(triton.cdiv(n_rows, rows_per_program),)](
             h, residual if has_residual else h, gate, shift, scale, h_out if has_residual else h, data, row_scale,
-            cols, h.shape[1], eps, gate.stride(0), shift.stride(0), scale.stride(0), FP8_MAX=FP8_MAX,
-            BLOCK_A=block_a, BLOCK_B=block_b, HAS_RESIDUAL=has_residual,
+            n_rows, cols, h.shape[1], eps, gate.stride(0), shift.stride(0), scale.stride(0), FP8_MAX=FP8_MAX,
+            ROWS=rows_per_program, BLOCK_A=block_a, BLOCK_B=block_b, HAS_RESIDUAL=has_residual,
             num_warps=num_warps or (8 if block_a >= 2048 else 4))
 
 

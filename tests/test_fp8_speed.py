@@ -306,10 +306,10 @@ NORM_KERNEL_CODE = """
     # chunks of one modulation, as the blocks pass them: rows 3 * cols apart, read in place
     shift, scale, gate = torch.randn(2, 3 * {cols}).to(torch.bfloat16).chunk(3, dim=1)
     assert shift.stride() == (3 * {cols}, 1)
-    for residual in (None, y):
+    for residual, rows_per_program in ((None, 1), (y, 1), (None, 4), (y, 4)):  # 4: the last program half full
         data, row_scale, h_out = torch.empty(38, {cols}), torch.empty(38, 1), torch.empty_like(h)
         kernels.launch_norm_quantize_rows(h, shift, scale, 1e-6, data, row_scale, residual,
-                                          None if residual is None else gate, h_out)
+                                          None if residual is None else gate, h_out, rows_per_program=rows_per_program)
         normed_input = h
         if residual is not None:  # the new hidden state, within one bf16 step of the reference's
             new_h = kernels.norm_quantize_reference(h, shift, scale, 1e-6, residual, gate)[0].float()
@@ -347,11 +347,12 @@ def test_norm_quantize_kernel_compiles_for_fp8_gpus(capability):
 
     pointers = {"h_ptr": "*bf16", "residual_ptr": "*bf16", "gate_ptr": "*bf16", "shift_ptr": "*bf16",
                 "scale_ptr": "*bf16", "h_out_ptr": "*bf16", "out_ptr": "*fp8e4nv", "row_scale_ptr": "*fp32"}
-    signature = {**pointers, "n_cols": "i32", "tokens": "i32", "eps": "fp32", "gate_stride": "i32",
-                 "shift_stride": "i32", "scale_stride": "i32", "FP8_MAX": "constexpr", "BLOCK_A": "constexpr",
-                 "BLOCK_B": "constexpr", "HAS_RESIDUAL": "constexpr"}
+    signature = {**pointers, "n_rows": "i32", "n_cols": "i32", "tokens": "i32", "eps": "fp32", "gate_stride": "i32",
+                 "shift_stride": "i32", "scale_stride": "i32", "FP8_MAX": "constexpr", "ROWS": "constexpr",
+                 "BLOCK_A": "constexpr", "BLOCK_B": "constexpr", "HAS_RESIDUAL": "constexpr"}
     source = ASTSource(fn=kernels._norm_quantize_rows_kernel, signature=signature,
-                       constexprs={"FP8_MAX": kernels.FP8_MAX, "BLOCK_A": 2048, "BLOCK_B": 512, "HAS_RESIDUAL": True})
+                       constexprs={"FP8_MAX": kernels.FP8_MAX, "ROWS": 2, "BLOCK_A": 2048, "BLOCK_B": 512,
+                                   "HAS_RESIDUAL": True})
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 8})
     assert compiled.asm["cubin"] and "cvt.rn.satfinite.e4m3x2." in compiled.asm["ptx"]
 
