@@ -17,13 +17,14 @@ block.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
 from torch import nn
 
 from . import kernels
 from .attention import JointAttention
-from .fp8 import FP8_GEMM_MODES, Fp8Activation, Fp8Linear
+from .fp8 import FP8_GEMM_MODES, Fp8Activation, Fp8Linear, concat_linears
 
 
 def _activation(data: torch.Tensor, row_scale: torch.Tensor, h: torch.Tensor) -> Fp8Activation:
@@ -53,7 +54,7 @@ class Fp8NormBlock(JointTransformerBlock):
                 joint_attention_kwargs: dict | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         kwargs = joint_attention_kwargs or {}
         eps = self.norm1.norm.eps
-        emb = self.norm1.linear(self.norm1.silu(temb))
+        emb, context_emb = self.modulation(F.silu(temb)).split(self.modulation_widths, dim=1)
         if self.use_dual_attention:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2 = \
                 emb.chunk(9, dim=1)
@@ -63,7 +64,6 @@ class Fp8NormBlock(JointTransformerBlock):
         attention_input = _norm_quantize(hidden_states, shift_msa, scale_msa, eps)
 
         context_norm = self.norm1_context
-        context_emb = context_norm.linear(context_norm.silu(temb).to(encoder_hidden_states.dtype))
         if self.context_pre_only:  # AdaLayerNormContinuous: (scale, shift)
             c_scale_msa, c_shift_msa = context_emb.chunk(2, dim=1)
         else:
@@ -106,6 +106,8 @@ def _convertible(block: nn.Module) -> bool:
         return False  # (an AdaLayerNormZero embedding its own timestep is not SD3's)
     if not isinstance(context, AdaLayerNormContinuous if block.context_pre_only else AdaLayerNormZero):
         return False
+    if {type(norm1.linear), type(context.linear)} not in ({Fp8Linear}, {nn.Linear}):
+        return False  # the two adaLN projections become one layer
     norms = [norm1.norm, context.norm, block.norm2] + ([] if block.context_pre_only else [block.norm2_context])
     if not all(_plain_layer_norm(norm) for norm in norms):
         return False
@@ -122,10 +124,16 @@ def _convertible(block: nn.Module) -> bool:
 
 def fuse_norm_quantize(model: nn.Module) -> int:
     """Turn every convertible `JointTransformerBlock` of an SD3 transformer into an `Fp8NormBlock` (in place: same
-    object, same modules); returns how many. Apply it after the FP8 path and projection fusion are chosen."""
+    object and modules, except that the two adaLN projections of SiLU(temb), `norm1.linear` and
+    `norm1_context.linear`, become one layer `modulation`: one GEMM reading the input once, exact as the q/k/v
+    fusion is); returns how many. Apply it after the FP8 path and projection fusion are chosen."""
     count = 0
     for block in getattr(model, "transformer_blocks", []):
         if _convertible(block):
+            linears = [block.norm1.linear, block.norm1_context.linear]
+            block.modulation = concat_linears(linears)
+            block.modulation_widths = [layer.out_features for layer in linears]
+            block.norm1.linear = block.norm1_context.linear = None  # (the block's forward no longer calls the norms)
             block.__class__ = Fp8NormBlock
             count += 1
     return count

@@ -450,7 +450,8 @@ def fp8_path_of(model: nn.Module) -> str | None:
 # ---------------------------------------------------------------------------------------------- fusion
 
 
-def _concat_linears(layers: list[nn.Module]) -> nn.Module:
+def concat_linears(layers: list[nn.Module]) -> nn.Module:
+    """One layer computing `layers` (all `Fp8Linear` or all `nn.Linear`, one input size) side by side."""
     if all(isinstance(layer, Fp8Linear) for layer in layers):
         return Fp8Linear.concat(layers)
     if all(type(layer) is nn.Linear for layer in layers):
@@ -487,7 +488,7 @@ def fuse_projections(model: nn.Module) -> int:
                 continue
             if any(is_quanto_linear(layer) for layer in layers):
                 return count
-            setattr(attention, fused_name, _concat_linears(layers))
+            setattr(attention, fused_name, concat_linears(layers))
             for name in names:
                 setattr(attention, name, None)
             fused_any = True

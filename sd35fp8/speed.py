@@ -112,9 +112,20 @@ def speed_options(speed: dict) -> SpeedOptions:
     return SpeedOptions(**speed)
 
 
+# The modules whose code ends up inside compiled blocks: saved compiled functions and AOTInductor packages embed
+# their kernels, so a new version of any of them must not load code compiled from the old one
+_COMPILED_SOURCES = ("attention.py", "attention_kernel.py", "blocks.py", "fp8.py", "kernels.py")
+
+
+def _source_digest() -> str:
+    folder = Path(__file__).parent
+    return hashlib.sha256(b"".join((folder / name).read_bytes() for name in _COMPILED_SOURCES)).hexdigest()[:16]
+
+
 def aot_fingerprint(transformer: torch.nn.Module, device: torch.device) -> str:
     """Folder name for compiled block code of this transformer (AOTInductor packages, precompiled functions): its
-    config, the fusions and attention it runs, dtypes, FP8 modes, device and torch version."""
+    config, the fusions and attention it runs, dtypes, FP8 modes, device, torch version and the source of the
+    modules compiled into the blocks (`_COMPILED_SOURCES`)."""
     # (not diffusers' private keys: `_use_default_values` lists a set, in a different order in each process)
     config = {key: value for key, value in dict(getattr(transformer, "config", {})).items() if not key.startswith("_")}
     dtypes = sorted({str(p.dtype) for p in transformer.parameters()})
@@ -122,7 +133,7 @@ def aot_fingerprint(transformer: torch.nn.Module, device: torch.device) -> str:
     text = json.dumps([config, dtypes, fp8_path_of(transformer), attention_of(transformer),
                        projections_fused(transformer), gelu_fused(transformer), norm_fused(transformer),
                        row_kernel_layers(transformer),
-                       str(capability), torch.__version__],
+                       str(capability), torch.__version__, _source_digest()],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

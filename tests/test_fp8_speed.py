@@ -776,3 +776,15 @@ def test_aot_packages_of_fused_and_unfused_blocks_live_apart():
         assert fuse(model) > 0
         seen.add(aot_fingerprint(model, torch.device("cpu")))
     assert len(seen) == 3
+
+
+def test_compiled_block_code_of_another_project_version_is_not_loaded(monkeypatch):
+    """Saved compiled blocks embed the project's kernels: a changed kernel source gets a new folder (an older
+    version's functions would otherwise keep running the old kernels)."""
+    from sd35fp8 import speed
+
+    model = tiny_transformer()
+    before = speed.aot_fingerprint(model, torch.device("cpu"))
+    assert speed.aot_fingerprint(model, torch.device("cpu")) == before  # stable (also across processes: file bytes)
+    monkeypatch.setattr(speed, "_source_digest", lambda: "a later version")
+    assert speed.aot_fingerprint(model, torch.device("cpu")) != before
