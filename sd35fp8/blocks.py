@@ -54,7 +54,11 @@ class Fp8NormBlock(JointTransformerBlock):
                 joint_attention_kwargs: dict | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         kwargs = joint_attention_kwargs or {}
         eps = self.norm1.norm.eps
-        emb, context_emb = self.modulation(F.silu(temb)).split(self.modulation_widths, dim=1)
+        if hasattr(self, "modulation"):
+            emb, context_emb = self.modulation(F.silu(temb)).split(self.modulation_widths, dim=1)
+        else:
+            emb = self.norm1.linear(F.silu(temb))
+            context_emb = self.norm1_context.linear(F.silu(temb))
         if self.use_dual_attention:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2 = \
                 emb.chunk(9, dim=1)
@@ -122,21 +126,27 @@ def _convertible(block: nn.Module) -> bool:
     return all(isinstance(layer, Fp8Linear) and layer.mode in FP8_GEMM_MODES for layer in used)
 
 
-def fuse_norm_quantize(model: nn.Module) -> int:
+def fuse_norm_quantize(model: nn.Module, modulation: bool = True) -> int:
     """Turn every convertible `JointTransformerBlock` of an SD3 transformer into an `Fp8NormBlock` (in place: same
-    object and modules, except that the two adaLN projections of SiLU(temb), `norm1.linear` and
-    `norm1_context.linear`, become one layer `modulation`: one GEMM reading the input once, exact as the q/k/v
-    fusion is); returns how many. Apply it after the FP8 path and projection fusion are chosen."""
+    object and modules); with `modulation`, the two adaLN projections of SiLU(temb), `norm1.linear` and
+    `norm1_context.linear`, become one layer `modulation` (one GEMM reading the input once, exact as the q/k/v
+    fusion is). Returns how many blocks. Apply it after the FP8 path and projection fusion are chosen."""
     count = 0
     for block in getattr(model, "transformer_blocks", []):
         if _convertible(block):
-            linears = [block.norm1.linear, block.norm1_context.linear]
-            block.modulation = concat_linears(linears)
-            block.modulation_widths = [layer.out_features for layer in linears]
-            block.norm1.linear = block.norm1_context.linear = None  # (the block's forward no longer calls the norms)
+            if modulation:
+                linears = [block.norm1.linear, block.norm1_context.linear]
+                block.modulation = concat_linears(linears)
+                block.modulation_widths = [layer.out_features for layer in linears]
+                block.norm1.linear = block.norm1_context.linear = None  # (the forward no longer calls the norms)
             block.__class__ = Fp8NormBlock
             count += 1
     return count
+
+
+def modulation_fused(model: nn.Module) -> int:
+    """How many blocks of `model` compute both adaLN projections in one GEMM (`fuse_norm_quantize`)."""
+    return sum(1 for block in getattr(model, "transformer_blocks", []) if hasattr(block, "modulation"))
 
 
 def norm_fused(model: nn.Module) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import attention_kernel, kernels
-from .blocks import fuse_norm_quantize, norm_fused
+from .blocks import fuse_norm_quantize, modulation_fused, norm_fused
 from .attention import ATTENTION_BACKENDS, ATTENTION_LABELS, FALLBACKS, attention_of, cudnn_fp8_available, set_attention
 from .compile import COMPILE_CHOICES, PRECOMPILE_AVAILABLE, CudaGraphTransformer, apply_aot_packages, \
     aot_compile_blocks, blocks_of, compile_transformer, configure_compile_cache, package_load_failure, \
@@ -58,6 +58,7 @@ class SpeedOptions:
     fuse_gelu: bool | str = "auto"  # FP8 MLPs: GELU + activation quantization in one Triton kernel; auto: on CUDA
     fuse_norm: bool | str = "auto"  # FP8 blocks: adaLN (+ residual) + activation quantization in one kernel; auto: CUDA
     row_kernel: bool | str = "auto"  # FP8 attention outputs quantized in one Triton pass, read in place; auto: CUDA
+    fuse_modulation: bool | str = "auto"  # with fuse_norm: a block's two adaLN projections in one GEMM; auto: CUDA
     attention: str = "auto"  # "sdpa" | "fp8_cudnn" | "fp8_triton" | "fp8_reference"; auto: fastest measured
     compile: bool | str = False  # False/"off" | True/"regional" | "precompiled" (regional, saved to disk) | "full" |
     # "aot" | "auto" (AUTO_COMPILE on CUDA)
@@ -85,6 +86,7 @@ class SpeedOptions:
         fuse_gelu = kernels_run if self.fuse_gelu == "auto" else bool(self.fuse_gelu)
         fuse_norm = kernels_run if self.fuse_norm == "auto" else bool(self.fuse_norm)
         row_kernel = kernels_run if self.row_kernel == "auto" else bool(self.row_kernel)
+        fuse_modulation = cuda if self.fuse_modulation == "auto" else bool(self.fuse_modulation)
         attention = self.attention
         if attention == "auto":
             measured = fp8_weights and cuda and \
@@ -98,7 +100,7 @@ class SpeedOptions:
         if cache == "auto" or cache is True:
             cache = SPEED.compile_cache_dir if compile_choice != "off" else None
         return replace(self, fuse_projections=fuse, fuse_gelu=fuse_gelu, fuse_norm=fuse_norm, row_kernel=row_kernel,
-                       attention=attention,
+                       fuse_modulation=fuse_modulation, attention=attention,
                        compile=compile_choice, cuda_graphs=graphs, compile_cache=cache or None,
                        compile_requested=self.compile)
 
@@ -132,7 +134,7 @@ def aot_fingerprint(transformer: torch.nn.Module, device: torch.device) -> str:
     capability = torch.cuda.get_device_capability(device) if torch.device(device).type == "cuda" else "cpu"
     text = json.dumps([config, dtypes, fp8_path_of(transformer), attention_of(transformer),
                        projections_fused(transformer), gelu_fused(transformer), norm_fused(transformer),
-                       row_kernel_layers(transformer),
+                       row_kernel_layers(transformer), modulation_fused(transformer),
                        str(capability), torch.__version__, _source_digest()],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -187,7 +189,9 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
         backend = "sdpa"
     set_attention(transformer, backend)
     pieces["attention"] = attention_of(transformer)
-    _kernel_piece(pieces, transformer, device, "norm", options.fuse_norm, fuse_norm_quantize, norm_fused)
+    _kernel_piece(pieces, transformer, device, "norm", options.fuse_norm,
+                  lambda model: fuse_norm_quantize(model, modulation=options.fuse_modulation), norm_fused)
+    pieces["fused_modulation"] = modulation_fused(transformer)
     pieces["checks_s"] = round(time.perf_counter() - started, 2)  # the kernels' load-time checks, mostly
     cache = configure_compile_cache(options.compile_cache) if options.compile != "off" else {"cache_dir": None}
     pieces["compile_cache"] = cache
@@ -247,6 +251,8 @@ def describe_pieces(pieces: dict) -> str:
         parts.append(f"GELU + FP8 quantization in one kernel in {pieces['fused_gelu']} MLPs")
     if pieces.get("fused_norm"):
         parts.append(f"adaLN + FP8 quantization in one kernel in {pieces['fused_norm']} blocks")
+    if pieces.get("fused_modulation"):
+        parts.append(f"both adaLN projections in one GEMM in {pieces['fused_modulation']} blocks")
     if pieces.get("fused_rows"):
         parts.append(f"attention outputs quantized in one pass in {pieces['fused_rows']} layers")
     if pieces.get("attention"):

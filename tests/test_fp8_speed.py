@@ -228,10 +228,12 @@ def randomize_modulation(transformer):
     return transformer
 
 
-@pytest.mark.parametrize("build,mode", [(tiny_transformer, "scaled_mm"), (dual_attention_transformer, "scaled_mm"),
-                                        (tiny_transformer, "scaled_mm_tensorwise")])
-def test_fused_adaln_blocks_compute_what_diffusers_blocks_do(build, mode):
-    from sd35fp8.blocks import Fp8NormBlock, fuse_norm_quantize, norm_fused
+@pytest.mark.parametrize("build,mode,modulation", [(tiny_transformer, "scaled_mm", True),
+                                                   (dual_attention_transformer, "scaled_mm", True),
+                                                   (tiny_transformer, "scaled_mm_tensorwise", True),
+                                                   (dual_attention_transformer, "scaled_mm", False)])
+def test_fused_adaln_blocks_compute_what_diffusers_blocks_do(build, mode, modulation):
+    from sd35fp8.blocks import Fp8NormBlock, fuse_norm_quantize, modulation_fused, norm_fused
 
     reference = randomize_modulation(build())
     model = copy.deepcopy(reference)
@@ -241,7 +243,8 @@ def test_fused_adaln_blocks_compute_what_diffusers_blocks_do(build, mode):
     set_attention(model, "sdpa")
     expected, exact = step(model), step(reference)
     blocks = len(model.transformer_blocks)
-    assert fuse_norm_quantize(model) == blocks == norm_fused(model)
+    assert fuse_norm_quantize(model, modulation=modulation) == blocks == norm_fused(model)
+    assert modulation_fused(model) == (blocks if modulation else 0)  # both adaLN projections in one GEMM
     assert all(isinstance(block, Fp8NormBlock) for block in model.transformer_blocks)
     assert any(block.use_dual_attention for block in model.transformer_blocks) == (build is dual_attention_transformer)
     assert model.transformer_blocks[-1].context_pre_only
