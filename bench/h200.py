@@ -86,7 +86,7 @@ CONFIGS = {c.name: c for c in [
     Config("fp8_tensorwise_compile_child", "fp8", {**FUSED, **REGIONAL, "fp8_path": "scaled_mm_tensorwise"},
            issue="everywhere", estimate={"large": 70, "medium": 50},
            extra=("child:fp8_tensorwise_compile", "reference")),
-    # the forced tensor-wise path compiled the way "auto" compiles the row-wise one (it stays eager under "auto")
+    # the forced tensor-wise path compiled the way "auto" compiles the row-wise one
     Config("fp8_tensorwise_precompiled_child", "fp8", {**DEFAULT_FP8, "compile": "precompiled",
                                                        "fp8_path": "scaled_mm_tensorwise"},
            issue="everywhere", estimate={"large": 120, "medium": 80},

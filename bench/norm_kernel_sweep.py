@@ -4,7 +4,8 @@
 residual (`add_norm_quantize_rows`) it also reads the residual and writes the new hidden state (7 bytes an element).
 So their floor is memory bandwidth (about 4.8 TB/s on an H200). The sweep varies the rows one program normalizes
 (`rows_per_program`) and the warps it runs on; GPU time from CUDA graphs (`bench.runner.cuda_graph_ms`), so Python
-launch cost is not timed. Each setting's FP8 bytes and scales are compared with the shipped setting's. Writes
+launch cost is not timed. Each setting's FP8 bytes and scales are compared with those of one row a program on
+8 warps (4 below 2048 columns), the setting shipped before this sweep ("same_bytes_as_shipped"). Writes
 gpu_h200_norm_sweep.json under --out.
 
     python -m bench.norm_kernel_sweep --out /tmp/sweep          # on a GPU

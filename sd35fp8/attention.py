@@ -231,7 +231,7 @@ def fused_triton_attention(attn, hidden_states, encoder_hidden_states) -> torch.
     attention has no fused projections or norms the kernel does not compute (the caller takes the torch path)."""
     context = encoder_hidden_states is not None
     fused, added = getattr(attn, "to_qkv", None), getattr(attn, "to_added_qkv", None)
-    norms = (attn.norm_q, attn.norm_k) + ((attn.norm_added_q, attn.norm_added_k) if context else ())
+    norms = _qk_norms(attn, context)
     if fused is None or (context and added is None) or not attention_kernel.qkv_norms_fusable(norms):
         return None
     qkv = fused(hidden_states)
@@ -248,6 +248,11 @@ def fused_triton_attention(attn, hidden_states, encoder_hidden_states) -> torch.
     return out.reshape(qkv.shape[0], -1, width).to(qkv.dtype)
 
 
+def _qk_norms(attn, context: bool) -> tuple:
+    """The RMS norms q/k (and, with context tokens, their added_q/k) pass through: (norm_q, norm_k[, added q, k])."""
+    return (attn.norm_q, attn.norm_k) + ((attn.norm_added_q, attn.norm_added_k) if context else ())
+
+
 def qk_scales(norms: tuple, head_dim: int) -> torch.Tensor:
     """float32 (q scale, k scale, 1 / q scale, 1 / k scale) of the fp8_triton backend: 448 over the static bound of
     the q and k RMS norms' outputs (`norms`: norm_q, norm_k[, norm_added_q, norm_added_k])."""
@@ -259,7 +264,7 @@ def _keep_qk_scales(attn) -> None:
     """Compute the fp8_triton scales of `attn` once, from its norms' weights, as a buffer (moved with the model):
     computed in every call they were 3 small kernels a block (111 of a Large step's ~1,750)."""
     context = getattr(attn, "add_q_proj", None) is not None or getattr(attn, "to_added_qkv", None) is not None
-    norms = (attn.norm_q, attn.norm_k) + ((attn.norm_added_q, attn.norm_added_k) if context else ())
+    norms = _qk_norms(attn, context)
     if not attention_kernel.qkv_norms_fusable(norms):
         return
     with torch.no_grad():

@@ -54,11 +54,11 @@ class Fp8NormBlock(JointTransformerBlock):
                 joint_attention_kwargs: dict | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         kwargs = joint_attention_kwargs or {}
         eps = self.norm1.norm.eps
+        silu = F.silu(temb)
         if hasattr(self, "modulation"):
-            emb, context_emb = self.modulation(F.silu(temb)).split(self.modulation_widths, dim=1)
+            emb, context_emb = self.modulation(silu).split(self.modulation_widths, dim=1)
         else:
-            emb = self.norm1.linear(F.silu(temb))
-            context_emb = self.norm1_context.linear(F.silu(temb))
+            emb, context_emb = self.norm1.linear(silu), self.norm1_context.linear(silu)
         if self.use_dual_attention:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2 = \
                 emb.chunk(9, dim=1)

@@ -10,6 +10,7 @@ quantization fusion -> compilation
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -119,6 +120,7 @@ def speed_options(speed: dict) -> SpeedOptions:
 _COMPILED_SOURCES = ("attention.py", "attention_kernel.py", "blocks.py", "fp8.py", "kernels.py")
 
 
+@functools.cache
 def _source_digest() -> str:
     folder = Path(__file__).parent
     return hashlib.sha256(b"".join((folder / name).read_bytes() for name in _COMPILED_SOURCES)).hexdigest()[:16]
