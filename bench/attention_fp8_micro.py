@@ -13,8 +13,8 @@ Shapes (B, S, H, D): large (2, 4429, 38, 64), medium (2, 4429, 24, 64); non-caus
   * triton_fp8_in_compile: the default config called from `torch.compile(dynamic=True)` code, as the model's compiled
     blocks call it (inductor passes its scalars and strides differently from an eager launch);
   * triton_fp8: the kernel per config (`ak.CONFIGS`, V in the K-major (B, H, D, S_pad) layout, "bhds"), then the
-    best of those with V as (B, S, H, D) ("bshd") and with the tensor core's chained FP8 accumulation
-    ("_chained"). Inputs quantized from the same bf16 tensors with per-tensor amax scales (not timed).
+    best of those with V as (B, S, H, D) ("bshd"), with K in its natural order (P then crosses threads to reach the
+    second dot: "_shuffled") and with the other P @ V accumulation ("_chained" or not). Inputs quantized from the same bf16 tensors with per-tensor amax scales (not timed).
   * cudnn_fp8_frontend: cuDNN's sdpa_fp8 through `sd35fp8.attention` (FP8 output) if the cuDNN frontend imports;
     timed eagerly only (not captured: a failed capture of its own handle/stream must not disturb later rows).
   * v_transpose: `ak.transpose_v` alone (what writing V K-major costs if done as a separate copy).
@@ -227,9 +227,9 @@ def run_shape(report: Report, name: str, shape, device, deadline: float, tiny: b
     if timed:
         best = timed[0][1]
         measure("triton_fp8", fp8(best, False), best.label(), v_layout="bshd")
-        if not tiny:
-            measure("triton_fp8", fp8(best._replace(promote_acc=not best.promote_acc), True),
-                    best._replace(promote_acc=not best.promote_acc).label(), v_layout="bhds")
+        variants = [best._replace(key_order=False)] + ([] if tiny else [best._replace(promote_acc=not best.promote_acc)])
+        for variant in variants:  # P crossing threads to reach the second dot; the other accumulation
+            measure("triton_fp8", fp8(variant, True), variant.label(), v_layout="bhds")
         fp8_rows = [r for r in report.data["rows"] if r["shape"] == name and r["kernel"] == "triton_fp8"
                     and r.get("ms") and "error" not in r]
         fastest = min(fp8_rows, key=lambda r: r["ms"])

@@ -13,6 +13,13 @@ Algorithm (one program = BLOCK_M query rows of one (batch, head); a loop over th
   * P = exp2(S - m) <= 1 is quantized to E4M3 as P * P_SCALE (P_SCALE = 256, the scale `sd35fp8.attention`'s FP8
     backends use too, a power of two: the scaling is exact). The multiply is folded into the exponent: exp2(S - (m - log2 P_SCALE)) = P *
     P_SCALE, so l accumulates P_SCALE * sum(P) and the final division by l also divides by P_SCALE.
+  * P reaches the second dot inside each thread: a wgmma accumulator (and mma.sync's, on Ada) gives a thread
+    columns 2q, 2q+1 of every 8, while an 8-bit A operand wants columns 4q..4q+3 of every 16 (q = lane % 4), so
+    in key order P would cross threads (32 shuffles and 32 selects / byte permutes a key block, 10% of the loop).
+    The kernel reads K's rows in `_wgmma_key_order` instead (column 16h + 8a + 2q + b of S holds key
+    16h + 4q + 2a + b, whole 64-byte rows: the copies stay vectorized), so the columns a thread holds are the
+    keys its A operand needs, and `_keys_in_order` is a reordering of its own registers (FlashAttention-3 permutes
+    for the same reason). The masks follow the keys; max and sum do not care about the order.
   * acc += P8 . V8 as an FP8 dot (float32 accumulation), acc kept in units of the current V group's descale:
     when a key block starts a group with another descale, acc is multiplied by old / new descale together with the
     softmax's rescaling (one multiply a row); out = acc * descale_v / l, stored as bf16.
@@ -77,10 +84,11 @@ class Config(NamedTuple):
     num_warps: int
     num_stages: int
     promote_acc: bool = True  # P @ V summed per key block by the tensor core, then added to acc in float32
+    key_order: bool = True  # K read in `_wgmma_key_order`: P reaches the second dot without crossing threads
 
     def label(self) -> str:
         return (f"m{self.block_m}_n{self.block_n}_w{self.num_warps}_s{self.num_stages}"
-                + ("" if self.promote_acc else "_chained"))
+                + ("" if self.promote_acc else "_chained") + ("" if self.key_order else "_shuffled"))
 
 
 # A small fixed set, swept by bench/attention_fp8_micro.py. BLOCK_M rows are split over warpgroups of 4 warps
@@ -165,22 +173,35 @@ def patch_interpreter_for_numpy2() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _wgmma_key_order(BLOCK_N: tl.constexpr):
+        """The key each column of S holds (within a block): column 16h + 8a + 2q + b holds key 16h + 4q + 2a + b."""
+        c = tl.arange(0, BLOCK_N)
+        return (c // 16) * 16 + ((c // 2) % 4) * 4 + ((c // 8) % 2) * 2 + c % 2
+
+    @triton.jit
+    def _keys_in_order(p):
+        """P with S's columns in `_wgmma_key_order` -> P with the keys in order: (16h, 8a, 2q, b) -> (16h, 4q, 2a, b)."""
+        p5 = tl.reshape(p, [p.shape[0], p.shape[1] // 16, 2, 4, 2])
+        return tl.reshape(tl.permute(p5, [0, 1, 3, 2, 4]), [p.shape[0], p.shape[1]])
+
+    @triton.jit
     def _attend_block(acc, l_i, m_i, dv_i, q, k_block, v_block, dv_block, start_n, seq_len, qk_scale, stride_ks,
                       stride_vs, stride_vd, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                       LOG2_P_SCALE: tl.constexpr, V_GROUP: tl.constexpr, V_TRANSPOSED: tl.constexpr,
-                      PROMOTE_ACC: tl.constexpr, MASKED: tl.constexpr):
+                      PROMOTE_ACC: tl.constexpr, KEY_ORDER: tl.constexpr, MASKED: tl.constexpr):
         """One key block: S = q k^T, online-softmax update, acc += P8 v (acc kept in units of this block's V
         descale dv_i: rescaled by the ratio when the block's V group has another descale)."""
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
-        k_ptrs = k_block + offs_n[:, None] * stride_ks + offs_d[None, :]
+        keys = start_n + _wgmma_key_order(BLOCK_N) if KEY_ORDER else offs_n  # the keys S's columns hold
+        k_ptrs = k_block + keys[:, None] * stride_ks + offs_d[None, :]
         if V_TRANSPOSED:  # (D, BLOCK_N) tile, the sequence contiguous: K-major for the second dot
             v_ptrs = v_block + offs_d[:, None] * stride_vd + offs_n[None, :]
         else:  # (BLOCK_N, D) tile, head_dim contiguous
             v_ptrs = v_block + offs_n[:, None] * stride_vs + offs_d[None, :]
         if MASKED:
             inside = offs_n < seq_len
-            k = tl.load(k_ptrs, mask=inside[:, None], other=0.0)
+            k = tl.load(k_ptrs, mask=(keys < seq_len)[:, None], other=0.0)
             if V_TRANSPOSED:
                 v = tl.load(v_ptrs, mask=inside[None, :], other=0.0)
             else:
@@ -192,7 +213,7 @@ if triton is not None:
             v = tl.trans(v)
         qk = tl.dot(q, tl.trans(k))  # float32 accumulation of E4M3 products
         if MASKED:
-            qk = tl.where(inside[None, :], qk, float("-inf"))
+            qk = tl.where((keys < seq_len)[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         # P * P_SCALE in one FMA + exp2: exp2(s * scale - (m - log2 P_SCALE))
         p = tl.math.exp2(qk * qk_scale - (m_new - LOG2_P_SCALE)[:, None])
@@ -200,10 +221,13 @@ if triton is not None:
         l_i = l_i * alpha + tl.sum(p, 1)
         dv_new = tl.load(dv_block + start_n // V_GROUP)
         acc = acc * (alpha * (dv_i / dv_new))[:, None]
+        p8 = p.to(tl.float8e4nv)
+        if KEY_ORDER:  # back to the keys' order: a reordering of each thread's own registers
+            p8 = _keys_in_order(p8)
         if PROMOTE_ACC:  # the FP8 products of this block summed by the tensor core, added to acc in float32
-            acc = acc + tl.dot(p.to(tl.float8e4nv), v)
+            acc = acc + tl.dot(p8, v)
         else:  # the tensor core accumulates into acc across all blocks (its reduced-precision FP8 accumulation)
-            acc = tl.dot(p.to(tl.float8e4nv), v, acc)
+            acc = tl.dot(p8, v, acc)
         return acc, l_i, m_new, dv_new
 
     @triton.jit
@@ -213,7 +237,7 @@ if triton is not None:
                                     stride_os, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                                     BLOCK_N: tl.constexpr, LOG2_P_SCALE: tl.constexpr, LOG2E: tl.constexpr,
                                     V_GROUP: tl.constexpr, V_TRANSPOSED: tl.constexpr,
-                                    PROMOTE_ACC: tl.constexpr):
+                                    PROMOTE_ACC: tl.constexpr, KEY_ORDER: tl.constexpr):
         # q, k, o: (B, S, H, D) with D contiguous; v: the same, or (B, H, D, S_pad) with S contiguous (V_TRANSPOSED);
         # descale_v: (B, H, cdiv(S, V_GROUP)) contiguous, one descale per V_GROUP keys of one (batch, head)
         # Every stride but the unit ones is a multiple of 16 (the launcher checks). Rounding them to 16 tells Triton:
@@ -253,11 +277,11 @@ if triton is not None:
         for start_n in range(0, full, BLOCK_N):
             acc, l_i, m_i, dv_i = _attend_block(acc, l_i, m_i, dv_i, q, k_block, v_block, dv_block, start_n, seq_len,
                                                 qk_scale, stride_ks, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
-                                                LOG2_P_SCALE, V_GROUP, V_TRANSPOSED, PROMOTE_ACC, False)
+                                                LOG2_P_SCALE, V_GROUP, V_TRANSPOSED, PROMOTE_ACC, KEY_ORDER, False)
         if full < seq_len:
             acc, l_i, m_i, dv_i = _attend_block(acc, l_i, m_i, dv_i, q, k_block, v_block, dv_block, full, seq_len,
                                                 qk_scale, stride_ks, stride_vs, stride_vd, BLOCK_N, HEAD_DIM,
-                                                LOG2_P_SCALE, V_GROUP, V_TRANSPOSED, PROMOTE_ACC, True)
+                                                LOG2_P_SCALE, V_GROUP, V_TRANSPOSED, PROMOTE_ACC, KEY_ORDER, True)
         out = acc * (dv_i / l_i)[:, None]  # l holds P_SCALE * sum(P): one division does both
         o_block = o_ptr + batch * stride_ob + head * stride_oh
         tl.store(o_block + offs_m[:, None] * stride_os + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
@@ -299,16 +323,16 @@ if triton is not None:
             stride_vb, stride_vs, stride_vh, stride_vd, out.stride(0), out.stride(1), out.stride(2),
             HEAD_DIM=dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, LOG2_P_SCALE=math.log2(P_SCALE),
             LOG2E=LOG2E, V_GROUP=V_GROUP, V_TRANSPOSED=v_transposed, PROMOTE_ACC=config.promote_acc,
-            num_warps=config.num_warps,
+            KEY_ORDER=config.key_order, num_warps=config.num_warps,
             num_stages=config.num_stages)
 
     @torch.library.triton_op("sd35fp8::flash_attention_fp8", mutates_args=())
     def _flash_attention_fp8_op(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale_q: torch.Tensor,
                                 descale_k: torch.Tensor, descale_v: torch.Tensor, attn_scale: float,
                                 v_transposed: bool, block_m: int, block_n: int, num_warps: int,
-                                num_stages: int, promote_acc: bool) -> torch.Tensor:
+                                num_stages: int, promote_acc: bool, key_order: bool) -> torch.Tensor:
         """The op: bf16 (B, S, H, D) attention of E4M3 inputs; block_m == 0 picks `choose_config`."""
-        config = (Config(block_m, block_n, num_warps, num_stages, promote_acc) if block_m
+        config = (Config(block_m, block_n, num_warps, num_stages, promote_acc, key_order) if block_m
                   else choose_config(q8.shape[-1]))
         out = torch.empty(q8.shape, dtype=torch.bfloat16, device=q8.device)
         launch_flash_attention_fp8(q8, k8, v8, descale_q, descale_k, descale_v, attn_scale, out, config,
@@ -497,11 +521,12 @@ def flash_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, de
     q8, k8: (B, S, H, D) float8_e4m3fn; v8 the same, or (B, H, D, S_pad) from `transpose_v` with
     `v_transposed=True`; descale_q, descale_k: float32 scalars (one-element tensors on the inputs' device);
     descale_v: a scalar too, or one descale per `V_GROUP` keys of each (batch, head), (B, H, cdiv(S, V_GROUP)),
-    as `quantize_qkv` writes. `config`: a `Config` (block_m, block_n, num_warps, num_stages[, promote_acc]),
+    as `quantize_qkv` writes. `config`: a `Config` (block_m, block_n, num_warps, num_stages[, promote_acc,
+    key_order]),
     default `choose_config(D)`."""
     if triton is None:
         raise RuntimeError("flash_attention_fp8 needs Triton (check sd35fp8.attention_kernel.available())")
-    chosen = Config(*config) if config is not None else Config(0, 0, 0, 0, True)
+    chosen = Config(*config) if config is not None else Config(0, 0, 0, 0)
     batch, seq, heads, _ = q8.shape
     return torch.ops.sd35fp8.flash_attention_fp8(q8, k8, v8, descale_q.reshape(1).float(),
                                                   descale_k.reshape(1).float(),

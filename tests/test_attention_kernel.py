@@ -248,7 +248,7 @@ def build(capability: int, v_transposed: bool, config: ak.Config, dim: int = 64,
     signature.update({name: "i32" for name in strides})
     constexprs = {"HEAD_DIM": dim, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "LOG2_P_SCALE": 8.0,
                   "LOG2E": ak.LOG2E, "V_GROUP": ak.V_GROUP, "V_TRANSPOSED": v_transposed,
-                  "PROMOTE_ACC": config.promote_acc,
+                  "PROMOTE_ACC": config.promote_acc, "KEY_ORDER": config.key_order,
                   "stride_vs" if v_transposed else "stride_vd": 1}  # Triton specializes the unit stride
     signature.update({name: "constexpr" for name in constexprs})
     divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
@@ -273,6 +273,19 @@ def test_kernel_compiles_for_hopper_with_fp8_wgmma(v_transposed):
     assert "mma.sync" not in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx and "ex2.approx" in ptx
     copies = re.findall(r"ttg\.async_copy_global_to_local %(\w+?)_ptrs", ttgir)
     assert ("v" in copies) == v_transposed and "k" in copies, copies
+
+
+@needs_triton
+def test_key_order_keeps_p_inside_each_thread():
+    """With K read in `_wgmma_key_order`, P goes from the first dot's accumulators to the second dot's register
+    operand without a shuffle between threads (sm_90 PTX: no shfl.sync.idx; the natural order needs 32 per key
+    block, 48 instructions of 497 in the loop's SASS), and the loop keeps its asynchronous copies."""
+    default = ak.choose_config(64)
+    assert default.key_order
+    ordered, shuffled = build(90, True, default), build(90, True, default._replace(key_order=False))
+    assert "shfl.sync.idx" not in ordered.asm["ptx"] and "shfl.sync.idx" in shuffled.asm["ptx"]
+    copies = re.findall(r"ttg\.async_copy_global_to_local %(\w+?)_ptrs", ordered.asm["ttgir"])
+    assert "k" in copies and "v" in copies, copies
 
 
 @needs_triton
@@ -375,7 +388,8 @@ def test_micro_benchmark_smoke_run_on_the_cpu(tmp_path):
     rows = report["rows"]
     fp8 = [r for r in rows if r["kernel"] == "triton_fp8"]
     assert not [r for r in rows if "error" in r], rows
-    assert {r["v_layout"] for r in fp8} == {"bhds", "bshd"} and len(fp8) == 3
+    assert {r["v_layout"] for r in fp8} == {"bhds", "bshd"} and len(fp8) == 4
+    assert sum(r["config"].endswith("_shuffled") for r in fp8) == 1  # the best config without the key order
     assert all(r["rel_error"] < 0.15 for r in fp8)  # the interpreter's truncating casts; see the test above
     assert report["best"]["tiny"]["config"] and not report["stopped_at_deadline"]
 
