@@ -29,7 +29,8 @@ Python launch cost is excluded; `launched_ms` = median of 20 eagerly launched ca
 
 The JSON (DIR/attention_fp8_micro.json) is rewritten after every row, so a timeout keeps what finished; no new
 measurement starts after --deadline-s. A config that fails to compile or run is an error row. `--only-compiled`
-runs just cuDNN bf16, triton_fp8_in_compile, the default config and the two qkv_prepare rows (a short check). Needs no diffusers or quanto:
+runs just cuDNN bf16, triton_fp8_in_compile, the default config with and without its key order and the two
+qkv_prepare rows (a short check). Needs no diffusers or quanto:
 it imports torch, triton (through sd35fp8.attention_kernel), sd35fp8's attention/errors/metrics and bench.runner.
 """
 
@@ -203,6 +204,8 @@ def run_shape(report: Report, name: str, shape, device, deadline: float, tiny: b
     if only_compiled:
         measure("triton_fp8", fp8(ak.choose_config(dim), True), ak.choose_config(dim).label(), v_layout="bhds",
                 default=True)
+        shuffled = ak.choose_config(dim)._replace(key_order=False)
+        measure("triton_fp8", fp8(shuffled, True), shuffled.label(), v_layout="bhds")
     if cuda and seq > CONTEXT_TOKENS:  # preparing q/k/v from the fused projections: our kernel vs inductor's
         qkv = torch.randn(batch, seq - CONTEXT_TOKENS, 3 * heads * dim, generator=generator).to(device, torch.bfloat16)
         context = torch.randn(batch, CONTEXT_TOKENS, 3 * heads * dim, generator=generator).to(device, torch.bfloat16)
