@@ -325,14 +325,17 @@ class ModelBench:
             torch.cuda.synchronize()
             wall = time.perf_counter() - started
         copies = compute = 0.0
+        kernels = []
         for event in prof.key_averages():
             us = getattr(event, "self_device_time_total", 0) or 0
             if "memcpy htod" in event.key.lower():
                 copies += us
             else:
                 compute += us
+                kernels.append((us, event.count, event.key[:100]))
         return {"wall_ms": round(1000 * wall, 1), "h2d_copies_ms": round(copies / 1000, 1),
-                "kernels_ms": round(compute / 1000, 1)}
+                "kernels_ms": round(compute / 1000, 1),
+                "top_kernels": [[name, calls, round(us / 1000, 2)] for us, calls, name in sorted(kernels)[::-1][:8]]}
 
     def profile(self, pipe) -> dict:
         from torch.profiler import ProfilerActivity, profile
@@ -547,6 +550,7 @@ class ModelBench:
                 row["new_prompt"]["encode_profile"] = self.encode_profile(loaded, PROMPT + ", watercolour")
         if self.cuda and "profile" in config.extra and not args.no_profile:
             row["kernel_profile"] = self.profile(loaded.pipe)
+            row["encode_profile"] = self.encode_profile(loaded, PROMPT + ", ink drawing")
         if "kernels" in config.extra:
             row["fp8_kernels_file"] = dump_fp8_kernels(args.out / "inductor_fp8_kernels.txt")
         if "reload_aot" in config.extra:  # a restarted app: packages found on disk, load + first image
