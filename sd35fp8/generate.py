@@ -76,7 +76,8 @@ def generate(
 ) -> GenerationResult:
     """Run `request` through `loaded`, timing it end to end and per transformer step.
 
-    `on_step(done, total)` is called after each denoising step; `sampler` (a `GpuSampler`) is started and
+    `on_step(done, total)` is called as each denoising step is known to be done (on CUDA one step late: the host
+    queues the next step before it waits); `sampler` (a `GpuSampler`) is started and
     stopped around the call so that energy and temperature figures cover exactly this generation.
     `should_stop()` is asked after each step; a reason it returns ends the run with `Stopped(reason)`.
     Raises `OutOfMemory` (with memory freed) when the GPU runs out.
@@ -100,10 +101,28 @@ def generate(
     def first_step(*_):
         marks.setdefault("denoise_start", sync_time())
 
+    enqueued: list[torch.cuda.Event] = []  # steps the host has queued whose end it has not waited for
+    reported = 0
+
     def step_end(_pipe, index, _timestep, kwargs):
-        marks["denoise_end"] = sync_time()
-        if on_step:
-            on_step(index + 1, request.steps)
+        # On CUDA the host waits for the step *before* this one, so that the GPU works on this step while the host
+        # queues the next (waiting for each step left the GPU idle for the host's ~2 ms between steps); progress
+        # and stop requests lag one step. The last step is waited for: its end is the denoising time.
+        nonlocal reported
+        if cuda and index + 1 < request.steps:
+            enqueued.append(torch.cuda.Event())
+            enqueued[-1].record()
+            while len(enqueued) > 1:
+                enqueued.pop(0).synchronize()
+            done = index
+        else:
+            marks["denoise_end"] = sync_time()
+            enqueued.clear()
+            done = index + 1
+        for step in range(reported + 1, done + 1):
+            if on_step:
+                on_step(step, request.steps)
+        reported = max(reported, done)
         reason = should_stop() if should_stop else None
         if reason:
             raise Stopped(reason)
