@@ -14,7 +14,8 @@ Shapes (B, S, H, D): large (2, 4429, 38, 64), medium (2, 4429, 24, 64); non-caus
     blocks call it (inductor passes its scalars and strides differently from an eager launch);
   * triton_fp8: the kernel per config (`ak.CONFIGS`, V in the K-major (B, H, D, S_pad) layout, "bhds"), then the
     best of those with V as (B, S, H, D) ("bshd"), with K in its natural order (P then crosses threads to reach the
-    second dot: "_shuffled") and with the other P @ V accumulation ("_chained" or not). Inputs quantized from the same bf16 tensors with per-tensor amax scales (not timed).
+    second dot: "_shuffled") and with the other P @ V accumulation ("_chained" or not). Inputs quantized from the
+    same bf16 tensors with per-tensor amax scales (not timed).
   * cudnn_fp8_frontend: cuDNN's sdpa_fp8 through `sd35fp8.attention` (FP8 output) if the cuDNN frontend imports;
     timed eagerly only (not captured: a failed capture of its own handle/stream must not disturb later rows).
   * v_transpose: `ak.transpose_v` alone (what writing V K-major costs if done as a separate copy).

@@ -194,6 +194,7 @@ if triton is not None:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         keys = start_n + _wgmma_key_order(BLOCK_N) if KEY_ORDER else offs_n  # the keys S's columns hold
+        keys_inside = keys < seq_len
         k_ptrs = k_block + keys[:, None] * stride_ks + offs_d[None, :]
         if V_TRANSPOSED:  # (D, BLOCK_N) tile, the sequence contiguous: K-major for the second dot
             v_ptrs = v_block + offs_d[:, None] * stride_vd + offs_n[None, :]
@@ -201,7 +202,7 @@ if triton is not None:
             v_ptrs = v_block + offs_n[:, None] * stride_vs + offs_d[None, :]
         if MASKED:
             inside = offs_n < seq_len
-            k = tl.load(k_ptrs, mask=(keys < seq_len)[:, None], other=0.0)
+            k = tl.load(k_ptrs, mask=keys_inside[:, None], other=0.0)
             if V_TRANSPOSED:
                 v = tl.load(v_ptrs, mask=inside[None, :], other=0.0)
             else:
@@ -213,7 +214,7 @@ if triton is not None:
             v = tl.trans(v)
         qk = tl.dot(q, tl.trans(k))  # float32 accumulation of E4M3 products
         if MASKED:
-            qk = tl.where((keys < seq_len)[None, :], qk, float("-inf"))
+            qk = tl.where(keys_inside[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         # P * P_SCALE in one FMA + exp2: exp2(s * scale - (m - log2 P_SCALE))
         p = tl.math.exp2(qk * qk_scale - (m_new - LOG2_P_SCALE)[:, None])
@@ -522,8 +523,7 @@ def flash_attention_fp8(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, de
     `v_transposed=True`; descale_q, descale_k: float32 scalars (one-element tensors on the inputs' device);
     descale_v: a scalar too, or one descale per `V_GROUP` keys of each (batch, head), (B, H, cdiv(S, V_GROUP)),
     as `quantize_qkv` writes. `config`: a `Config` (block_m, block_n, num_warps, num_stages[, promote_acc,
-    key_order]),
-    default `choose_config(D)`."""
+    key_order]), default `choose_config(D)`."""
     if triton is None:
         raise RuntimeError("flash_attention_fp8 needs Triton (check sd35fp8.attention_kernel.available())")
     chosen = Config(*config) if config is not None else Config(0, 0, 0, 0)

@@ -101,28 +101,26 @@ def generate(
     def first_step(*_):
         marks.setdefault("denoise_start", sync_time())
 
-    enqueued: list[torch.cuda.Event] = []  # steps the host has queued whose end it has not waited for
-    reported = 0
+    pending = {"previous": None, "reported": 0}  # the last queued step's CUDA event; steps reported done
 
     def step_end(_pipe, index, _timestep, kwargs):
         # On CUDA the host waits for the step *before* this one, so that the GPU works on this step while the host
-        # queues the next (waiting for each step left the GPU idle for the host's ~2 ms between steps); progress
+        # queues the next (waiting for each step left the GPU idle while the host queued the next one); progress
         # and stop requests lag one step. The last step is waited for: its end is the denoising time.
-        nonlocal reported
         if cuda and index + 1 < request.steps:
-            enqueued.append(torch.cuda.Event())
-            enqueued[-1].record()
-            while len(enqueued) > 1:
-                enqueued.pop(0).synchronize()
+            event = torch.cuda.Event()
+            event.record()
+            if pending["previous"] is not None:
+                pending["previous"].synchronize()
+            pending["previous"] = event
             done = index
         else:
             marks["denoise_end"] = sync_time()
-            enqueued.clear()
             done = index + 1
-        for step in range(reported + 1, done + 1):
-            if on_step:
+        if on_step:
+            for step in range(pending["reported"] + 1, done + 1):
                 on_step(step, request.steps)
-        reported = max(reported, done)
+        pending["reported"] = done
         reason = should_stop() if should_stop else None
         if reason:
             raise Stopped(reason)
