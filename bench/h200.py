@@ -739,6 +739,48 @@ def norm_quantize_micro(torch, device) -> dict:
     return report
 
 
+T5_XXL_LINEARS = {"attention": ((4096, 4096), 4), "wi": ((10240, 4096), 2), "wo": ((4096, 10240), 1)}  # a block's
+
+
+def dequantize_blocks_micro(torch, device) -> dict:
+    """T5-XXL's FP8 weight expansion (128 x 128 blocks to bf16) at its three layer shapes: eager torch (what
+    `Fp8BlockLinear` ran before the kernel) vs `kernels.dequantize_blocks` at a few tile and warp settings (GPU time
+    from CUDA graphs, bandwidth at 3 bytes an element, bitwise agreement), and the total for one T5 pass (24 blocks)."""
+    from sd35fp8 import kernels
+    from sd35fp8.fp8 import dequantize_blockwise, quantize_blockwise
+
+    if device.type != "cuda" or not kernels.available():
+        return {"skipped": "needs CUDA and triton"}
+
+    def graphed_ms(fn):
+        ms = cuda_graph_ms(torch, fn)
+        return None if ms is None else round(ms, 4)
+
+    report, per_pass = {}, {"eager": 0.0, "kernel": 0.0}
+    for name, ((rows, cols), per_block) in T5_XXL_LINEARS.items():
+        data, scale_inv = quantize_blockwise(torch.randn(rows, cols, device=device))
+        eager = lambda: dequantize_blockwise(data, scale_inv, (128, 128), torch.bfloat16)  # noqa: E731
+        default = lambda: kernels.dequantize_blocks(data, scale_inv, 128, 128, torch.bfloat16)  # noqa: E731
+        expected = eager()
+        entry = {"shape": [rows, cols], "eager_ms": graphed_ms(eager), "default_ms": graphed_ms(default),
+                 "default_launched_ms": round(cuda_median_ms(torch, default, iters=20), 4),
+                 "default_bitwise_equal": bool(torch.equal(default(), expected))}
+        for tile in ((32, 128), (64, 128), (128, 128)):
+            for warps in (4, 8):
+                out = torch.empty(rows, cols, dtype=torch.bfloat16, device=device)
+                launch = lambda: kernels.launch_dequantize_blocks(data, scale_inv, (128, 128), out, tile, warps)  # noqa: E731
+                ms = graphed_ms(launch)
+                launch()
+                entry[f"tile{tile[0]}x{tile[1]}_w{warps}"] = {
+                    "ms": ms, "gb_per_s": ms and round(rows * cols * 3 / ms / 1e6, 1),
+                    "bitwise_equal": bool(torch.equal(out, expected))}
+        for key, ms in (("eager", entry["eager_ms"]), ("kernel", entry["default_ms"])):
+            per_pass[key] += 24 * per_block * (ms or float("nan"))
+        report[name] = entry
+    report["one_t5_pass_ms"] = {k: round(v, 2) for k, v in per_pass.items()}
+    return report
+
+
 def attention_micro(torch, device, tiny: bool) -> dict:
     """16-bit SDPA (PyTorch's pick, cuDNN on Hopper) vs cuDNN FP8 sdpa_fp8 at SD3.5's shapes: kernel time, time with
     quantization, error against float32 attention."""
@@ -798,6 +840,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-micro", action="store_true", help="skip the kernel micro-benchmarks")
     parser.add_argument("--no-attention-micro", action="store_true", help="skip the attention micro-benchmark")
+    parser.add_argument("--micros", default=None, help="comma-separated micro-benchmarks to run (default: all)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-timeout", type=float, default=240)
     parser.add_argument("--child-config", default="fp8_best_plain", help=argparse.SUPPRESS)
@@ -879,9 +922,10 @@ def main(argv=None) -> int:
     stages = Stages(deadline, record_failure)
     micros = [("gelu_quantize_micro", lambda: gelu_quantize_micro(torch, device), True),
               ("norm_quantize_micro", lambda: norm_quantize_micro(torch, device), True),
-              ("attention_micro", lambda: attention_micro(torch, device, args.tiny), not args.no_attention_micro)]
+              ("attention_micro", lambda: attention_micro(torch, device, args.tiny), not args.no_attention_micro),
+              ("dequantize_blocks_micro", lambda: dequantize_blocks_micro(torch, device), True)]
     for key, measure, wanted in micros:
-        if args.no_micro or not wanted:
+        if args.no_micro or not wanted or (args.micros and key not in args.micros.split(",")):
             continue
         with stages.stage(f"checks/{key}", 25) as ok:
             if ok:

@@ -357,7 +357,9 @@ class Fp8Linear(nn.Module):
 
 
 class Fp8BlockLinear(nn.Module):
-    """A linear layer holding E4M3 weights with one scale per 128x128 block; expands them per call (T5)."""
+    """A linear layer holding E4M3 weights with one scale per 128x128 block; expands them per call (T5), on CUDA
+    with `kernels.dequantize_blocks` where it runs and agrees with torch on the device (`kernels.check`), the same
+    values in one pass instead of two kernels."""
 
     def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None, block: tuple[int, int]):
         super().__init__()
@@ -369,8 +371,29 @@ class Fp8BlockLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = dequantize_blockwise(self.weight, self.weight_scale_inv, self.block, x.dtype)
+        if block_kernel_runs(self.weight, self.block):
+            weight = kernels.dequantize_blocks(self.weight, self.weight_scale_inv, *self.block, x.dtype)
+        else:
+            weight = dequantize_blockwise(self.weight, self.weight_scale_inv, self.block, x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def block_kernel_runs(weight: torch.Tensor, block: tuple[int, int]) -> bool:
+    """Whether `Fp8BlockLinear` expands this weight with the Triton kernel (checked once per device)."""
+    return kernels.blocks_supported(weight, block) and kernels.check(weight.device, "blocks") is None
+
+
+def describe_block_fp8(models: list[nn.Module], device: torch.device) -> str | None:
+    """How the `Fp8BlockLinear` layers of `models` (T5) expand their weights on `device`, for the app; None if none."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, Fp8BlockLinear)]
+    if not layers:
+        return None
+    reason = kernels.check(device, "blocks")
+    tiled = sum(kernels.blocks_tile((m.out_features, m.in_features), m.block) for m in layers)
+    if reason is None and tiled:
+        rest = f" ({len(layers) - tiled} in torch: their blocks do not tile them)" if tiled < len(layers) else ""
+        return f"{tiled} FP8 text-encoder layers expanded per call by one Triton kernel{rest}"
+    return f"{len(layers)} FP8 text-encoder layers expanded per call in torch ({reason or 'blocks do not tile them'})"
 
 
 def _replace_module(model: nn.Module, name: str, replacement: nn.Module | None) -> None:

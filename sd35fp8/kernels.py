@@ -24,6 +24,12 @@ row: inductor's version of the same computation is a looped three-pass reduction
 max, cast) that took 83-109 us a call on SD3.5 Large's image tokens on an H200 where the bytes allow ~15-30 us.
 In the compiled Large step the 151 calls take 4.5 ms; the Triton time of the step fell from 14.6 to 11.6 ms
 (bench/NOTES.md). `sd35fp8.blocks` calls them; `norm_quantize_reference` is the same arithmetic in torch.
+
+`dequantize_blocks(data, scale_inv, block, dtype)` expands a weight stored as E4M3 with one float32 scale per
+`block` (transformers' fine-grained FP8: T5's 128x128 blocks) to `dtype` in one pass, 3 bytes an element
+(eager torch takes two kernels and 7: the cast to 16 bits, then the scaled copy). `Fp8BlockLinear` runs it for
+every T5 layer of every prompt. Bit for bit what `sd35fp8.fp8.dequantize_blockwise` computes in `dtype`: the scale
+is rounded to `dtype` first, the product of two 16-bit values is exact in float32 and rounded once.
 """
 
 from __future__ import annotations
@@ -263,7 +269,60 @@ if triton is not None:
         return h_out, data, row_scale
 
 
-KERNELS = ("gelu", "norm", "rows")  # what `check` can test: gelu_quantize_rows, the two norm kernels, quantize_rows
+DEQUANT_TILE = (64, 128)  # rows x columns of the weight one program expands (inside one scale block)
+
+
+def blocks_tile(shape: tuple[int, int], block: tuple[int, int]) -> bool:
+    """Whether `dequantize_blocks` can expand a weight of this shape: its scale blocks tile it exactly and are
+    whole multiples of `DEQUANT_TILE` (T5's layers)."""
+    return (shape[0] % block[0] == 0 and shape[1] % block[1] == 0
+            and block[0] % DEQUANT_TILE[0] == 0 and block[1] % DEQUANT_TILE[1] == 0)
+
+
+def blocks_supported(data: torch.Tensor, block: tuple[int, int]) -> bool:
+    """Whether `dequantize_blocks` runs the kernel for this weight: contiguous E4M3 on CUDA that `blocks_tile`s
+    (anything else uses torch)."""
+    return (available() and data.is_cuda and data.dtype == torch.float8_e4m3fn and data.is_contiguous()
+            and blocks_tile(tuple(data.shape), block))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dequantize_blocks_kernel(data_ptr, scale_ptr, out_ptr, n_cols, scale_cols, BLOCK_ROWS: tl.constexpr,
+                                  BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr):
+        # program (i, j) expands the tile at rows i * TILE_ROWS, columns j * TILE_COLS: it lies inside one scale
+        # block (the launcher checks), so its scale is one scalar, rounded to the output dtype as torch rounds it.
+        tile_row, tile_col = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+        scale = tl.load(scale_ptr + (tile_row * TILE_ROWS // BLOCK_ROWS) * scale_cols + tile_col * TILE_COLS // BLOCK_COLS)
+        scale = scale.to(out_ptr.dtype.element_ty).to(tl.float32)
+        rows = tile_row * TILE_ROWS + tl.arange(0, TILE_ROWS)[:, None]
+        cols = tile_col * TILE_COLS + tl.arange(0, TILE_COLS)[None, :]
+        offsets = rows * n_cols + cols
+        values = tl.load(data_ptr + offsets).to(tl.float32)
+        tl.store(out_ptr + offsets, (values * scale).to(out_ptr.dtype.element_ty))
+
+    def launch_dequantize_blocks(data: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                                 out: torch.Tensor, tile: tuple[int, int] = DEQUANT_TILE, num_warps: int = 4) -> None:
+        """Run the kernel into a preallocated `out` (float32 in Triton's CPU interpreter: no rounding to 16 bits)."""
+        rows, cols = data.shape
+        if rows % block[0] or cols % block[1] or block[0] % tile[0] or block[1] % tile[1]:
+            raise ValueError(f"dequantize_blocks needs {tile} tiles inside {block} blocks tiling {tuple(data.shape)}")
+        torch.library.wrap_triton(_dequantize_blocks_kernel)[(rows // tile[0], cols // tile[1])](
+            data, scale_inv, out, cols, scale_inv.shape[1], BLOCK_ROWS=block[0], BLOCK_COLS=block[1],
+            TILE_ROWS=tile[0], TILE_COLS=tile[1], num_warps=num_warps)
+
+    @torch.library.triton_op("sd35fp8::dequantize_blocks", mutates_args=())
+    def dequantize_blocks(data: torch.Tensor, scale_inv: torch.Tensor, block_rows: int, block_cols: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+        """E4M3 `data` with one float32 scale per (block_rows, block_cols) block, as `dtype` (see `blocks_supported`)."""
+        out = torch.empty(data.shape, dtype=dtype, device=data.device)
+        launch_dequantize_blocks(data, scale_inv, (block_rows, block_cols), out)
+        return out
+
+
+KERNELS = ("gelu", "norm", "rows", "blocks")  # what `check` can test: gelu_quantize_rows, the two norm kernels,
+# quantize_rows, dequantize_blocks
 
 
 def check(device: torch.device | str, kernel: str = "gelu") -> str | None:
@@ -302,6 +361,12 @@ def _check(device: torch.device, kernel: str) -> str | None:
             data, scale = gelu_quantize_rows(x)
             expected_data, expected_scale = _quantize_rows_eager(F.gelu(x, approximate="tanh"))
             results = [agreement(data, expected_data, scale, expected_scale)]
+        elif kernel == "blocks":  # a 256 x 384 weight of 128 x 128 blocks, expanded to bf16 bit for bit
+            from .fp8 import dequantize_blockwise, quantize_blockwise
+
+            data, scale_inv = (t.to(device) for t in quantize_blockwise(torch.randn(256, 384, generator=generator)))
+            expanded = dequantize_blocks(data, scale_inv, 128, 128, torch.bfloat16)
+            results = [agreement(expanded, dequantize_blockwise(data, scale_inv, (128, 128), torch.bfloat16))]
         elif kernel == "rows":  # the image half of an attention output: a strided (B, T, C) slice
             x = (torch.randn(2, 50, 1000, generator=generator) * 3).to(device, torch.bfloat16)[:, :40]
             data, scale = quantize_rows(x)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from .fp8 import (FP8_PATHS, apply_block_fp8, apply_fp8_path, fp8_path_of, keep_fp8_config, probe_scaled_mm,
-                  quantize_linears, select_fp8_path)
+from .fp8 import (FP8_PATHS, apply_block_fp8, apply_fp8_path, describe_block_fp8, fp8_path_of, keep_fp8_config,
+                  probe_scaled_mm, quantize_linears, select_fp8_path)
 from .errors import BadInput
 from .settings import PRECISIONS, SPEED
 from .speed import prepare_transformer, speed_options
@@ -184,7 +184,7 @@ def load_pipeline(
     `prompt_cache`: True for a new LRU cache of prompt embeddings, a `PromptCache` to share one, False for none.
     `LoadedPipeline.pieces` records which pieces ran. Every load is checked: no weight may be left on `meta`.
     """
-    from .prompts import OnDemandEncoders, PromptCache
+    from .prompts import ENCODER_NAMES, OnDemandEncoders, PromptCache
 
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -245,6 +245,8 @@ def load_pipeline(
     lap("speed_pieces")
     pieces["load_seconds"] = seconds
     pieces["text_encoders"] = encoders.describe() if encoders else ("model CPU offload" if offload else "gpu")
+    pieces["text_encoder_fp8"] = describe_block_fp8(
+        [getattr(pipe, name) for name in ENCODER_NAMES if getattr(pipe, name, None) is not None], device)
     pieces["prompt_cache"] = cache.describe() if cache is not None else None
     pieces["vae_tiling_above_pixels"] = SPEED.vae_tiling_above_pixels
     return LoadedPipeline(pipe, source if isinstance(source, str) else "in-memory", precision, device, path,
@@ -359,7 +361,7 @@ def with_transformer(loaded: LoadedPipeline, transformer: SD3Transformer2DModel,
     pieces = {"fp8_path": fp8_path_of(transformer), "fp8_probe": None}
     pieces |= prepare_transformer(transformer, loaded.device, options,
                                   run_once=warmup_call(pipe))
-    for key in ("text_encoders", "prompt_cache", "vae_tiling_above_pixels"):
+    for key in ("text_encoders", "text_encoder_fp8", "prompt_cache", "vae_tiling_above_pixels"):
         pieces[key] = loaded.pieces.get(key)
     return LoadedPipeline(pipe, source or loaded.source, precision, loaded.device, fp8_path_of(transformer),
                           time.perf_counter() - started, component_bytes(pipe), pieces, loaded.prompt_cache,

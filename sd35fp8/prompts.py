@@ -1,7 +1,8 @@
 """Prompt encoding outside the denoising loop: an LRU cache of prompt embeddings and on-demand text encoders.
 
-* `PromptCache`: embeddings of recent prompts (the three encoders' output for a prompt, its negative prompt and
-  the CFG setting), bounded by entries and bytes, kept on the CPU. A repeated prompt skips the text encoders;
+* `PromptCache`: embeddings of recent texts (the three encoders' output for one prompt or negative prompt),
+  bounded by entries and bytes, kept on the CPU. A repeated prompt skips the text encoders, a new prompt with a
+  negative prompt seen before runs them once (CFG needs both sides);
   the FP16-vs-FP8 comparison encodes once for both pipelines because they share the encoders and the cache.
 * `OnDemandEncoders`: the 16 GB placement. The two small CLIP encoders stay on the GPU; so do as many of T5's
   first blocks as `keep_bytes` allows (what the card leaves free: `loading.on_demand_keep_bytes`). The rest of T5
@@ -304,31 +305,41 @@ def _repeated_layers(module: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
 
 
-def prompt_key(pipe, prompt: str, negative_prompt: str | None, cfg: bool) -> tuple:
+def prompt_key(pipe, text: str) -> tuple:
+    """The cache key of one text's embeddings: the pipeline's encoders, the text, the T5 length."""
     encoders = tuple(id(getattr(pipe, name, None)) for name in ENCODER_NAMES)
-    return encoders, prompt, negative_prompt or "", bool(cfg), MAX_SEQUENCE_LENGTH
+    return encoders, text, MAX_SEQUENCE_LENGTH
 
 
-def _encode(pipe, device, prompt: str, negative_prompt: str | None, cfg: bool) -> PromptEmbeddings:
+def _encode(pipe, device, text: str) -> PromptEmbeddings:
+    """One text through the three encoders. diffusers encodes a negative prompt with the same calls as a prompt,
+    so this gives either side of a CFG pair."""
     with torch.no_grad():
-        pe, npe, ppe, nppe = pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-            do_classifier_free_guidance=cfg, negative_prompt=negative_prompt or None,
-            max_sequence_length=MAX_SEQUENCE_LENGTH)
-    return PromptEmbeddings(pe, ppe, npe if cfg else None, nppe if cfg else None)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=text, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    return PromptEmbeddings(embeds, pooled, None, None)
 
 
 def encode(pipe, device, prompt: str, negative_prompt: str | None, cfg: bool, *,
            cache: PromptCache | None = None) -> tuple[PromptEmbeddings, bool, float]:
-    """Embeddings for one prompt on `device`, from `cache` when it has them: (embeddings, cache hit, seconds)."""
+    """Embeddings for one prompt (and, with `cfg`, its negative prompt: "" when None) on `device`:
+    (embeddings, cache hit, seconds). `cache` holds each text on its own, so a new prompt with the usual negative
+    prompt runs the encoders once, not twice; the hit is True when neither text needed the encoders."""
     started = time.perf_counter()
-    key = prompt_key(pipe, prompt, negative_prompt, cfg)
-    cached = cache.get(key) if cache is not None else None
-    if cached is not None:
-        return cached.to(device), True, time.perf_counter() - started
-    embeddings = _encode(pipe, device, prompt, negative_prompt, cfg)
-    if cache is not None:
-        cache.put(key, embeddings.to("cpu"))
-    if device.type == "cuda":
+    sides, hit = [], True
+    for text in [prompt] + ([negative_prompt or ""] if cfg else []):
+        key = prompt_key(pipe, text)
+        cached = cache.get(key) if cache is not None else None
+        if cached is None:
+            hit = False
+            cached = _encode(pipe, device, text)
+            if cache is not None:
+                cache.put(key, cached.to("cpu"))
+        sides.append(cached.to(device))
+    negative = sides[1] if cfg else PromptEmbeddings(None, None, None, None)
+    embeddings = PromptEmbeddings(sides[0].prompt_embeds, sides[0].pooled_prompt_embeds,
+                                  negative.prompt_embeds, negative.pooled_prompt_embeds)
+    if device.type == "cuda" and not hit:
         torch.cuda.synchronize(device)
-    return embeddings, False, time.perf_counter() - started
+    return embeddings, hit, time.perf_counter() - started

@@ -266,6 +266,8 @@ def describe_pieces(pieces: dict) -> str:
         parts.append("CUDA graphs")
     if pieces.get("text_encoders") and pieces["text_encoders"] != "gpu":
         parts.append(str(pieces["text_encoders"]))
+    if pieces.get("text_encoder_fp8"):
+        parts.append(str(pieces["text_encoder_fp8"]))
     if pieces.get("prompt_cache"):
         parts.append(f"prompt cache ({pieces['prompt_cache']})")
     if FALLBACKS:

@@ -133,7 +133,7 @@ def test_fp8_attention_outputs_use_the_row_kernel_where_it_runs(monkeypatch):
 
 
 @pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
-def test_row_quantize_kernels_arithmetic_in_tritons_interpreter():
+def test_row_quantize_and_block_dequantize_kernels_arithmetic_in_tritons_interpreter():
     """The Triton kernel itself (with GELU, and without on a strided (B, T, C) slice), run by Triton's CPU interpreter (a fresh process: the interpreter is chosen when
     the kernel is defined). Its FP8 cast is the GPU's and is not emulated faithfully, so the kernel writes float32
     here: the values right before the cast, and the scales, against GELU + quantize_rows in torch. The interpreter
@@ -163,6 +163,12 @@ def test_row_quantize_kernels_arithmetic_in_tritons_interpreter():
         assert torch.equal(scale, expected_scale), (scale - expected_scale).abs().max()
         expected = (rows / expected_scale).clamp(-FP8_MAX, FP8_MAX)
         assert torch.all((data - expected).abs() <= 1e-5 * expected.abs() + 1e-4), (data - expected).abs().max()
+        # T5's weight expansion: 128 x 128 blocks in 64 x 128 tiles, float32 out (exact: no rounding to 16 bits)
+        from sd35fp8.fp8 import dequantize_blockwise, quantize_blockwise
+        weight, scale_inv = quantize_blockwise(torch.randn(256, 384) * torch.logspace(-3, 1, 256)[:, None])
+        expanded = torch.empty(256, 384)
+        kernels.launch_dequantize_blocks(weight, scale_inv, (128, 128), expanded)
+        assert torch.equal(expanded, dequantize_blockwise(weight, scale_inv, (128, 128), torch.float32))
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -194,6 +200,57 @@ def test_gelu_quantize_kernel_compiles_for_fp8_gpus(capability):
         # strides passed without Triton's divisibility hints (as inductor passes symbolic ones): 16-byte loads
         # (n_cols, 2432 or 9728 in SD3.5 Large, comes as a constant Triton sees divisible by 16)
         assert "ld.global.v4.b32" in ptx and not re.search(r"ld\.global\.(b16|u16)", ptx)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_block_dequantize_kernel_compiles_with_wide_loads_and_rounds_to_nearest(dtype):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    signature = {"data_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "out_ptr": f"*{dtype}", "n_cols": "i32",
+                 "scale_cols": "i32", "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr", "TILE_ROWS": "constexpr",
+                 "TILE_COLS": "constexpr"}
+    source = ASTSource(fn=kernels._dequantize_blocks_kernel, signature=signature,
+                       constexprs={"BLOCK_ROWS": 128, "BLOCK_COLS": 128, "TILE_ROWS": kernels.DEQUANT_TILE[0],
+                                   "TILE_COLS": kernels.DEQUANT_TILE[1]},
+                       attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    assert re.search(r"ld\.global(\.\w+)*\.v[24]\.b32", ptx) and "st.global.v4.b32" in ptx  # 8-16 bytes a thread
+    assert re.search(r"cvt\.rn(\.\w+)*\.f16x2\.f32|cvt\.rn\.(bf16|f16)\.f32", ptx)
+
+
+def test_fp8_block_layers_expand_through_the_kernel_where_it_runs(monkeypatch):
+    from transformers import T5Config, T5EncoderModel
+
+    from sd35fp8.fp8 import Fp8BlockLinear, block_quantize_linears, describe_block_fp8
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=128, d_kv=32, d_ff=200, num_layers=1, num_heads=4,
+                                  feed_forward_proj="gated-gelu")).eval()  # T5 v1.1's feed-forward, as in SD3.5
+    names = [n for n, m in t5.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith(".wo")]
+    assert block_quantize_linears(t5, names) == 6  # what convert writes: T5 keeps `wo` 16-bit
+    assert describe_block_fp8([t5], torch.device("cpu")) == \
+        "6 FP8 text-encoder layers expanded per call in torch (the kernel runs on CUDA only)"
+    ids = torch.tensor([[5, 6, 7, 1]])
+    with torch.no_grad():
+        expected = t5(ids).last_hidden_state
+    calls = []
+
+    def kernel(data, scale_inv, rows, cols, dtype):  # stands in for the CUDA kernel: same values by contract
+        calls.append((tuple(data.shape), rows, cols, dtype))
+        return fp8.dequantize_blockwise(data, scale_inv, (rows, cols), dtype)
+
+    monkeypatch.setattr(fp8, "block_kernel_runs", lambda weight, block: True)
+    monkeypatch.setattr(kernels, "dequantize_blocks", kernel, raising=False)
+    with torch.no_grad():
+        assert torch.equal(t5(ids).last_hidden_state, expected)
+    assert len(calls) == 6 and all(call[1:] == (128, 128, torch.float32) for call in calls)
+    monkeypatch.setattr(kernels, "check", lambda device, kernel: None)
+    assert describe_block_fp8([t5], torch.device("cuda")) == \
+        "4 FP8 text-encoder layers expanded per call by one Triton kernel (2 in torch: their blocks do not tile them)"
+    assert isinstance(t5.encoder.block[0].layer[1].DenseReluDense.wi_0, Fp8BlockLinear)
 
 
 @pytest.mark.parametrize("kernel", kernels.KERNELS)
@@ -561,6 +618,9 @@ def test_repeated_prompt_and_comparison_skip_the_text_encoders():
     assert np.array_equal(np.asarray(first.image), np.asarray(third.image))
     batch = generate(fp8_pipe, dataclasses.replace(request, batch_size=2))
     assert len(batch.images) == 2 and batch.prompt_cache_hit
+    t5_calls = calls.count("text_encoder_3")
+    fresh = generate(fp8_pipe, dataclasses.replace(request, prompt="a blue cat"))  # the same ("") negative prompt
+    assert not fresh.prompt_cache_hit and calls.count("text_encoder_3") == t5_calls + 1  # only the new text encoded
 
 
 def test_cached_embeddings_give_the_same_image_as_the_pipeline():
