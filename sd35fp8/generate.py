@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .compile import CudaGraphTransformer
+from .compile import CudaGraphModule
 from .errors import Failure
 from .loading import LoadedPipeline
 from .request import GenerationRequest
@@ -154,9 +154,10 @@ def generate(
         )
     except torch.OutOfMemoryError as error:
         del error
-        graphs = CudaGraphTransformer.installed(pipe.transformer)
-        if graphs is not None:  # give the captured graphs' memory pool back too
-            graphs.reset()
+        for module in pipe.components.values():  # give the captured graphs' memory pools back too
+            graphs = CudaGraphModule.installed(module) if isinstance(module, torch.nn.Module) else None
+            if graphs is not None:
+                graphs.reset()
         gc.collect()
         torch.cuda.empty_cache()
         raise OutOfMemory(

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
+from .compile import CudaGraphEncoder
+from .errors import BadInput
 from .fp8 import (FP8_PATHS, apply_block_fp8, apply_fp8_path, describe_block_fp8, fp8_path_of, keep_fp8_config,
                   probe_scaled_mm, quantize_linears, select_fp8_path)
-from .errors import BadInput
+from .prompts import ENCODER_NAMES, OnDemandEncoders, PromptCache
 from .settings import PRECISIONS, SPEED
 from .speed import prepare_transformer, speed_options
 from .tiny import SHAPES_DIR, SHAPES_MODEL_NAME, TINY_MODEL_NAME, build_tiny_pipeline, load_shapes_pipeline
@@ -184,7 +186,6 @@ def load_pipeline(
     `prompt_cache`: True for a new LRU cache of prompt embeddings, a `PromptCache` to share one, False for none.
     `LoadedPipeline.pieces` records which pieces ran. Every load is checked: no weight may be left on `meta`.
     """
-    from .prompts import ENCODER_NAMES, OnDemandEncoders, PromptCache
 
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -240,6 +241,7 @@ def load_pipeline(
         PromptCache(SPEED.prompt_cache_entries, SPEED.prompt_cache_bytes) if prompt_cache else None)
     pieces = {"fp8_path": path, "fp8_probe": probe}
     options = options.resolved(device, fp8_weights=precision == "fp8", memory_tight=is_memory_tight(offload, encoders))
+    pieces["encoder_graphs"] = graph_encoders(pipe) if options.encoder_graphs else 0
     lap("placement")
     pieces |= prepare_transformer(pipe.transformer, device, options, run_once=warmup_call(pipe))
     lap("speed_pieces")
@@ -252,6 +254,16 @@ def load_pipeline(
     return LoadedPipeline(pipe, source if isinstance(source, str) else "in-memory", precision, device, path,
                           time.perf_counter() - started, component_bytes(pipe), pieces, cache, encoders,
                           offload=offload)
+
+
+def graph_encoders(pipe: StableDiffusion3Pipeline) -> int:
+    """Replay the pipeline's text encoders from CUDA graphs (`CudaGraphEncoder`; once per encoder, which pipelines of
+    both precisions share); returns how many run that way."""
+    encoders = [getattr(pipe, name, None) for name in ENCODER_NAMES]
+    for encoder in encoders:
+        if encoder is not None and CudaGraphEncoder.installed(encoder) is None:
+            CudaGraphEncoder.install(encoder)
+    return sum(encoder is not None for encoder in encoders)
 
 
 def on_demand_keep_bytes(pipe: StableDiffusion3Pipeline, device: torch.device, budget_bytes: int | None = None) -> int:
@@ -361,7 +373,7 @@ def with_transformer(loaded: LoadedPipeline, transformer: SD3Transformer2DModel,
     pieces = {"fp8_path": fp8_path_of(transformer), "fp8_probe": None}
     pieces |= prepare_transformer(transformer, loaded.device, options,
                                   run_once=warmup_call(pipe))
-    for key in ("text_encoders", "text_encoder_fp8", "prompt_cache", "vae_tiling_above_pixels"):
+    for key in ("text_encoders", "text_encoder_fp8", "encoder_graphs", "prompt_cache", "vae_tiling_above_pixels"):
         pieces[key] = loaded.pieces.get(key)
     return LoadedPipeline(pipe, source or loaded.source, precision, loaded.device, fp8_path_of(transformer),
                           time.perf_counter() - started, component_bytes(pipe), pieces, loaded.prompt_cache,

@@ -43,6 +43,8 @@ AUTO_FP8_ATTENTION_CAPABILITIES = {(9, 0)}
 # launches; graphs also make them steady); Medium bf16 50.7 vs 52.6. Each new image size warms up once and captures
 # one more graph (one shared memory pool); moving the transformer drops its graphs (`CudaGraphTransformer`).
 AUTO_CUDA_GRAPHS = True
+# The text encoders (`encoder_graphs`) are replayed from CUDA graphs for both precisions wherever they stay on the GPU:
+# T5-XXL's eager call is host-bound (H200: ~25 ms of kernels in a 100-150 ms call, bench/NOTES.md, session 16).
 TORCH_COMPILES = ("regional", "precompiled", "full")  # the compile choices that run torch.compile's code
 # What compile="auto" runs on CUDA: regional compile with the compiled blocks saved to disk, where torch can save them.
 # H200, SD3.5 Large FP8 default pieces (random weights): first image 15.1 s from a fresh cache (regional: 26.8 s),
@@ -68,6 +70,7 @@ class SpeedOptions:
     compile_backend: str = "inductor"  # "eager" / "aot_eager" trace without generating kernels (tests, dry runs)
     compile_cache: str | bool | None = "auto"  # folder for inductor/Triton caches; auto: SPEED.compile_cache_dir
     cuda_graphs: bool | str = "auto"  # capture whole steps; auto: on CUDA when compiled and memory is not tight
+    encoder_graphs: bool | str = "auto"  # text encoders replayed from CUDA graphs; auto: on CUDA unless memory is tight
     aot_dir: str | None = None  # AOTInductor packages (compile="aot"); None: under the compile cache
     compile_requested: bool | str | None = None  # what the caller passed for `compile` (set by `resolved`)
 
@@ -97,12 +100,15 @@ class SpeedOptions:
             self.compile, self.compile)
         graphs = (cuda and AUTO_CUDA_GRAPHS and compile_choice in TORCH_COMPILES and not memory_tight) \
             if self.cuda_graphs == "auto" else bool(self.cuda_graphs) and cuda
+        encoder_graphs = (cuda and not memory_tight) if self.encoder_graphs == "auto" else \
+            bool(self.encoder_graphs) and cuda
         cache = self.compile_cache
         if cache == "auto" or cache is True:
             cache = SPEED.compile_cache_dir if compile_choice != "off" else None
         return replace(self, fuse_projections=fuse, fuse_gelu=fuse_gelu, fuse_norm=fuse_norm, row_kernel=row_kernel,
                        fuse_modulation=fuse_modulation, attention=attention,
-                       compile=compile_choice, cuda_graphs=graphs, compile_cache=cache or None,
+                       compile=compile_choice, cuda_graphs=graphs, encoder_graphs=encoder_graphs,
+                       compile_cache=cache or None,
                        compile_requested=self.compile)
 
 
@@ -266,6 +272,8 @@ def describe_pieces(pieces: dict) -> str:
         parts.append("CUDA graphs")
     if pieces.get("text_encoders") and pieces["text_encoders"] != "gpu":
         parts.append(str(pieces["text_encoders"]))
+    if pieces.get("encoder_graphs"):
+        parts.append(f"{pieces['encoder_graphs']} text encoders replayed from CUDA graphs")
     if pieces.get("text_encoder_fp8"):
         parts.append(str(pieces["text_encoder_fp8"]))
     if pieces.get("prompt_cache"):

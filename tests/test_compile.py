@@ -9,10 +9,11 @@ import unittest.mock
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from sd35fp8 import compile as compile_module
-from sd35fp8.compile import CudaGraphTransformer, block_groups, compile_counters, compile_transformer, \
-    configure_compile_cache
+from sd35fp8.compile import CudaGraphEncoder, CudaGraphModule, CudaGraphTransformer, block_groups, compile_counters, \
+    compile_transformer, configure_compile_cache
 from sd35fp8.generate import generate
 from sd35fp8.loading import load_pipeline
 from sd35fp8.metrics import ssim
@@ -66,6 +67,68 @@ def test_cuda_graphs_pass_through_off_cuda():
     assert wrapper.graphs == {} and run(transformer, 8).shape == expected.shape
     wrapper.uninstall()
     assert "forward" not in transformer.__dict__
+
+
+def test_graph_replay_captures_once_per_signature_copies_outputs_and_runs_eagerly_where_capture_fails(monkeypatch):
+    """`CudaGraphModule.replay`, the part of the CUDA-graph wrappers a CPU can run: a graph stands in for CUDA's."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    encoder = nn.Linear(2, 2)
+    wrapper = CudaGraphEncoder.install(encoder)
+    assert CudaGraphModule.installed(encoder) is wrapper and CudaGraphTransformer.installed(encoder) is None
+    captures = []
+
+    def capture(tensors, run):
+        static_in = {name: t.clone() for name, t in tensors.items()}
+        static_out = run(static_in)
+        captures.append(static_out)
+
+        class Graph:
+            def replay(self):
+                fresh = run(static_in)
+                static_out.last_hidden_state.copy_(fresh.last_hidden_state)
+                static_out.hidden_states[0].copy_(fresh.hidden_states[0])
+        return Graph(), static_in, static_out
+
+    def run(tensors):
+        doubled = tensors["input_ids"] * 2.0
+        return BaseModelOutput(last_hidden_state=doubled, hidden_states=(doubled + 1,))
+
+    monkeypatch.setattr(wrapper, "_capture", capture)
+    ids = torch.tensor([[1.0, 2.0]])
+    first = wrapper.replay(("ids", (1, 2)), {"input_ids": ids}, run)  # EAGER_FIRST is False: captured at once
+    second = wrapper.replay(("ids", (1, 2)), {"input_ids": ids + 1}, run)
+    assert len(captures) == 1 and torch.equal(second.last_hidden_state, (ids + 1) * 2)
+    assert torch.equal(second.hidden_states[0], (ids + 1) * 2 + 1) and isinstance(second, BaseModelOutput)
+    assert torch.equal(first[0], ids * 2)  # a copy: the replay after it did not overwrite it
+    assert second.last_hidden_state.data_ptr() != captures[0].last_hidden_state.data_ptr()
+
+    def failing(tensors, run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(wrapper, "_capture", failing)
+    out = wrapper.replay(("ids", (1, 3)), {"input_ids": torch.ones(1, 3)}, run)
+    assert torch.equal(out[0], torch.full((1, 3), 2.0)) and "not permitted" in wrapper.failures[("ids", (1, 3))]
+    assert encoder(torch.ones(1, 2)).shape == (1, 2)  # CPU input: the module's own forward
+    encoder.to(torch.float64)
+    assert wrapper.graphs == {} and wrapper.failures == {}
+    wrapper.uninstall()
+    assert CudaGraphModule.installed(encoder) is None
+
+
+def test_text_encoders_are_wrapped_once_and_cpu_calls_pass_through():
+    from sd35fp8.loading import graph_encoders
+    from sd35fp8.prompts import ENCODER_NAMES
+
+    pipe = build_tiny_pipeline()
+    reference = pipe.encode_prompt("a cat", None, None, device="cpu", do_classifier_free_guidance=False)
+    assert graph_encoders(pipe) == 3
+    wrappers = [CudaGraphEncoder.installed(getattr(pipe, name)) for name in ENCODER_NAMES]
+    assert all(wrappers) and graph_encoders(pipe) == 3  # pipelines of both precisions share the encoders
+    assert [CudaGraphEncoder.installed(getattr(pipe, name)) for name in ENCODER_NAMES] == wrappers
+    again = pipe.encode_prompt("a cat", None, None, device="cpu", do_classifier_free_guidance=False)
+    assert all(torch.equal(a, b) for a, b in zip(reference, again) if a is not None)
+    assert all(not w.graphs and not w.failures for w in wrappers)
 
 
 def test_aot_inductor_package_of_the_tiny_fp8_model(tmp_path, monkeypatch):

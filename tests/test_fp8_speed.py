@@ -725,6 +725,7 @@ def test_loaded_pipeline_reports_its_pieces():
     assert pieces["fp8_path"] == "dequant" and pieces["fused_projections"] == 2 and pieces["attention"] == "sdpa"
     assert pieces["fused_gelu"] == 3  # two blocks' image MLPs and the first block's context MLP
     assert pieces["compile"] == "off" and pieces["cuda_graphs"] is False and pieces["text_encoders"] == "gpu"
+    assert pieces["encoder_graphs"] == 0 and pieces["text_encoder_fp8"] is None  # CPU; T5 16-bit in the tiny model
     line = describe_pieces(pieces)
     assert "fused q/k/v in 2 attentions" in line and "GELU + FP8 quantization in one kernel in 3 MLPs" in line
     assert "prompt cache" in line
@@ -782,6 +783,11 @@ def test_auto_cuda_graphs_where_compiled_on_cuda_and_memory_is_not_tight(monkeyp
     assert SpeedOptions(compile="regional", cuda_graphs=False).resolved(cuda).cuda_graphs is False
     assert SpeedOptions(compile="regional", cuda_graphs=True).resolved(cuda, memory_tight=True).cuda_graphs is True
     assert SpeedOptions(compile="regional").resolved("cpu").cuda_graphs is False
+    # the text encoders' graphs: on CUDA for both precisions, compiled or not, unless memory is tight
+    assert SpeedOptions().resolved(cuda).encoder_graphs is True and SpeedOptions().resolved(cuda, True).encoder_graphs
+    assert SpeedOptions().resolved(cuda, memory_tight=True).encoder_graphs is False
+    assert SpeedOptions().resolved("cpu").encoder_graphs is False
+    assert SpeedOptions(encoder_graphs=False).resolved(cuda).encoder_graphs is False
     from sd35fp8.loading import LoadedPipeline  # what with_transformer passes on: the first pipeline's placement
 
     assert LoadedPipeline(None, "x", "fp8", cuda, None, 0.0, offload=True).memory_tight
