@@ -502,6 +502,7 @@ class ModelBench:
         row["first_image_s"] = round(result.latency_s, 2)
         row["first_image_peak_vram_gb"] = self.own_peak(loaded, result)
         row["first_image_prompt_cache_hit"] = result.prompt_cache_hit
+        row["encoder_graphs_after_first_image"] = encoder_graphs_report(loaded.pipe)
         row["compile_counters_after_first_image"] = {k: v - counters_before[k] for k, v in compile_counters().items()}
         if config.compiled:
             row["compile_seconds_so_far"] = compile_breakdown()
@@ -603,6 +604,19 @@ class ModelBench:
             row["cache"] = "warm"
             row["cache_note"] = f"fresh process, compile cache written by this run's {WARM_CHILDREN[name]} (an app restart)"
         return row
+
+
+def encoder_graphs_report(pipe) -> dict:
+    """Per text encoder: the CUDA graphs `CudaGraphEncoder` captured and the signatures it could not capture."""
+    from sd35fp8.compile import CudaGraphEncoder
+    from sd35fp8.prompts import ENCODER_NAMES
+
+    report = {}
+    for name in ENCODER_NAMES:
+        wrapper = CudaGraphEncoder.installed(getattr(pipe, name)) if getattr(pipe, name, None) is not None else None
+        if wrapper is not None:
+            report[name] = {"graphs": len(wrapper.graphs), "failures": list(wrapper.failures.values())}
+    return report
 
 
 def crash_report(stderr: str) -> str:

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -470,14 +472,26 @@ class CudaGraphModule:
     def install(cls, module: nn.Module):
         wrapper = cls(module)
         module.forward = wrapper
-        apply = module._apply
-
-        def moved(*args, **kwargs):  # the weights get new addresses: the captured graphs would read freed memory
-            wrapper.reset()
-            return apply(*args, **kwargs)
-
-        module._apply = moved
+        module._apply = wrapper.moved
         return wrapper
+
+    def moved(self, *args, **kwargs):
+        """`nn.Module._apply` of the module, after dropping the graphs: the weights get new addresses, which the
+        captured graphs would still read."""
+        self.reset()
+        return type(self.module)._apply(self.module, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        """A deep copy of the module gets a wrapper of its own and no graphs (they hold this module's addresses)."""
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        clone.module = copy.deepcopy(self.module, memo)
+        bound = getattr(self.forward, "__self__", None) is self.module
+        clone.forward = types.MethodType(self.forward.__func__, clone.module) if bound else \
+            copy.deepcopy(self.forward, memo)
+        clone.graphs, clone.seen, clone.failures, clone.pool = {}, set(), {}, None
+        clone.lock = threading.RLock()
+        return clone
 
     @classmethod
     def installed(cls, module: nn.Module):

@@ -2,7 +2,9 @@
 compile cache setting, the AOTInductor package path (dequant FP8) and the ZeroGPU `spaces` path."""
 
 import contextlib
+import copy
 import io
+import threading
 import types
 import unittest.mock
 
@@ -271,6 +273,13 @@ def test_cuda_graphs_are_dropped_when_the_transformer_moves_or_after_an_out_of_m
     wrapper.seen.add("shape")
     wrapper.reset()
     assert wrapper.seen == set()
+    wrapper.graphs["shape"] = (threading.Lock(), {}, None)  # like a CUDAGraph, it cannot be copied
+    clone = copy.deepcopy(transformer)  # the benchmark copies shared components; so may a user
+    copied = CudaGraphTransformer.installed(clone)
+    assert copied is not wrapper and copied.module is clone and copied.graphs == {} and "shape" in wrapper.graphs
+    clone.to(torch.float64)  # moves the copy only, and drops only the copy's graphs
+    assert clone.dtype == torch.float64 and transformer.dtype == torch.float32 and "shape" in wrapper.graphs
+    assert run(clone.to(torch.float32), 8).shape == run(transformer, 8).shape
     wrapper.uninstall()
     assert CudaGraphTransformer.installed(transformer) is None
     assert "_apply" not in transformer.__dict__ and "forward" not in transformer.__dict__
