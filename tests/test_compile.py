@@ -133,11 +133,19 @@ def test_text_encoders_are_wrapped_once_and_cpu_calls_pass_through():
     assert all(not w.graphs and not w.failures for w in wrappers)
 
 
-def test_aot_inductor_package_of_the_tiny_fp8_model(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_aot_dir(tmp_path_factory):
+    """AOTInductor packages of the tiny FP8 model's two block kinds, built once for the tests below (slow: C++)."""
+    folder = tmp_path_factory.mktemp("aot")
+    loaded = load_pipeline("tiny", "fp8", device="cpu", compile="aot", aot_dir=str(folder))
+    return folder, loaded
+
+
+def test_aot_inductor_package_of_the_tiny_fp8_model(tiny_aot_dir, monkeypatch):
     """export + torch._inductor.aoti_compile_and_package per block kind (dequant FP8 path), then reload."""
     request = GenerationRequest("a cat", steps=2, width=64, height=64, seed=1)
     eager = generate(load_pipeline("tiny", "fp8", device="cpu"), request)
-    loaded = load_pipeline("tiny", "fp8", device="cpu", compile="aot", aot_dir=str(tmp_path))
+    tmp_path, loaded = tiny_aot_dir
     info = loaded.pieces["aot"]
     assert loaded.pieces["compile"] == "aot: 2 blocks through 2 AOTInductor packages" and set(info["built"]) == {
         "block", "block_last"}
@@ -158,11 +166,8 @@ def test_aot_inductor_package_of_the_tiny_fp8_model(tmp_path, monkeypatch):
 CRASHING_LOADER = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"
 
 
-def test_package_load_failure_says_why_a_package_would_not_load(tmp_path):
-    model = torch.nn.Linear(16, 16).eval()
-    with torch.no_grad():
-        exported = torch.export.export(model, (torch.randn(4, 16),))
-    path = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "linear.pt2"))
+def test_package_load_failure_says_why_a_package_would_not_load(tiny_aot_dir, tmp_path):
+    path = str(next(tiny_aot_dir[0].rglob("block.pt2")))  # a real package: the tiny model's block kind
     assert compile_module.package_load_failure([path]) is None
     assert compile_module.package_load_failure([io.BytesIO(open(path, "rb").read())]) is None  # spaces' archives
     (tmp_path / "broken.pt2").write_bytes(b"not a zip archive")
@@ -251,9 +256,16 @@ def test_zerogpu_refuses_a_package_that_would_crash_its_loader(tmp_path, monkeyp
     """The package loads lazily at the first request, where a crash would take the Space down: checked first."""
     from sd35fp8.zerogpu import zerogpu_compile
 
+    class UncompiledSpaces(StandInSpaces):  # the crashing loader never reads the package: skip building it
+        def aoti_compile(self, exported):
+            self.calls.append("aoti_compile")
+            path = self.folder / "never-built.pt2"
+            path.write_bytes(b"a package the loader crashes on")
+            return types.SimpleNamespace(archive_file=str(path))
+
     monkeypatch.setattr(compile_module, "LOAD_CHECK_CODE", CRASHING_LOADER)
     loaded = load_pipeline("tiny", "bf16", device="cpu")
-    spaces = StandInSpaces(tmp_path)
+    spaces = UncompiledSpaces(tmp_path)
     with pytest.raises(RuntimeError, match=r"the block package\(s\) do not load here: the loader crashed its process"):
         zerogpu_compile(loaded, kinds=["block"], spaces_module=spaces)
     assert spaces.calls == ["aoti_capture", "aoti_compile"]  # never patched in
