@@ -15,18 +15,20 @@ FILES = ("gpu_h200_speed.json", "gpu_h200_everywhere.json")
 TITLES = {"large": "SD3.5 Large", "medium": "SD3.5 Medium"}
 
 
-def load_rows(results: Path, run_contains: str | None = None) -> list[tuple[str, list[dict]]]:
-    """Measured rows per model, each model's from one run (the first whose `run` contains `run_contains`, default
-    the run of its first row: rows of other runs are not drawn), each configuration once (the first file that has
-    it)."""
+def load_rows(results: Path, run_contains: dict[str, str] | None = None) -> list[tuple[str, list[dict]]]:
+    """Measured rows per model, each model's from one run (the first whose `run` contains `run_contains[model]`, or
+    `run_contains["*"]`; default the run of its first row: rows of other runs are not drawn), each configuration once
+    (the first file that has it)."""
     by_model: dict[str, dict[str, dict]] = {}
     runs: dict[str, str | None] = {}
+    run_contains = run_contains or {}
     for name in FILES:
         path = results / name
         if not path.is_file():
             continue
         for row in json.loads(path.read_text()):
-            if run_contains is not None and run_contains not in (row.get("run") or ""):
+            wanted = run_contains.get(row["model"], run_contains.get("*"))
+            if wanted is not None and wanted not in (row.get("run") or ""):
                 continue
             run = runs.setdefault(row["model"], row.get("run"))
             if row.get("latency_s") is not None and row.get("run") == run:
@@ -34,7 +36,7 @@ def load_rows(results: Path, run_contains: str | None = None) -> list[tuple[str,
     return [(TITLES.get(model, model), list(rows.values())) for model, rows in by_model.items()]
 
 
-def plot(results: Path, out: Path, run_contains: str | None = None) -> Path:
+def plot(results: Path, out: Path, run_contains: dict[str, str] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +67,7 @@ def plot(results: Path, out: Path, run_contains: str | None = None) -> Path:
         ax_mem.invert_yaxis()
         ax_mem.set_xlim(0, max(peak + [16]) * 1.35)
     gpu = groups[0][1][0].get("gpu", "GPU")
-    fig.suptitle(f"{gpu}, one process — RANDOM weights (speed/memory only; blue bf16, red FP8)", fontsize=10)
+    fig.suptitle(f"{gpu}, each model from one process — RANDOM weights (speed/memory only; blue bf16, red FP8)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -76,10 +78,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench-latency-vram.png")
-    parser.add_argument("--run", help="draw the rows whose `run` contains this, e.g. 'session 6, call 5' "
-                                      "(default: each model's first run in the files)")
+    parser.add_argument("--run", action="append", default=[],
+                        help="draw the rows whose `run` contains this, e.g. 'session 6, call 5', or MODEL=TEXT for "
+                             "one model (repeatable; default: each model's first run in the files)")
     args = parser.parse_args(argv)
-    print(plot(args.results, args.out, args.run))
+    runs = dict(("*", text) if "=" not in text else tuple(text.split("=", 1)) for text in args.run)
+    print(plot(args.results, args.out, runs))
     return 0
 
 
