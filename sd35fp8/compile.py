@@ -457,7 +457,7 @@ class CudaGraphModule:
     graph; `reset()` does it by hand (the app does after a CUDA out-of-memory, to give the pool back).
     """
 
-    EAGER_FIRST = True  # the first call at a new signature runs eagerly (compiled code compiles there), the next captures
+    EAGER_FIRST = True  # the first call at a new signature runs eagerly (compiled code compiles there), then captures
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -551,7 +551,6 @@ class CudaGraphModule:
 class CudaGraphTransformer(CudaGraphModule):
     """Whole SD3 transformer steps in CUDA graphs, one per input shape: the first call at a new shape runs eagerly
     (warm-up, compiles if compiled), the second captures, later calls replay."""
-
 
     TENSOR_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
 

@@ -272,11 +272,10 @@ if triton is not None:
 DEQUANT_TILE = (64, 128)  # rows x columns of the weight one program expands (inside one scale block)
 
 
-def blocks_tile(shape: tuple[int, int], block: tuple[int, int]) -> bool:
+def blocks_tile(shape: tuple[int, int], block: tuple[int, int], tile: tuple[int, int] = DEQUANT_TILE) -> bool:
     """Whether `dequantize_blocks` can expand a weight of this shape: its scale blocks tile it exactly and are
-    whole multiples of `DEQUANT_TILE` (T5's layers)."""
-    return (shape[0] % block[0] == 0 and shape[1] % block[1] == 0
-            and block[0] % DEQUANT_TILE[0] == 0 and block[1] % DEQUANT_TILE[1] == 0)
+    whole multiples of `tile` (T5's layers)."""
+    return shape[0] % block[0] == 0 and shape[1] % block[1] == 0 and block[0] % tile[0] == 0 and block[1] % tile[1] == 0
 
 
 def blocks_supported(data: torch.Tensor, block: tuple[int, int]) -> bool:
@@ -294,7 +293,8 @@ if triton is not None:
         # program (i, j) expands the tile at rows i * TILE_ROWS, columns j * TILE_COLS: it lies inside one scale
         # block (the launcher checks), so its scale is one scalar, rounded to the output dtype as torch rounds it.
         tile_row, tile_col = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-        scale = tl.load(scale_ptr + (tile_row * TILE_ROWS // BLOCK_ROWS) * scale_cols + tile_col * TILE_COLS // BLOCK_COLS)
+        scale_row, scale_col = tile_row * TILE_ROWS // BLOCK_ROWS, tile_col * TILE_COLS // BLOCK_COLS
+        scale = tl.load(scale_ptr + scale_row * scale_cols + scale_col)
         scale = scale.to(out_ptr.dtype.element_ty).to(tl.float32)
         rows = tile_row * TILE_ROWS + tl.arange(0, TILE_ROWS)[:, None]
         cols = tile_col * TILE_COLS + tl.arange(0, TILE_COLS)[None, :]
@@ -306,7 +306,7 @@ if triton is not None:
                                  out: torch.Tensor, tile: tuple[int, int] = DEQUANT_TILE, num_warps: int = 4) -> None:
         """Run the kernel into a preallocated `out` (float32 in Triton's CPU interpreter: no rounding to 16 bits)."""
         rows, cols = data.shape
-        if rows % block[0] or cols % block[1] or block[0] % tile[0] or block[1] % tile[1]:
+        if not blocks_tile((rows, cols), block, tile):
             raise ValueError(f"dequantize_blocks needs {tile} tiles inside {block} blocks tiling {tuple(data.shape)}")
         torch.library.wrap_triton(_dequantize_blocks_kernel)[(rows // tile[0], cols // tile[1])](
             data, scale_inv, out, cols, scale_inv.shape[1], BLOCK_ROWS=block[0], BLOCK_COLS=block[1],
