@@ -609,11 +609,11 @@ class ModelBench:
 def encoder_graphs_report(pipe) -> dict:
     """Per text encoder: the CUDA graphs `CudaGraphEncoder` captured and the signatures it could not capture."""
     from sd35fp8.compile import CudaGraphEncoder
-    from sd35fp8.prompts import ENCODER_NAMES
+    from sd35fp8.prompts import text_encoders_of
 
     report = {}
-    for name in ENCODER_NAMES:
-        wrapper = CudaGraphEncoder.installed(getattr(pipe, name)) if getattr(pipe, name, None) is not None else None
+    for name, encoder in text_encoders_of(pipe).items():
+        wrapper = CudaGraphEncoder.installed(encoder)
         if wrapper is not None:
             report[name] = {"graphs": len(wrapper.graphs), "failures": list(wrapper.failures.values())}
     return report

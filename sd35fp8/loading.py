@@ -12,7 +12,7 @@ from .compile import CudaGraphEncoder
 from .errors import BadInput
 from .fp8 import (FP8_PATHS, apply_block_fp8, apply_fp8_path, describe_block_fp8, fp8_path_of, keep_fp8_config,
                   probe_scaled_mm, quantize_linears, select_fp8_path)
-from .prompts import ENCODER_NAMES, OnDemandEncoders, PromptCache
+from .prompts import OnDemandEncoders, PromptCache, text_encoders_of
 from .settings import PRECISIONS, SPEED
 from .speed import prepare_transformer, speed_options
 from .tiny import SHAPES_DIR, SHAPES_MODEL_NAME, TINY_MODEL_NAME, build_tiny_pipeline, load_shapes_pipeline
@@ -186,7 +186,6 @@ def load_pipeline(
     `prompt_cache`: True for a new LRU cache of prompt embeddings, a `PromptCache` to share one, False for none.
     `LoadedPipeline.pieces` records which pieces ran. Every load is checked: no weight may be left on `meta`.
     """
-
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if fp8_path != "auto" and fp8_path not in FP8_PATHS:
@@ -247,8 +246,7 @@ def load_pipeline(
     lap("speed_pieces")
     pieces["load_seconds"] = seconds
     pieces["text_encoders"] = encoders.describe() if encoders else ("model CPU offload" if offload else "gpu")
-    pieces["text_encoder_fp8"] = describe_block_fp8(
-        [getattr(pipe, name) for name in ENCODER_NAMES if getattr(pipe, name, None) is not None], device)
+    pieces["text_encoder_fp8"] = describe_block_fp8(list(text_encoders_of(pipe).values()), device)
     pieces["prompt_cache"] = cache.describe() if cache is not None else None
     pieces["vae_tiling_above_pixels"] = SPEED.vae_tiling_above_pixels
     return LoadedPipeline(pipe, source if isinstance(source, str) else "in-memory", precision, device, path,
@@ -259,11 +257,11 @@ def load_pipeline(
 def graph_encoders(pipe: StableDiffusion3Pipeline) -> int:
     """Replay the pipeline's text encoders from CUDA graphs (`CudaGraphEncoder`; once per encoder, which pipelines of
     both precisions share); returns how many run that way."""
-    encoders = [getattr(pipe, name, None) for name in ENCODER_NAMES]
+    encoders = text_encoders_of(pipe).values()
     for encoder in encoders:
-        if encoder is not None and CudaGraphEncoder.installed(encoder) is None:
+        if CudaGraphEncoder.installed(encoder) is None:
             CudaGraphEncoder.install(encoder)
-    return sum(encoder is not None for encoder in encoders)
+    return len(encoders)
 
 
 def on_demand_keep_bytes(pipe: StableDiffusion3Pipeline, device: torch.device, budget_bytes: int | None = None) -> int:

@@ -26,6 +26,11 @@ ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 MAX_SEQUENCE_LENGTH = 256
 
 
+def text_encoders_of(pipe) -> dict[str, nn.Module]:
+    """The pipeline's text encoders by component name (those it has)."""
+    return {name: getattr(pipe, name) for name in ENCODER_NAMES if getattr(pipe, name, None) is not None}
+
+
 @dataclass(frozen=True)
 class PromptEmbeddings:
     """What the pipeline takes instead of prompt strings (batch 1; `expand` repeats them per image)."""
@@ -136,7 +141,7 @@ class OnDemandEncoders:
     def __init__(self, pipe, device: torch.device, pin: bool = True, hooks: bool | None = None,
                  resident: tuple[str, ...] = ("text_encoder", "text_encoder_2"), keep_bytes: int = 0):
         self.device = torch.device(device)
-        self.modules = [getattr(pipe, name) for name in ENCODER_NAMES if getattr(pipe, name, None) is not None]
+        self.modules = list(text_encoders_of(pipe).values())
         self.resident = [getattr(pipe, name) for name in resident if getattr(pipe, name, None) is not None]
         self.streamed = [module for module in self.modules if all(module is not r for r in self.resident)]
         cuda = self.device.type == "cuda"
