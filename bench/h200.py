@@ -111,6 +111,8 @@ CONFIGS = {c.name: c for c in [
     Config("fp8_precompiled_separate_modulation", "fp8", {**DEFAULT_FP8, "compile": "precompiled",
                                                           "fuse_modulation": False}, estimate={"large": 60, "medium": 50},
            extra=("profile",)),
+    Config("fp8_precompiled_promoted_accum", "fp8", {**DEFAULT_FP8, "compile": "precompiled", "fast_accum": False},
+           estimate={"large": 60, "medium": 50}, extra=("profile",)),
     Config("fp8_precompiled_no_row_kernel", "fp8", {**DEFAULT_FP8, "compile": "precompiled", "row_kernel": False},
            estimate={"large": 60, "medium": 50}, extra=("profile",)),
     Config("fp8_precompiled_warm", "fp8", {**DEFAULT_FP8, "compile": "precompiled"}, issue="everywhere",
@@ -795,6 +797,81 @@ def dequantize_blocks_micro(torch, device) -> dict:
     return report
 
 
+# SD3.5 Large's FP8 GEMMs of one block (M = CFG batch 2 x 4096 image tokens, or x 333 text tokens): (M, K, N)
+LARGE_GEMMS = {"qkv": (8192, 2432, 7296), "out": (8192, 2432, 2432), "ff_in": (8192, 2432, 9728),
+               "ff_out": (8192, 9728, 2432), "context_qkv": (666, 2432, 7296), "context_ff_out": (666, 9728, 2432)}
+
+
+def scaled_mm_micro(torch, device) -> dict:
+    """Row-wise `torch._scaled_mm` at SD3.5 Large's GEMM shapes with and without `use_fast_accum` (no float32
+    promotion inside the GEMM): GPU time from CUDA graphs, TFLOP/s, relative error against the float32 product of
+    the same E4M3 operands, and the kernel each one ran."""
+    from sd35fp8.fp8 import _quantize_rows_eager, quantize_weight_rows
+
+    if device.type != "cuda":
+        return {"skipped": "needs CUDA"}
+    report = {}
+    for name, (m, k, n) in LARGE_GEMMS.items():
+        x8, x_scale = _quantize_rows_eager(torch.randn(m, k, device=device).to(torch.bfloat16))
+        w8, w_scale = quantize_weight_rows((torch.randn(n, k, device=device) * 0.02).to(torch.bfloat16))
+        w_scale = w_scale.reshape(1, -1).float()
+        exact = (x8.float() * x_scale) @ (w8.float() * w_scale.reshape(-1, 1)).t()
+        entry = {"shape_mkn": [m, k, n]}
+        for label, fast in (("promoted", False), ("fast_accum", True)):
+            def gemm(fast=fast):
+                return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16,
+                                        use_fast_accum=fast)
+            ms = cuda_graph_ms(torch, gemm)
+            error = float((gemm().float() - exact).norm() / exact.norm())
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                gemm()
+                torch.cuda.synchronize()
+            kernels = sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
+            entry[label] = {"ms": ms and round(ms, 4), "tflops": ms and round(2 * m * k * n / ms / 1e9, 1),
+                            "rel_error": round(error, 6), "kernels": kernels}
+        report[name] = entry
+    return report
+
+
+def vae_decode_micro(torch, device) -> dict:
+    """SD3.5's VAE decode of one 1024x1024 latent (bf16, random weights; the same VAE for Large and Medium) as the
+    pipelines run it, and with channels-last memory, CUDA graphs and torch.compile of the channels-last decoder; plus
+    diffusers' post-processing to a float32 NumPy image. Milliseconds (CUDA events, median of 10)."""
+    from diffusers import AutoencoderKL
+    from diffusers.image_processor import VaeImageProcessor
+
+    if device.type != "cuda":
+        return {"skipped": "needs CUDA"}
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(component_configs("large")["vae"]).to(device, torch.bfloat16).eval()
+    latents = torch.randn(1, 16, 128, 128, device=device, dtype=torch.bfloat16)
+    processor = VaeImageProcessor(vae_scale_factor=8)
+    report = {}
+
+    def decode():
+        with torch.inference_mode():
+            return vae.decode(latents, return_dict=False)[0]
+
+    reference = decode().float()
+    report["eager_ms"] = round(cuda_median_ms(torch, decode), 2)
+    report["postprocess_np_ms"] = round(cuda_median_ms(torch, lambda: processor.postprocess(decode(), output_type="np"))
+                                        - report["eager_ms"], 2)
+    graphed = lambda: rounded(cuda_graph_ms(torch, decode, repeat=3), 2)  # noqa: E731
+    report["eager_graphed_ms"] = graphed()
+    vae.to(memory_format=torch.channels_last)
+    report["channels_last_ms"] = round(cuda_median_ms(torch, decode), 2)
+    report["channels_last_rel_diff"] = round(float((decode().float() - reference).norm() / reference.norm()), 6)
+    report["channels_last_graphed_ms"] = graphed()
+    log(f"vae_decode_micro so far: {json.dumps(report)}")
+    vae.decoder = torch.compile(vae.decoder, dynamic=False)
+    started = time.perf_counter()
+    compiled = decode().float()
+    report["compiled_channels_last_first_s"] = round(time.perf_counter() - started, 1)
+    report["compiled_channels_last_ms"] = round(cuda_median_ms(torch, decode), 2)
+    report["compiled_channels_last_rel_diff"] = round(float((compiled - reference).norm() / reference.norm()), 6)
+    return report
+
+
 def attention_micro(torch, device, tiny: bool) -> dict:
     """16-bit SDPA (PyTorch's pick, cuDNN on Hopper) vs cuDNN FP8 sdpa_fp8 at SD3.5's shapes: kernel time, time with
     quantization, error against float32 attention."""
@@ -937,7 +1014,9 @@ def main(argv=None) -> int:
     micros = [("gelu_quantize_micro", lambda: gelu_quantize_micro(torch, device), True),
               ("norm_quantize_micro", lambda: norm_quantize_micro(torch, device), True),
               ("attention_micro", lambda: attention_micro(torch, device, args.tiny), not args.no_attention_micro),
-              ("dequantize_blocks_micro", lambda: dequantize_blocks_micro(torch, device), True)]
+              ("dequantize_blocks_micro", lambda: dequantize_blocks_micro(torch, device), True),
+              ("scaled_mm_micro", lambda: scaled_mm_micro(torch, device), True),
+              ("vae_decode_micro", lambda: vae_decode_micro(torch, device), True)]
     for key, measure, wanted in micros:
         if args.no_micro or not wanted or (args.micros and key not in args.micros.split(",")):
             continue

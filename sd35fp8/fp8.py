@@ -277,6 +277,7 @@ class Fp8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.input_gelu = False  # apply tanh-GELU to the input first (set by `fuse_gelu_quantize`)
         self.row_kernel = False  # quantize (B, T, C) inputs with `kernels.quantize_rows` (set by `use_row_kernel`)
+        self.fast_accum = False  # FP8 GEMMs without cuBLAS's periodic float32 promotion (set by `use_fast_accum`)
         if mode != "dequant" and not self.scaled_mm_shape_ok:
             self.mode = "dequant"
 
@@ -343,10 +344,11 @@ class Fp8Linear(nn.Module):
         bf16: unscaled products of E4M3 values exceed fp16's range)."""
         if self.mode == "scaled_mm":
             out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                                   bias=bias, out_dtype=dtype)
+                                   bias=bias, out_dtype=dtype, use_fast_accum=self.fast_accum)
         else:
             one = x_scale.new_ones(())
-            out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+            out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                   use_fast_accum=self.fast_accum)
             out = scale_output(out, x_scale, self.weight_scale, bias, dtype)
         return out.reshape(*leading, self.out_features)
 
@@ -570,3 +572,18 @@ def use_row_kernel(model: nn.Module) -> int:
 def row_kernel_layers(model: nn.Module) -> int:
     """How many FP8 layers of `model` quantize their input with the row kernel (`use_row_kernel`)."""
     return sum(1 for m in model.modules() if isinstance(m, Fp8Linear) and m.row_kernel)
+
+
+def use_fast_accum(model: nn.Module) -> int:
+    """Let every FP8-GEMM layer of `model` accumulate in the tensor cores' own FP8 accumulator, without the periodic
+    promotion to float32 that cuBLAS inserts by default (`torch._scaled_mm(use_fast_accum=True)`, what torchao's
+    row-wise FP8 inference uses by default). Returns how many layers."""
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear) and m.mode in FP8_GEMM_MODES]
+    for layer in layers:
+        layer.fast_accum = True
+    return len(layers)
+
+
+def fast_accum_layers(model: nn.Module) -> int:
+    """How many FP8 layers of `model` accumulate without float32 promotion (`use_fast_accum`)."""
+    return sum(1 for m in model.modules() if isinstance(m, Fp8Linear) and m.fast_accum)

@@ -174,9 +174,8 @@ def load_pipeline(
     transformer on `fp8_path`: "auto" probes the GPU once (`probe_scaled_mm`) and picks row-wise FP8 tensor
     cores, else tensor-wise ones, else per-layer dequantization (always on the CPU).
 
-    Speed pieces: `speed` takes the fields of `sd35fp8.speed.SpeedOptions` as keywords (fuse_projections,
-    fuse_gelu, fuse_norm, row_kernel, fuse_modulation, attention, compile, compile_mode, compile_dynamic, compile_cache, cuda_graphs, aot_dir,
-    compile_backend; each documented there). Each can be switched off; "auto" = fastest measured on this hardware,
+    Speed pieces: `speed` takes the fields of `sd35fp8.speed.SpeedOptions` as keywords (fuse_projections, attention,
+    compile, cuda_graphs, fast_accum, ...; each documented there). Each can be switched off; "auto" = fastest measured on this hardware,
     off on the CPU. `compile` is off unless asked for; the first generation at each new kind of input pays the
     compilation, a new size does not; with compile="precompiled" (what "auto" picks on CUDA) the compiled blocks are
     saved, and a later process loads them instead of compiling.

@@ -4,7 +4,7 @@
 "auto" means the fastest configuration measured on that hardware (bench/results/gpu_h200_speed.json), and
 every piece is off on the CPU unless asked for. `prepare_transformer` applies them in a fixed order: fused
 projections -> GELU + quantization fusion -> the row quantization kernel -> attention backend -> adaLN +
-quantization fusion -> compilation
+quantization fusion -> fast accumulation -> compilation
 (regional / precompiled / full / AOTInductor) -> CUDA graphs.
 """
 
@@ -25,8 +25,8 @@ from .attention import ATTENTION_BACKENDS, ATTENTION_LABELS, FALLBACKS, attentio
 from .compile import COMPILE_CHOICES, PRECOMPILE_AVAILABLE, CudaGraphTransformer, apply_aot_packages, \
     aot_compile_blocks, blocks_of, compile_transformer, configure_compile_cache, package_load_failure, \
     precompile_blocks
-from .fp8 import FP8_GEMM_MODES, fp8_path_of, fuse_gelu_quantize, fuse_projections, gelu_fused, projections_fused, \
-    row_kernel_layers, use_row_kernel
+from .fp8 import FP8_GEMM_MODES, fast_accum_layers, fp8_path_of, fuse_gelu_quantize, fuse_projections, gelu_fused, \
+    projections_fused, row_kernel_layers, use_fast_accum, use_row_kernel
 from .settings import SPEED
 
 # What "auto" picks on a CUDA GPU, from the H200 measurements (bench/NOTES.md, gpu_h200_*.json). Attention of FP8
@@ -62,6 +62,7 @@ class SpeedOptions:
     fuse_norm: bool | str = "auto"  # FP8 blocks: adaLN (+ residual) + activation quantization in one kernel; auto: CUDA
     row_kernel: bool | str = "auto"  # FP8 attention outputs quantized in one Triton pass, read in place; auto: CUDA
     fuse_modulation: bool | str = "auto"  # with fuse_norm: a block's two adaLN projections in one GEMM; auto: CUDA
+    fast_accum: bool | str = "auto"  # FP8 GEMMs in the tensor cores' accumulator, no float32 promotion; auto: CUDA
     attention: str = "auto"  # "sdpa" | "fp8_cudnn" | "fp8_triton" | "fp8_reference"; auto: fastest measured
     compile: bool | str = False  # False/"off" | True/"regional" | "precompiled" (regional, saved to disk) | "full" |
     # "aot" | "auto" (AUTO_COMPILE on CUDA)
@@ -91,6 +92,7 @@ class SpeedOptions:
         fuse_norm = kernels_run if self.fuse_norm == "auto" else bool(self.fuse_norm)
         row_kernel = kernels_run if self.row_kernel == "auto" else bool(self.row_kernel)
         fuse_modulation = cuda if self.fuse_modulation == "auto" else bool(self.fuse_modulation)
+        fast_accum = cuda if self.fast_accum == "auto" else bool(self.fast_accum)
         attention = self.attention
         if attention == "auto":
             measured = fp8_weights and cuda and \
@@ -106,7 +108,7 @@ class SpeedOptions:
         if cache == "auto" or cache is True:
             cache = SPEED.compile_cache_dir if compile_choice != "off" else None
         return replace(self, fuse_projections=fuse, fuse_gelu=fuse_gelu, fuse_norm=fuse_norm, row_kernel=row_kernel,
-                       fuse_modulation=fuse_modulation, attention=attention,
+                       fuse_modulation=fuse_modulation, fast_accum=fast_accum, attention=attention,
                        compile=compile_choice, cuda_graphs=graphs, encoder_graphs=encoder_graphs,
                        compile_cache=cache or None,
                        compile_requested=self.compile)
@@ -142,7 +144,7 @@ def aot_fingerprint(transformer: torch.nn.Module, device: torch.device) -> str:
     capability = torch.cuda.get_device_capability(device) if torch.device(device).type == "cuda" else "cpu"
     text = json.dumps([config, dtypes, fp8_path_of(transformer), attention_of(transformer),
                        projections_fused(transformer), gelu_fused(transformer), norm_fused(transformer),
-                       row_kernel_layers(transformer), modulation_fused(transformer),
+                       row_kernel_layers(transformer), modulation_fused(transformer), fast_accum_layers(transformer),
                        str(capability), torch.__version__, _source_digest()],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -200,6 +202,9 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
     _kernel_piece(pieces, transformer, device, "norm", options.fuse_norm,
                   lambda model: fuse_norm_quantize(model, modulation=options.fuse_modulation), norm_fused)
     pieces["fused_modulation"] = modulation_fused(transformer)
+    if options.fast_accum:
+        use_fast_accum(transformer)
+    pieces["fast_accum"] = fast_accum_layers(transformer)
     pieces["checks_s"] = round(time.perf_counter() - started, 2)  # the kernels' load-time checks, mostly
     cache = configure_compile_cache(options.compile_cache) if options.compile != "off" else {"cache_dir": None}
     pieces["compile_cache"] = cache
@@ -263,6 +268,8 @@ def describe_pieces(pieces: dict) -> str:
         parts.append(f"both adaLN projections in one GEMM in {pieces['fused_modulation']} blocks")
     if pieces.get("fused_rows"):
         parts.append(f"attention outputs quantized in one pass in {pieces['fused_rows']} layers")
+    if pieces.get("fast_accum"):
+        parts.append(f"FP8 GEMMs accumulated in the tensor cores (fast accumulation) in {pieces['fast_accum']} layers")
     if pieces.get("attention"):
         parts.append(ATTENTION_LABELS.get(pieces["attention"], str(pieces["attention"])))
     if pieces.get("compile") and pieces["compile"] != "off":

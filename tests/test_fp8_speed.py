@@ -748,6 +748,34 @@ def test_prepare_transformer_fuses_adaln_where_asked_and_reports_it():
     assert prepare_transformer(untouched, cpu, SpeedOptions().resolved(cpu))["fused_norm"] == 0  # auto: off on CPU
 
 
+def test_fast_accumulation_reaches_every_fp8_gemm_and_has_a_switch(monkeypatch):
+    """`fast_accum` (auto: on CUDA) passes `use_fast_accum=True` to every FP8 GEMM of the prepared transformer,
+    fused layers included; it is off on the CPU and when switched off, and compiled block code of one setting is
+    kept apart from the other's."""
+    from sd35fp8.speed import SpeedOptions, aot_fingerprint, describe_pieces, prepare_transformer
+
+    cpu = torch.device("cpu")
+    assert SpeedOptions().resolved("cuda").fast_accum is True and SpeedOptions().resolved(cpu).fast_accum is False
+    assert SpeedOptions(fast_accum=False).resolved("cuda").fast_accum is False
+    transformer = tiny_transformer()
+    quantize_linears(transformer, "scaled_mm")
+    before = aot_fingerprint(transformer, cpu)
+    expected = step(transformer)
+    pieces = prepare_transformer(transformer, cpu, SpeedOptions(fuse_projections=True, fuse_norm=True,
+                                                                fast_accum=True).resolved(cpu))
+    layers = [m for m in transformer.modules() if isinstance(m, Fp8Linear)]
+    assert pieces["fast_accum"] == len(layers) and all(layer.fast_accum for layer in layers)
+    assert "fast accumulation" in describe_pieces(pieces) and aot_fingerprint(transformer, cpu) != before
+    seen = []
+    scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: seen.append(k["use_fast_accum"]) or scaled_mm(*a, **k))
+    assert relative_error(step(transformer), expected) < 0.02  # the CPU's GEMM ignores the flag
+    assert seen and all(seen)
+    plain = tiny_transformer()
+    quantize_linears(plain, "scaled_mm")
+    assert prepare_transformer(plain, cpu, SpeedOptions().resolved(cpu))["fast_accum"] == 0
+
+
 def test_auto_attention_is_the_fp8_kernel_for_fp8_transformers_on_hopper_only(monkeypatch):
     """"auto" picks the Triton FP8 attention where it was measured faster (Hopper, SM 9.0) and only for FP8
     transformers (the 16-bit reference keeps 16-bit SDPA); other GPUs, the CPU and an explicit choice keep theirs."""
