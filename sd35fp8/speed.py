@@ -43,6 +43,11 @@ AUTO_FP8_ATTENTION_CAPABILITIES = {(9, 0)}
 # launches; graphs also make them steady); Medium bf16 50.7 vs 52.6. Each new image size warms up once and captures
 # one more graph (one shared memory pool); moving the transformer drops its graphs (`CudaGraphTransformer`).
 AUTO_CUDA_GRAPHS = True
+# FP8 GEMMs with fast accumulation (`fast_accum`, `torch._scaled_mm(use_fast_accum=True)`: no periodic promotion of the
+# tensor cores' FP8 accumulator to float32; torchao's row-wise FP8 default) on CUDA: H200, SD3.5 Large, same process
+# (random weights): 86.1 -> 81.2 ms a step, 2.57 -> 2.42 s an image, the GEMMs 39.7 -> 34.3 ms, step error 4.367% ->
+# 4.363% vs bf16; a GEMM's error vs the float32 product of its E4M3 operands 0.17% -> 0.19-0.28% (bench/NOTES.md,
+# session 17).
 # The text encoders (`encoder_graphs`) are replayed from CUDA graphs for both precisions wherever they stay on the GPU:
 # T5-XXL's eager call is host-bound (H200: ~25 ms of kernels in a 100-150 ms call, bench/NOTES.md, session 16).
 TORCH_COMPILES = ("regional", "precompiled", "full")  # the compile choices that run torch.compile's code
