@@ -101,8 +101,9 @@ def _first_mlp_layer(mlp: nn.Module | None) -> nn.Module | None:
     return getattr(first, "proj", first)  # GELU(proj), or the projection itself once GELU is fused into the next
 
 
-def _convertible(block: nn.Module) -> bool:
-    """A stock block whose norms the kernels compute and whose normalized activations feed FP8-GEMM layers."""
+def _convertible(block: nn.Module, modulation: bool) -> bool:
+    """A stock block whose norms the kernels compute and whose normalized activations feed FP8-GEMM layers (with
+    `modulation`, its two adaLN projections of one type, to become one layer)."""
     if type(block) is not JointTransformerBlock or block._chunk_size is not None:
         return False
     norm1, context = block.norm1, block.norm1_context
@@ -110,8 +111,8 @@ def _convertible(block: nn.Module) -> bool:
         return False  # (an AdaLayerNormZero embedding its own timestep is not SD3's)
     if not isinstance(context, AdaLayerNormContinuous if block.context_pre_only else AdaLayerNormZero):
         return False
-    if {type(norm1.linear), type(context.linear)} not in ({Fp8Linear}, {nn.Linear}):
-        return False  # the two adaLN projections become one layer
+    if modulation and {type(norm1.linear), type(context.linear)} not in ({Fp8Linear}, {nn.Linear}):
+        return False
     norms = [norm1.norm, context.norm, block.norm2] + ([] if block.context_pre_only else [block.norm2_context])
     if not all(_plain_layer_norm(norm) for norm in norms):
         return False
@@ -133,7 +134,7 @@ def fuse_norm_quantize(model: nn.Module, modulation: bool = True) -> int:
     fusion is). Returns how many blocks. Apply it after the FP8 path and projection fusion are chosen."""
     count = 0
     for block in getattr(model, "transformer_blocks", []):
-        if _convertible(block):
+        if _convertible(block, modulation):
             if modulation:
                 linears = [block.norm1.linear, block.norm1_context.linear]
                 block.modulation = concat_linears(linears)

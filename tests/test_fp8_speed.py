@@ -312,6 +312,28 @@ def test_fused_adaln_blocks_compute_what_diffusers_blocks_do(build, mode, modula
     assert relative_error(out, expected) < 4e-2
 
 
+def test_fused_adaln_with_one_adaln_projection_kept_16_bit():
+    """A block whose context adaLN projection stayed 16-bit (convert --exclude norm1_context) keeps its two
+    projections apart: fused without the modulation GEMM, left alone with it."""
+    from sd35fp8.blocks import fuse_norm_quantize, modulation_fused, norm_fused
+
+    def build():
+        model = tiny_transformer()
+        quantize_linears(model, "scaled_mm")
+        set_attention(model, "sdpa")
+        block = model.transformer_blocks[0]
+        layer = block.norm1_context.linear
+        block.norm1_context.linear = nn.Linear(layer.in_features, layer.out_features, dtype=torch.bfloat16)
+        return model
+
+    model = build()
+    expected = step(model)
+    assert fuse_norm_quantize(model, modulation=False) == 2 == norm_fused(model) and modulation_fused(model) == 0
+    assert relative_error(step(model), expected) < 4e-2
+    model = build()
+    assert fuse_norm_quantize(model, modulation=True) == 1 == modulation_fused(model)  # the other block only
+
+
 def test_fused_adaln_needs_fp8_gemm_layers_and_our_processor():
     from sd35fp8.blocks import fuse_norm_quantize
 
