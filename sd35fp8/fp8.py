@@ -168,9 +168,9 @@ _PROBES: dict[str, dict[str, str]] = {}
 
 
 def probe_scaled_mm(device: torch.device | str, *, refresh: bool = False) -> dict[str, str]:
-    """Which FP8 GEMM scalings this device's `torch._scaled_mm` runs correctly: {"rowwise": ..., "tensorwise": ...},
-    each "ok" or "refused: <reason>". One small matmul per scaling, checked against the dequantized product;
-    cached per device."""
+    """Which FP8 GEMM scalings this device's `torch._scaled_mm` runs correctly, each with and without fast
+    accumulation: {"rowwise", "tensorwise", "rowwise_fast_accum", "tensorwise_fast_accum"} -> "ok" or
+    "refused: <reason>". One small matmul each, checked against the dequantized product; cached per device."""
     key = str(torch.device(device))
     if key in _PROBES and not refresh:
         return _PROBES[key]
@@ -180,8 +180,11 @@ def probe_scaled_mm(device: torch.device | str, *, refresh: bool = False) -> dic
     data, scale = quantize_weight_rows(weight)
     expected = x.float() @ (data.float() * scale.float()).t().to(device)
     result = {}
-    for name, mode in (("rowwise", "scaled_mm"), ("tensorwise", "scaled_mm_tensorwise")):
+    for name, mode, fast in (("rowwise", "scaled_mm", False), ("tensorwise", "scaled_mm_tensorwise", False),
+                             ("rowwise_fast_accum", "scaled_mm", True),
+                             ("tensorwise_fast_accum", "scaled_mm_tensorwise", True)):
         layer = Fp8Linear(data, scale, None, mode).to(device)
+        layer.fast_accum = fast
         try:
             out = layer(x).float()
             error = float((out - expected).norm() / expected.norm())
@@ -574,10 +577,14 @@ def row_kernel_layers(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if isinstance(m, Fp8Linear) and m.row_kernel)
 
 
+FAST_ACCUM_PROBES = {"scaled_mm": "rowwise_fast_accum", "scaled_mm_tensorwise": "tensorwise_fast_accum"}
+
+
 def use_fast_accum(model: nn.Module) -> int:
     """Let every FP8-GEMM layer of `model` accumulate in the tensor cores' own FP8 accumulator, without the periodic
     promotion to float32 that cuBLAS inserts by default (`torch._scaled_mm(use_fast_accum=True)`, what torchao's
-    row-wise FP8 inference uses by default). Returns how many layers."""
+    row-wise FP8 inference uses by default). Returns how many layers. Callers check `probe_scaled_mm`'s
+    `FAST_ACCUM_PROBES[mode]` on the device first."""
     layers = [m for m in model.modules() if isinstance(m, Fp8Linear) and m.mode in FP8_GEMM_MODES]
     for layer in layers:
         layer.fast_accum = True

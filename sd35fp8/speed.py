@@ -25,8 +25,8 @@ from .attention import ATTENTION_BACKENDS, ATTENTION_LABELS, FALLBACKS, attentio
 from .compile import COMPILE_CHOICES, PRECOMPILE_AVAILABLE, CudaGraphTransformer, apply_aot_packages, \
     aot_compile_blocks, blocks_of, compile_transformer, configure_compile_cache, package_load_failure, \
     precompile_blocks
-from .fp8 import FP8_GEMM_MODES, fast_accum_layers, fp8_path_of, fuse_gelu_quantize, fuse_projections, gelu_fused, \
-    projections_fused, row_kernel_layers, use_fast_accum, use_row_kernel
+from .fp8 import FAST_ACCUM_PROBES, FP8_GEMM_MODES, fast_accum_layers, fp8_path_of, fuse_gelu_quantize, \
+    fuse_projections, gelu_fused, probe_scaled_mm, projections_fused, row_kernel_layers, use_fast_accum, use_row_kernel
 from .settings import SPEED
 
 # What "auto" picks on a CUDA GPU, from the H200 measurements (bench/NOTES.md, gpu_h200_*.json). Attention of FP8
@@ -207,8 +207,13 @@ def prepare_transformer(transformer: torch.nn.Module, device: torch.device, opti
     _kernel_piece(pieces, transformer, device, "norm", options.fuse_norm,
                   lambda model: fuse_norm_quantize(model, modulation=options.fuse_modulation), norm_fused)
     pieces["fused_modulation"] = modulation_fused(transformer)
-    if options.fast_accum:
-        use_fast_accum(transformer)
+    path = fp8_path_of(transformer)
+    if options.fast_accum and path in FP8_GEMM_MODES:
+        probe = probe_scaled_mm(device)[FAST_ACCUM_PROBES[path]]
+        if probe == "ok":
+            use_fast_accum(transformer)
+        else:
+            pieces["fast_accum_fallback"] = f"fast accumulation {probe}; FP8 GEMMs with float32 promotion instead"
     pieces["fast_accum"] = fast_accum_layers(transformer)
     pieces["checks_s"] = round(time.perf_counter() - started, 2)  # the kernels' load-time checks, mostly
     cache = configure_compile_cache(options.compile_cache) if options.compile != "off" else {"cache_dir": None}

@@ -797,6 +797,17 @@ def test_fast_accumulation_reaches_every_fp8_gemm_and_has_a_switch(monkeypatch):
     quantize_linears(plain, "scaled_mm")
     assert prepare_transformer(plain, cpu, SpeedOptions().resolved(cpu))["fast_accum"] == 0
 
+    def refuses_fast_accum(*args, use_fast_accum=False, **kwargs):  # a GPU whose GEMMs refuse the flag
+        if use_fast_accum:
+            raise RuntimeError("fast accumulation is not supported here")
+        return scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", refuses_fast_accum)
+    monkeypatch.setattr(fp8, "_PROBES", {})
+    pieces = prepare_transformer(plain, cpu, SpeedOptions(fast_accum=True).resolved(cpu))
+    assert pieces["fast_accum"] == 0 and "not supported here" in pieces["fast_accum_fallback"]
+    assert fp8.probe_scaled_mm(cpu)["rowwise"] == "ok" and torch.isfinite(step(plain)).all()
+
 
 def test_auto_attention_is_the_fp8_kernel_for_fp8_transformers_on_hopper_only(monkeypatch):
     """"auto" picks the Triton FP8 attention where it was measured faster (Hopper, SM 9.0) and only for FP8
