@@ -175,8 +175,8 @@ def load_pipeline(
     cores, else tensor-wise ones, else per-layer dequantization (always on the CPU).
 
     Speed pieces: `speed` takes the fields of `sd35fp8.speed.SpeedOptions` as keywords (fuse_projections, attention,
-    compile, cuda_graphs, fast_accum, ...; each documented there). Each can be switched off; "auto" = fastest measured on this hardware,
-    off on the CPU. `compile` is off unless asked for; the first generation at each new kind of input pays the
+    compile, cuda_graphs, fast_accum, ...; each documented there). Each can be switched off; "auto" = fastest
+    measured on this hardware, off on the CPU. `compile` is off unless asked for; the first generation at each new kind of input pays the
     compilation, a new size does not; with compile="precompiled" (what "auto" picks on CUDA) the compiled blocks are
     saved, and a later process loads them instead of compiling.
     Placement: `offload` (accelerate's model CPU offload, for 12 GB cards), `text_encoders` ("gpu", "on_demand":
